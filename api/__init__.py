@@ -1,0 +1,3 @@
+"""The aiohttp service that composes engines and front ends, and the CLI."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,154 @@
+"""Composes the service: the engine, the call hub, and three aiohttp applications.
+
+- audio/API port (`server.port`, 8080): the WebSocket front ends and the API;
+- health port (`server.health_port`, 8001): /health, /ready, /info;
+- web port (`server.web_port`, 8000): the browser client.
+
+`Service` starts and stops them as one; `run()` serves until SIGTERM/SIGINT, then drains:
+no new calls, live ones may finish until the deadline, every transcript is flushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from pathlib import Path
+from typing import Final
+
+from aiohttp import web
+
+from api import __version__, health
+from api.bridge import BRIDGE, Bridge
+from api.config import Config
+from api.routes.events import handle_events
+from engine.base import Engine
+from engine.registry import EngineChoice, build_engine
+from telephony import websocket
+from telephony.session import CallHub
+
+log = logging.getLogger(__name__)
+
+WEB_DIR: Final = Path(__file__).resolve().parent / "web"
+
+
+
+
+async def _index(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(WEB_DIR / "index.html")
+
+
+async def _root(request: web.Request) -> web.StreamResponse:
+    """GET / on the audio port: the WebSocket protocol, or the page for a browser."""
+    if websocket.is_websocket_upgrade(request):
+        return await websocket.handle_root(request)
+    return await _index(request)
+
+
+async def _client_config(request: web.Request) -> web.Response:
+    server = request.app[BRIDGE].config.server
+    return web.json_response({"websocket_url": server.websocket_url, "port": server.port})
+
+
+def _add_web_client(app: web.Application) -> None:
+    app.router.add_get("/config.json", _client_config)
+    app.router.add_static("/static/", WEB_DIR, show_index=False)
+
+
+def build_audio_app(bridge: Bridge) -> web.Application:
+    app = web.Application()
+    app[BRIDGE] = bridge
+    app[websocket.HUB] = bridge.hub
+    app.router.add_get("/", _root)
+    app.router.add_get("/v1/listen", websocket.handle_listen)
+    app.router.add_get("/v1/events", handle_events)
+    _add_web_client(app)
+    return app
+
+
+def build_health_app(bridge: Bridge) -> web.Application:
+    app = web.Application()
+    app[BRIDGE] = bridge
+    health.add_routes(app)
+    return app
+
+
+def build_web_app(bridge: Bridge) -> web.Application:
+    app = web.Application()
+    app[BRIDGE] = bridge
+    app.router.add_get("/", _index)
+    _add_web_client(app)
+    return app
+
+
+class Service:
+    """The running service: engine started, three sites listening."""
+
+    def __init__(self, config: Config, engine: Engine | None = None) -> None:
+        if engine is None:
+            engine, choice = build_engine(config.engine)
+        else:
+            choice = EngineChoice(engine.name, "engine given by the caller")
+        self.config = config
+        self.bridge = Bridge(config, engine, choice, CallHub(engine))
+        self._runners: list[web.AppRunner] = []
+        self.ports: dict[str, int] = {}
+
+    async def start(self) -> None:
+        server = self.config.server
+        await self.bridge.engine.start()
+        apps = {
+            "audio": (build_audio_app(self.bridge), server.port),
+            "health": (build_health_app(self.bridge), server.health_port),
+            "web": (build_web_app(self.bridge), server.web_port),
+        }
+        for name, (app, port) in apps.items():
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+            await runner.setup()
+            site = web.TCPSite(runner, server.host, port, reuse_address=True)
+            await site.start()
+            self._runners.append(runner)
+            self.ports[name] = _bound_port(site)
+        self.bridge.accepting = True
+        log.info(
+            "stt-bridge serving",
+            extra={"ports": self.ports, "engine": self.bridge.choice.name},
+        )
+
+    async def stop(self, drain_timeout_s: float | None = None) -> None:
+        """Stop admitting, let live calls finish (or flush them at the deadline), close."""
+        self.bridge.accepting = False
+        deadline = self.config.server.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        await self.bridge.hub.drain(deadline)
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        await self.bridge.engine.stop()
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    server = site._server
+    assert isinstance(server, asyncio.base_events.Server)
+    sock: socket.socket = server.sockets[0]
+    port: int = sock.getsockname()[1]
+    return port
+
+
+async def run(config: Config) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and exit."""
+    service = Service(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    print(
+        f"stt-bridge {__version__}: engine {service.bridge.choice.name} "
+        f"({service.bridge.choice.reason}); audio+API :{service.ports['audio']}, "
+        f"health :{service.ports['health']}, web client :{service.ports['web']}",
+        flush=True,
+    )
+    await stop.wait()
+    log.info("signal received: draining")
+    await service.stop()

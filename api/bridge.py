@@ -1,0 +1,29 @@
+"""The shared state every route may need: config, engine, call hub."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+from aiohttp import web
+
+from api import __version__
+from api.config import Config
+from engine.base import Engine
+from engine.registry import EngineChoice
+from telephony.session import CallHub
+
+
+@dataclass
+class Bridge:
+    config: Config
+    engine: Engine
+    choice: EngineChoice
+    hub: CallHub
+    started_at: float = field(default_factory=time.time)
+    version: str = __version__
+    accepting: bool = False  # true between start-up and the beginning of a drain
+
+
+BRIDGE: Final = web.AppKey("bridge", Bridge)

@@ -1,0 +1,156 @@
+"""Configuration: one typed object, loaded once from TOML and the environment.
+
+Precedence, lowest first: the defaults below (which `configs/default.toml` spells out),
+a TOML file, then environment variables. Every key can be set as
+`STT_BRIDGE_<SECTION>_<KEY>` (e.g. `STT_BRIDGE_SERVER_PORT=9000`; lists comma-separated),
+and the seed's original variables keep working (see `LEGACY_ENV`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+ENV_PREFIX: Final = "STT_BRIDGE_"
+REPO_DEFAULT: Final = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8080  # audio WebSockets and the API
+    health_port: int = 8001  # /health, /ready, /info, /metrics
+    web_port: int = 8000  # the browser client
+    websocket_url: str = ""  # what the browser client connects to; "" = same host, `port`
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long live calls may go on
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    name: str = "auto"  # auto | cpu | kyutai | sink
+    model: str = "kyutai/stt-1b-en_fr"  # kyutai: Hugging Face repo id or local folder
+    capacity: int = 8  # cpu engine: concurrent streams
+    workers: int = 2  # cpu engine: decoding threads
+    max_buffer_s: float = 10.0  # per-stream audio buffer before the oldest audio is dropped
+    vad_window_s: float = 0.3  # cpu engine: endpointer window
+    vad_ratio: float = 0.9  # cpu engine: fraction of the window that flips speech/silence
+    vad_mode: int = 1  # cpu engine: VAD aggressiveness 0-3
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    json: bool = False  # one JSON object per line, with call id
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+LEGACY_ENV: Final[Mapping[str, tuple[str, str]]] = {
+    "MOSHI_PORT": ("server", "port"),
+    "HEALTH_PORT": ("server", "health_port"),
+    "WEB_PORT": ("server", "web_port"),
+    "WEBSOCKET_URL": ("server", "websocket_url"),
+    "STT_MODEL": ("engine", "model"),
+}
+
+
+class ConfigError(ValueError):
+    """A config file or variable that cannot be used; the message names it."""
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Defaults ← TOML (`path`, else configs/default.toml when present) ← environment."""
+    environ = os.environ if environ is None else environ
+    if path is None and REPO_DEFAULT.exists():
+        path = REPO_DEFAULT
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    sections: dict[str, Any] = {}
+    for section in dataclasses.fields(Config):
+        section_type = _resolve(Config, section.name)
+        values = dict(raw.pop(section.name, {}) or {})
+        for env_name, (sec, key_name) in LEGACY_ENV.items():
+            if sec == section.name and env_name in environ:
+                values[key_name] = environ[env_name]
+        for key in dataclasses.fields(section_type):  # the STT_BRIDGE_ name wins over legacy
+            env_name = f"{ENV_PREFIX}{section.name}_{key.name}".upper()
+            if env_name in environ:
+                values[key.name] = environ[env_name]
+        sections[section.name] = _build(section_type, values, section.name)
+    if raw:
+        raise ConfigError(f"unknown config section(s): {', '.join(sorted(raw))}")
+    return Config(**sections)
+
+
+def _build(section_type: type[Any], values: dict[str, Any], section: str) -> Any:
+    known = {f.name for f in dataclasses.fields(section_type)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"[{section}]: unknown key(s) {', '.join(sorted(unknown))}")
+    return section_type(
+        **{
+            name: _coerce(value, _resolve(section_type, name), f"{section}.{name}")
+            for name, value in values.items()
+        }
+    )
+
+
+def _resolve(owner: type[Any], name: str) -> Any:
+    hints: dict[str, Any] = typing.get_type_hints(owner)
+    return hints[name]
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    """TOML values pass through when they have the right type; env strings are parsed."""
+    origin = typing.get_origin(kind)
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError("not an integer")
+            return int(value)
+        if kind is float:
+            return float(value)
+        if kind is str:
+            return str(value)
+        if origin is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(i).strip() for i in items if str(i).strip())
+        if origin in (types.UnionType, typing.Union):
+            inner = [a for a in typing.get_args(kind) if a is not type(None)]
+            return None if value in (None, "") else _coerce(value, inner[0], where)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    raise ConfigError(f"{where}: unsupported type {kind}")
+
+
+def to_toml_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """The config as TOML-shaped data (for `/info` and the default-file test)."""
+    return {
+        section.name: dataclasses.asdict(getattr(config, section.name))
+        for section in dataclasses.fields(Config)
+    }

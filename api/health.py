@@ -1,0 +1,64 @@
+"""The health port: `/health` (the seed's JSON), `/ready` (load balancers), `/info`."""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+from aiohttp import web
+
+from api.bridge import BRIDGE
+
+SERVICE_NAME = "stt-bridge"
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    return web.json_response(
+        {
+            "status": "healthy" if bridge.accepting else "draining",
+            "websocket_available": bridge.accepting,
+            "timestamp": datetime.datetime.now(datetime.UTC).isoformat(),
+            "service": SERVICE_NAME,
+        }
+    )
+
+
+async def handle_ready(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    free = bridge.engine.free_slots
+    if not bridge.accepting or bridge.hub.draining:
+        return web.json_response({"ready": False, "reason": "draining"}, status=503)
+    if free <= 0:
+        return web.json_response(
+            {"ready": False, "reason": "no free engine slot", "free_slots": 0}, status=503
+        )
+    return web.json_response({"ready": True, "free_slots": free})
+
+
+async def handle_info(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    info = bridge.engine.info()
+    return web.json_response(
+        {
+            "service": SERVICE_NAME,
+            "version": bridge.version,
+            "engine": {
+                "name": info.name,
+                "reason": bridge.choice.reason,
+                "model": info.model,
+                "device": info.device,
+                "capacity": info.capacity,
+                "free_slots": bridge.engine.free_slots,
+                **info.extra,
+            },
+            "calls_live": len(bridge.hub.calls),
+            "uptime_s": round(time.time() - bridge.started_at, 3),
+        }
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/health", handle_health)
+    app.router.add_get("/ready", handle_ready)
+    app.router.add_get("/info", handle_info)

@@ -1,0 +1,264 @@
+"""The engine contract every speech-to-text engine implements.
+
+`Engine.open(call_id, leg)` gives an `EngineStream` or raises `EngineFull`. The stream takes
+24 kHz mono int16 of any length with `push` (never blocks the event loop; a bounded buffer
+drops the oldest audio on overflow and counts it) or `write` (waits for room: offline use).
+`close()` flushes: the engine finishes every word spoken so far, emits it, then `Closed`.
+Events are frozen dataclasses; times are seconds of that leg's audio.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+
+from telephony.audio import ENGINE_RATE, PcmArray
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE: Final = ENGINE_RATE
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class BridgeError(Exception):
+    """Root of every error stt-bridge maps to a protocol-level rejection."""
+
+
+class EngineFull(BridgeError):
+    """No free slot: the front end rejects the call (SIP 486, WS close 1013, AudioSocket hangup)."""
+
+
+class EngineUnavailable(BridgeError):
+    """The engine is stopped or draining and admits no new streams."""
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True)
+class EndOfTurn:
+    at_s: float
+    probability: float = 1.0
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A finished utterance."""
+
+    text: str
+    start_s: float
+    end_s: float
+    words: tuple[Word, ...] = ()
+
+
+@dataclass(frozen=True)
+class Closed:
+    reason: str = "closed"
+
+
+EngineEvent = Word | EndOfTurn | Segment | Closed
+
+
+def event_to_json(event: EngineEvent) -> dict[str, Any]:
+    """The wire form shared by every JSON front end and `/v1/events`."""
+    if isinstance(event, Word):
+        return {"type": "word", "text": event.text, "start": event.start_s, "end": event.end_s}
+    if isinstance(event, Segment):
+        return {
+            "type": "segment",
+            "text": event.text,
+            "start": event.start_s,
+            "end": event.end_s,
+            "words": [
+                {"text": w.text, "start": w.start_s, "end": w.end_s} for w in event.words
+            ],
+        }
+    if isinstance(event, EndOfTurn):
+        return {"type": "end_of_turn", "at": event.at_s, "probability": event.probability}
+    return {"type": "closed", "reason": event.reason}
+
+
+# --- stream and engine ------------------------------------------------------------------------
+
+
+@dataclass
+class StreamStats:
+    samples_in: int = 0
+    samples_dropped: int = 0
+
+
+class EngineStream(abc.ABC):
+    """One leg's audio in, its events out.
+
+    Subclasses implement `_on_audio` (called on the event loop when audio is queued) and
+    `_on_close`; they report results with `_emit`, which any thread may call.
+    """
+
+    def __init__(self, call_id: str, leg: str, max_buffer_s: float) -> None:
+        self.call_id = call_id
+        self.leg = leg
+        self.stats = StreamStats()
+        self._loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self._pending: deque[PcmArray] = deque()
+        self._pending_samples = 0
+        self._max_pending = int(max_buffer_s * SAMPLE_RATE)
+        self._room = asyncio.Event()
+        self._room.set()
+        self._closing = False
+        self._closed = False
+
+    # -- producer side (event loop) --
+
+    def push(self, pcm: PcmArray) -> None:
+        """Queue audio; never blocks. Overflow drops the oldest audio and counts it."""
+        if self._closing or len(pcm) == 0:
+            return
+        self.stats.samples_in += len(pcm)
+        self._pending.append(pcm)
+        self._pending_samples += len(pcm)
+        while self._pending_samples > self._max_pending and len(self._pending) > 1:
+            dropped = self._pending.popleft()
+            self._pending_samples -= len(dropped)
+            self.stats.samples_dropped += len(dropped)
+            log.warning(
+                "audio dropped: engine behind",
+                extra={"call_id": self.call_id, "leg": self.leg, "samples": len(dropped)},
+            )
+        if self._pending_samples >= self._max_pending // 2:
+            self._room.clear()
+        self._on_audio()
+
+    async def write(self, pcm: PcmArray) -> None:
+        """Queue audio, waiting while the buffer is over half full (offline transcription)."""
+        step = max(1, self._max_pending // 4)
+        for start in range(0, len(pcm), step):
+            await self._room.wait()
+            self.push(pcm[start : start + step])
+
+    def close(self) -> None:
+        """Stop taking audio and flush; `Closed` is the last event. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        self._on_close()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    async def events(self) -> AsyncIterator[EngineEvent]:
+        """Every event of this stream, ending after `Closed`."""
+        while True:
+            event = await self._events.get()
+            yield event
+            if isinstance(event, Closed):
+                return
+
+    # -- engine side --
+
+    def _take_pending(self, max_samples: int | None = None) -> PcmArray:
+        """Remove queued audio (all of it, or at most max_samples) for processing."""
+        if not self._pending:
+            return np.zeros(0, dtype=np.int16)
+        if max_samples is None or self._pending_samples <= max_samples:
+            out = np.concatenate(self._pending)
+            self._pending.clear()
+        else:
+            parts: list[PcmArray] = []
+            need = max_samples
+            while need > 0:
+                head = self._pending[0]
+                if len(head) <= need:
+                    parts.append(self._pending.popleft())
+                    need -= len(head)
+                else:
+                    parts.append(head[:need])
+                    self._pending[0] = head[need:]
+                    need = 0
+            out = np.concatenate(parts)
+        self._pending_samples -= len(out)
+        if self._pending_samples < self._max_pending // 2:
+            self._room.set()
+        return out
+
+    @property
+    def pending_samples(self) -> int:
+        return self._pending_samples
+
+    def _emit(self, event: EngineEvent) -> None:
+        """Deliver an event to the consumer; safe from any thread."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._deliver(event)
+        else:
+            self._loop.call_soon_threadsafe(self._deliver, event)
+
+    def _deliver(self, event: EngineEvent) -> None:
+        if self._closed:
+            return
+        if isinstance(event, Closed):
+            self._closed = True
+        self._events.put_nowait(event)
+
+    @abc.abstractmethod
+    def _on_audio(self) -> None: ...
+
+    @abc.abstractmethod
+    def _on_close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    name: str
+    model: str
+    capacity: int
+    device: str
+    reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(abc.ABC):
+    """Owns the model and the slots; streams are opened on the event loop thread."""
+
+    name: str = "engine"
+
+    @property
+    @abc.abstractmethod
+    def capacity(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def free_slots(self) -> int: ...
+
+    @abc.abstractmethod
+    def open(self, call_id: str, leg: str = "caller") -> EngineStream:
+        """A stream in a free slot, or `EngineFull`."""
+
+    @abc.abstractmethod
+    def info(self) -> EngineInfo: ...
+
+    async def start(self) -> None:
+        """Load the model; called once before the first `open`."""
+
+    async def stop(self) -> None:
+        """Release the model; live streams should be closed before."""

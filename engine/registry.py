@@ -1,0 +1,47 @@
+"""Picks the engine the configuration asks for (`auto`: kyutai with CUDA, else cpu)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from api.config import EngineConfig
+from engine.base import Engine
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    name: str
+    reason: str
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def choose_engine(config: EngineConfig) -> EngineChoice:
+    if config.name != "auto":
+        return EngineChoice(config.name, f"engine = {config.name!r} in config")
+    if cuda_available():
+        return EngineChoice("kyutai", "engine = 'auto' and CUDA is available")
+    return EngineChoice("cpu", "engine = 'auto' and no CUDA device: using the CPU engine")
+
+
+def build_engine(config: EngineConfig) -> tuple[Engine, EngineChoice]:
+    choice = choose_engine(config)
+    if choice.name == "cpu":
+        from engine.cpu import CpuEngine
+
+        engine: Engine = CpuEngine(
+            capacity=config.capacity,
+            workers=config.workers,
+            max_buffer_s=config.max_buffer_s,
+            vad_window_s=config.vad_window_s,
+            vad_ratio=config.vad_ratio,
+            vad_mode=config.vad_mode,
+        )
+        return engine, choice
+    raise ValueError(f"unknown engine {choice.name!r} (choose auto, cpu, kyutai or sink)")

@@ -1,0 +1,186 @@
+"""The audio path: G.711 μ-law / A-law, 16-bit linear PCM, and streaming resampling.
+
+Every front end turns its wire audio into 24 kHz mono int16 through this module and nowhere
+else. G.711 is table based (numpy); the tables are built once from the ITU-T reference
+algorithm (the one in Sun's g711.c that CPython's audioop also uses), so results match
+audioop bit for bit. Resampling is soxr's streaming resampler, which keeps only its filter
+state, so a call of any length uses bounded memory and chunking does not change the output.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+import soxr
+
+PcmArray = npt.NDArray[np.int16]
+
+ENGINE_RATE: Final = 24000
+"""Every engine consumes mono int16 at this rate."""
+
+SUPPORTED_RATES: Final = (8000, 16000, 24000, 48000)
+
+
+class Encoding(enum.StrEnum):
+    """Sample encodings the front ends receive."""
+
+    PCM16 = "pcm16"  # signed 16-bit little-endian (slin, L16 as mod_audio_fork sends it)
+    MULAW = "mulaw"  # G.711 μ-law (PCMU)
+    ALAW = "alaw"  # G.711 A-law (PCMA)
+
+    @property
+    def bytes_per_sample(self) -> int:
+        return 2 if self is Encoding.PCM16 else 1
+
+
+# --- G.711 tables -------------------------------------------------------------------------
+
+_SEG_U_END: Final = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF])
+_SEG_A_END: Final = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF])
+_ALL_INT16: Final = np.arange(-32768, 32768, dtype=np.int32)
+_ALL_CODES: Final = np.arange(256, dtype=np.int32)
+
+
+def _build_ulaw_decode() -> PcmArray:
+    u = ~_ALL_CODES & 0xFF
+    t = (((u & 0x0F) << 3) + 0x84) << ((u & 0x70) >> 4)
+    return np.where(u & 0x80, 0x84 - t, t - 0x84).astype(np.int16)
+
+
+def _build_alaw_decode() -> PcmArray:
+    a = _ALL_CODES ^ 0x55
+    seg = (a & 0x70) >> 4
+    t = (a & 0x0F) << 4
+    t = np.where(seg == 0, t + 8, (t + 0x108) << np.maximum(seg - 1, 0))
+    return np.where(a & 0x80, t, -t).astype(np.int16)
+
+
+def _build_ulaw_encode() -> npt.NDArray[np.uint8]:
+    v = _ALL_INT16 >> 2  # audioop feeds the 14-bit value
+    mask = np.where(v < 0, 0x7F, 0xFF)
+    mag = np.minimum(np.abs(v), 8159) + 33
+    seg = np.searchsorted(_SEG_U_END, mag, side="left")
+    code = np.where(seg >= 8, 0x7F, (seg << 4) | ((mag >> (np.minimum(seg, 7) + 1)) & 0x0F))
+    return (code ^ mask).astype(np.uint8)
+
+
+def _build_alaw_encode() -> npt.NDArray[np.uint8]:
+    v = _ALL_INT16 >> 3  # audioop feeds the 13-bit value
+    mask = np.where(v >= 0, 0xD5, 0x55)
+    mag = np.where(v >= 0, v, -v - 1)
+    seg = np.searchsorted(_SEG_A_END, mag, side="left")
+    quant = np.where(seg < 2, mag >> 1, mag >> np.maximum(seg, 1)) & 0x0F
+    code = np.where(seg >= 8, 0x7F, (seg << 4) | quant)
+    return (code ^ mask).astype(np.uint8)
+
+
+ULAW_TO_LINEAR: Final = _build_ulaw_decode()
+ALAW_TO_LINEAR: Final = _build_alaw_decode()
+_LINEAR_TO_ULAW: Final = _build_ulaw_encode()
+_LINEAR_TO_ALAW: Final = _build_alaw_encode()
+
+
+def ulaw_decode(data: bytes) -> PcmArray:
+    return ULAW_TO_LINEAR[np.frombuffer(data, dtype=np.uint8)]
+
+
+def alaw_decode(data: bytes) -> PcmArray:
+    return ALAW_TO_LINEAR[np.frombuffer(data, dtype=np.uint8)]
+
+
+def ulaw_encode(pcm: PcmArray) -> bytes:
+    return _LINEAR_TO_ULAW[pcm.astype(np.int32) + 32768].tobytes()
+
+
+def alaw_encode(pcm: PcmArray) -> bytes:
+    return _LINEAR_TO_ALAW[pcm.astype(np.int32) + 32768].tobytes()
+
+
+def pcm16_decode(data: bytes) -> PcmArray:
+    """Little-endian int16 bytes (length must be even) to samples."""
+    return np.frombuffer(data, dtype="<i2").astype(np.int16)
+
+
+def pcm16_encode(pcm: PcmArray) -> bytes:
+    return pcm.astype("<i2").tobytes()
+
+
+def deinterleave(pcm: PcmArray, channels: int) -> list[PcmArray]:
+    """Split interleaved samples into one array per channel (a trailing partial frame is dropped)."""
+    usable = len(pcm) - len(pcm) % channels
+    frames = pcm[:usable].reshape(-1, channels)
+    return [np.ascontiguousarray(frames[:, c]) for c in range(channels)]
+
+
+# --- streaming resampling -------------------------------------------------------------------
+
+
+class ResampleStream:
+    """Resamples one mono int16 stream chunk by chunk.
+
+    The output does not depend on how the input is chunked and the state is soxr's filter
+    memory only. `flush()` returns the samples still held by the filter. soxr runs in float32
+    here: its int16 mode rounds per chunk and drifts by up to 2 LSB with the chunking.
+    """
+
+    def __init__(self, in_rate: int, out_rate: int = ENGINE_RATE) -> None:
+        self.in_rate = in_rate
+        self.out_rate = out_rate
+        self._stream = (
+            None
+            if in_rate == out_rate
+            else soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality="HQ")
+        )
+
+    def process(self, pcm: PcmArray) -> PcmArray:
+        if self._stream is None:
+            return pcm
+        return _to_int16(self._stream.resample_chunk(pcm.astype(np.float32)))
+
+    def flush(self) -> PcmArray:
+        if self._stream is None:
+            return np.zeros(0, dtype=np.int16)
+        return _to_int16(self._stream.resample_chunk(np.zeros(0, np.float32), last=True))
+
+
+def _to_int16(samples: npt.NDArray[np.float32]) -> PcmArray:
+    return np.clip(np.rint(samples), -32768, 32767).astype(np.int16)
+
+
+class AudioDecoder:
+    """Wire bytes of one leg in, 24 kHz int16 out.
+
+    Bytes may arrive in any split: a 16-bit sample cut between two packets is carried over.
+    """
+
+    def __init__(self, encoding: Encoding, sample_rate: int, out_rate: int = ENGINE_RATE) -> None:
+        if sample_rate not in SUPPORTED_RATES:
+            raise ValueError(f"unsupported sample rate {sample_rate}; use one of {SUPPORTED_RATES}")
+        self.encoding = encoding
+        self.sample_rate = sample_rate
+        self._carry = b""
+        self._resampler = ResampleStream(sample_rate, out_rate)
+
+    def decode(self, data: bytes) -> PcmArray:
+        """Wire bytes to samples at the wire's own rate (no resampling)."""
+        if self.encoding is Encoding.MULAW:
+            return ulaw_decode(data)
+        if self.encoding is Encoding.ALAW:
+            return alaw_decode(data)
+        data = self._carry + data
+        usable = len(data) - len(data) % 2
+        self._carry = data[usable:]
+        return pcm16_decode(data[:usable])
+
+    def feed(self, data: bytes) -> PcmArray:
+        return self._resampler.process(self.decode(data))
+
+    def feed_samples(self, pcm: PcmArray) -> PcmArray:
+        """Samples already decoded at the wire rate (e.g. one channel of a stereo stream)."""
+        return self._resampler.process(pcm)
+
+    def flush(self) -> PcmArray:
+        return self._resampler.flush()

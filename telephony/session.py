@@ -1,0 +1,287 @@
+"""Calls and their legs: what sits between every front end and the engine.
+
+A front end opens a `Call` on the `CallHub` with the legs it carries (one for a mono stream,
+"caller" and "agent" for stereo), its labels from the wire, and optionally a callback that
+replies on its own connection. Each leg (`Session`) owns one engine stream and a pump task
+that fans the stream's events out: to that callback and onto the `EventBus`, where live
+subscribers (`WS /v1/events`), and later the store and webhooks, read them. `Call.end()`
+closes every leg, waits for the flush so no word is lost, then announces the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.base import BridgeError, Engine, EngineEvent, EngineStream, event_to_json
+from telephony.audio import ENGINE_RATE, PcmArray
+
+log = logging.getLogger(__name__)
+
+
+class Draining(BridgeError):
+    """The service is shutting down and admits no new calls (SIP 503, WS close 1013)."""
+
+
+class DuplicateCall(BridgeError):
+    """A live call already has this id."""
+
+
+# --- what the bus carries ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CallStarted:
+    call_id: str
+    front_end: str
+    legs: tuple[str, ...]
+    labels: Mapping[str, str]
+    at: float  # wall clock, seconds since the epoch
+
+
+@dataclass(frozen=True)
+class LegEvent:
+    call_id: str
+    leg: str
+    event: EngineEvent
+
+
+@dataclass(frozen=True)
+class CallEnded:
+    call_id: str
+    front_end: str
+    reason: str
+    at: float
+    audio_s: Mapping[str, float]  # seconds of audio received per leg
+
+
+BusEvent = CallStarted | LegEvent | CallEnded
+
+
+def bus_event_to_json(event: BusEvent) -> dict[str, Any]:
+    if isinstance(event, CallStarted):
+        return {
+            "type": "call_started",
+            "call_id": event.call_id,
+            "front_end": event.front_end,
+            "legs": list(event.legs),
+            "labels": dict(event.labels),
+            "at": event.at,
+        }
+    if isinstance(event, CallEnded):
+        return {
+            "type": "call_ended",
+            "call_id": event.call_id,
+            "front_end": event.front_end,
+            "reason": event.reason,
+            "at": event.at,
+            "audio_s": dict(event.audio_s),
+        }
+    return {"call_id": event.call_id, "leg": event.leg, **event_to_json(event.event)}
+
+
+class Subscription:
+    """A bounded queue of bus events for one consumer; overflow drops the newest and counts."""
+
+    def __init__(self, bus: EventBus, maxsize: int, call_id: str | None) -> None:
+        self._bus = bus
+        self._queue: asyncio.Queue[BusEvent] = asyncio.Queue(maxsize)
+        self.call_id = call_id
+        self.dropped = 0
+
+    def offer(self, event: BusEvent) -> None:
+        if self.call_id is not None and event.call_id != self.call_id:
+            return
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    async def get(self) -> BusEvent:
+        return await self._queue.get()
+
+    def __aiter__(self) -> AsyncIterator[BusEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[BusEvent]:
+        while True:
+            yield await self._queue.get()
+
+    def close(self) -> None:
+        self._bus._subscriptions.discard(self)
+
+
+class EventBus:
+    """Fan-out of call events. Publishing never waits: a slow consumer only loses its own events."""
+
+    def __init__(self) -> None:
+        self._subscriptions: set[Subscription] = set()
+        self._sinks: list[Callable[[BusEvent], None]] = []
+
+    def subscribe(self, maxsize: int = 1000, call_id: str | None = None) -> Subscription:
+        sub = Subscription(self, maxsize, call_id)
+        self._subscriptions.add(sub)
+        return sub
+
+    def add_sink(self, sink: Callable[[BusEvent], None]) -> None:
+        """A synchronous consumer that sees every event (store, metrics); it must not block."""
+        self._sinks.append(sink)
+
+    def publish(self, event: BusEvent) -> None:
+        for sink in self._sinks:
+            try:
+                sink(event)
+            except Exception:
+                log.exception("event sink failed", extra={"call_id": event.call_id})
+        for sub in list(self._subscriptions):
+            sub.offer(event)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscriptions)
+
+
+# --- calls and legs ---------------------------------------------------------------------------
+
+ReplyCallback = Callable[[str, EngineEvent], Awaitable[None]]
+
+
+class Session:
+    """One leg of a call: audio in, the engine's events fanned out."""
+
+    def __init__(self, call: Call, leg: str, stream: EngineStream) -> None:
+        self.call = call
+        self.leg = leg
+        self.stream = stream
+        self.samples_in = 0
+        self._pump = asyncio.get_running_loop().create_task(self._fan_out())
+
+    @property
+    def audio_s(self) -> float:
+        return self.samples_in / ENGINE_RATE
+
+    def push(self, pcm: PcmArray) -> None:
+        """24 kHz int16 audio of this leg, any length; never blocks."""
+        self.samples_in += len(pcm)
+        self.stream.push(pcm)
+
+    async def write(self, pcm: PcmArray) -> None:
+        """Like push, but waits for the engine when it is behind (offline transcription)."""
+        self.samples_in += len(pcm)
+        await self.stream.write(pcm)
+
+    async def finish(self) -> None:
+        """Close the engine stream and wait until its last event is out."""
+        self.stream.close()
+        await asyncio.shield(self._pump)
+
+    async def _fan_out(self) -> None:
+        async for event in self.stream.events():
+            self.call.hub.bus.publish(LegEvent(self.call.id, self.leg, event))
+            if self.call.reply is not None:
+                try:
+                    await self.call.reply(self.leg, event)
+                except Exception as exc:  # the connection is gone; the transcript is not
+                    log.info(
+                        "reply failed: %s",
+                        exc,
+                        extra={"call_id": self.call.id, "leg": self.leg},
+                    )
+                    self.call.reply = None
+
+
+@dataclass(eq=False)
+class Call:
+    id: str
+    front_end: str
+    labels: dict[str, str]
+    hub: CallHub
+    reply: ReplyCallback | None = None
+    legs: dict[str, Session] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+    ended: bool = False
+
+    def leg(self, name: str) -> Session:
+        return self.legs[name]
+
+    async def end(self, reason: str = "hangup") -> None:
+        """Flush every leg, then announce the end. Safe to call more than once."""
+        if self.ended:
+            return
+        self.ended = True
+        try:
+            await asyncio.gather(*(leg.finish() for leg in self.legs.values()))
+        finally:
+            self.hub._forget(self)
+            self.hub.bus.publish(
+                CallEnded(
+                    self.id,
+                    self.front_end,
+                    reason,
+                    time.time(),
+                    {name: round(leg.audio_s, 3) for name, leg in self.legs.items()},
+                )
+            )
+
+
+class CallHub:
+    """Admission and the registry of live calls."""
+
+    def __init__(self, engine: Engine, bus: EventBus | None = None) -> None:
+        self.engine = engine
+        self.bus = bus or EventBus()
+        self.calls: dict[str, Call] = {}
+        self.draining = False
+        self._ended = asyncio.Event()
+
+    def open_call(
+        self,
+        front_end: str,
+        legs: tuple[str, ...] = ("caller",),
+        call_id: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        reply: ReplyCallback | None = None,
+    ) -> Call:
+        """Admit a call with all its legs, or raise (`EngineFull`, `Draining`, `DuplicateCall`)."""
+        if self.draining:
+            raise Draining("the service is draining")
+        call_id = call_id or uuid.uuid4().hex
+        if call_id in self.calls:
+            raise DuplicateCall(f"call {call_id} is already live")
+        streams: list[EngineStream] = []
+        try:
+            for leg in legs:
+                streams.append(self.engine.open(call_id, leg))
+        except BridgeError:
+            for stream in streams:
+                stream.close()
+            raise
+        call = Call(call_id, front_end, dict(labels or {}), self, reply)
+        for leg, stream in zip(legs, streams, strict=True):
+            call.legs[leg] = Session(call, leg, stream)
+        self.calls[call_id] = call
+        self._ended.clear()
+        self.bus.publish(CallStarted(call_id, front_end, legs, dict(call.labels), call.started_at))
+        log.info("call started", extra={"call_id": call_id, "front_end": front_end})
+        return call
+
+    def _forget(self, call: Call) -> None:
+        self.calls.pop(call.id, None)
+        if not self.calls:
+            self._ended.set()
+        log.info("call ended", extra={"call_id": call.id, "front_end": call.front_end})
+
+    async def drain(self, deadline_s: float) -> None:
+        """Stop admitting; wait for live calls to end, then end the rest (flushing them)."""
+        self.draining = True
+        if self.calls:
+            try:
+                await asyncio.wait_for(self._ended.wait(), deadline_s)
+            except TimeoutError:
+                pass
+        await asyncio.gather(*(call.end("shutdown") for call in list(self.calls.values())))

@@ -1,0 +1,193 @@
+"""The generic WebSocket front end (browsers, apps, scripts).
+
+Two routes on the audio port:
+- `/`: the original protocol. Binary frames of raw int16 little-endian 24 kHz mono, any size
+  (a sample split across frames is carried over).
+- `/v1/listen?encoding=pcm16|mulaw|alaw&sample_rate=8000|16000|24000|48000&call_id=..`:
+  the same with telephone encodings.
+Both answer with text frames, one JSON object each (`word`, `segment`, `end_of_turn`, then
+`closed` after the flush). The client ends with `{"type":"stop"}` or by closing; either way
+every word is flushed. Malformed text frames get an `error` message and the stream goes on.
+
+`ListenCodec` is the protocol without I/O; `handle_*` are the aiohttp adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from engine.base import BridgeError, EngineEvent, EngineFull, event_to_json
+from telephony.audio import SUPPORTED_RATES, AudioDecoder, Encoding, PcmArray
+from telephony.session import CallHub, Draining, DuplicateCall
+
+log = logging.getLogger(__name__)
+
+FRONT_END: Final = "websocket"
+CLOSE_TRY_AGAIN_LATER: Final = 1013  # RFC 6455 registry: "Try Again Later"
+
+
+class ProtocolError(BridgeError):
+    """Bad input on the wire; the message says what, for the client."""
+
+
+class BadParameters(ProtocolError):
+    """Query parameters that cannot be served (HTTP 400 before the upgrade)."""
+
+
+# --- codec ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListenParams:
+    encoding: Encoding = Encoding.PCM16
+    sample_rate: int = 24000
+    call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The client has no more audio: flush and close."""
+
+
+@dataclass(frozen=True)
+class BadMessage:
+    """A text frame the protocol does not know; reported to the client, the stream goes on."""
+
+    reason: str
+
+
+ControlMessage = Stop | BadMessage
+
+_CALL_ID_MAX: Final = 128
+
+
+def parse_listen_params(query: Mapping[str, str]) -> ListenParams:
+    encoding_text = query.get("encoding", Encoding.PCM16.value)
+    try:
+        encoding = Encoding(encoding_text)
+    except ValueError:
+        names = ", ".join(e.value for e in Encoding)
+        raise BadParameters(f"encoding must be one of {names}, not {encoding_text!r}") from None
+    rate_text = query.get("sample_rate", "24000" if encoding is Encoding.PCM16 else "8000")
+    try:
+        sample_rate = int(rate_text)
+    except ValueError:
+        raise BadParameters(f"sample_rate must be an integer, not {rate_text!r}") from None
+    if sample_rate not in SUPPORTED_RATES:
+        rates = ", ".join(map(str, SUPPORTED_RATES))
+        raise BadParameters(f"sample_rate must be one of {rates}, not {sample_rate}")
+    call_id = query.get("call_id") or None
+    if call_id is not None and (len(call_id) > _CALL_ID_MAX or not call_id.isprintable()):
+        raise BadParameters(f"call_id must be printable and at most {_CALL_ID_MAX} characters")
+    return ListenParams(encoding, sample_rate, call_id)
+
+
+class ListenCodec:
+    """Frames in, 24 kHz audio and control messages out; engine events to JSON text."""
+
+    def __init__(self, params: ListenParams) -> None:
+        self.params = params
+        self._decoder = AudioDecoder(params.encoding, params.sample_rate)
+
+    def receive_bytes(self, data: bytes) -> PcmArray:
+        return self._decoder.feed(data)
+
+    def receive_text(self, text: str) -> ControlMessage:
+        try:
+            message = json.loads(text)
+        except ValueError:
+            return BadMessage("text frames must be JSON objects")
+        if not isinstance(message, dict):
+            return BadMessage("text frames must be JSON objects")
+        if message.get("type") == "stop":
+            return Stop()
+        return BadMessage(f"unknown message type {message.get('type')!r}; expected 'stop'")
+
+    def end_of_audio(self) -> PcmArray:
+        """What the resampler still holds once the client has no more audio."""
+        return self._decoder.flush()
+
+    @staticmethod
+    def encode_event(event: EngineEvent) -> str:
+        return json.dumps(event_to_json(event))
+
+    @staticmethod
+    def encode_error(reason: str) -> str:
+        return json.dumps({"type": "error", "message": reason})
+
+
+# --- asyncio adapter --------------------------------------------------------------------------
+
+HUB: Final = web.AppKey("call_hub", CallHub)
+
+
+def is_websocket_upgrade(request: web.Request) -> bool:
+    return request.headers.get("Upgrade", "").lower() == "websocket"
+
+
+async def handle_root(request: web.Request) -> web.StreamResponse:
+    """`/`: the original raw 24 kHz int16 protocol."""
+    return await _serve(request, ListenParams())
+
+
+async def handle_listen(request: web.Request) -> web.StreamResponse:
+    try:
+        params = parse_listen_params(request.query)
+    except BadParameters as exc:
+        return web.json_response({"error": "bad_parameters", "reason": str(exc)}, status=400)
+    if params.call_id is not None and params.call_id in request.app[HUB].calls:
+        return web.json_response(
+            {"error": "duplicate_call", "reason": f"call {params.call_id} is already live"},
+            status=409,
+        )
+    return await _serve(request, params)
+
+
+async def _serve(request: web.Request, params: ListenParams) -> web.StreamResponse:
+    hub = request.app[HUB]
+    codec = ListenCodec(params)
+    ws = web.WebSocketResponse(heartbeat=30.0)
+    await ws.prepare(request)
+
+    async def reply(leg: str, event: EngineEvent) -> None:
+        await ws.send_str(codec.encode_event(event))
+
+    labels = {"encoding": params.encoding.value, "sample_rate": str(params.sample_rate)}
+    if request.remote:
+        labels["remote"] = request.remote
+    try:
+        call = hub.open_call(FRONT_END, call_id=params.call_id, labels=labels, reply=reply)
+    except (EngineFull, Draining, DuplicateCall) as exc:
+        log.warning("stream rejected: %s", exc, extra={"front_end": FRONT_END})
+        await ws.close(code=CLOSE_TRY_AGAIN_LATER, message=str(exc).encode()[:120])
+        return ws
+
+    leg = call.leg("caller")
+    reason = "client closed"
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.BINARY:
+                leg.push(codec.receive_bytes(msg.data))
+            elif msg.type == WSMsgType.TEXT:
+                control = codec.receive_text(msg.data)
+                if isinstance(control, Stop):
+                    reason = "client stop"
+                    break
+                await ws.send_str(codec.encode_error(control.reason))
+            elif msg.type == WSMsgType.ERROR:
+                reason = f"connection error: {ws.exception()}"
+                break
+    finally:
+        leg.push(codec.end_of_audio())
+        # Shielded: a cancelled handler (server shutdown) must still flush the transcript.
+        await asyncio.shield(call.end(reason))
+        if not ws.closed:
+            await ws.close(code=WSCloseCode.OK)
+    return ws

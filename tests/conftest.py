@@ -1,0 +1,50 @@
+"""Shared fixtures: a running service on free loopback ports, and the CPU engine."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from api.app import Service
+from api.config import Config, EngineConfig, ServerConfig, load_config
+from engine.cpu import CpuEngine
+
+
+def test_config(**engine: Any) -> Config:
+    """The default config on 127.0.0.1 with ephemeral ports and the CPU engine."""
+    base = load_config(environ={})
+    return dataclasses.replace(
+        base,
+        server=ServerConfig(host="127.0.0.1", port=0, health_port=0, web_port=0, drain_timeout_s=5),
+        engine=dataclasses.replace(EngineConfig(name="cpu"), **engine),
+    )
+
+
+ServiceFactory = Callable[..., Awaitable[Service]]
+
+
+@pytest.fixture
+async def start_service() -> AsyncIterator[ServiceFactory]:
+    """`svc = await start_service(capacity=2)`: an in-process service, stopped at teardown."""
+    started: list[Service] = []
+
+    async def start(config: Config | None = None, **engine: Any) -> Service:
+        service = Service(config or test_config(**engine))
+        await service.start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        await service.stop(drain_timeout_s=0)
+
+
+@pytest.fixture
+async def cpu_engine() -> AsyncIterator[CpuEngine]:
+    engine = CpuEngine(capacity=4)
+    await engine.start()
+    yield engine
+    await engine.stop()

@@ -13,7 +13,7 @@ from api.config import Config, EngineConfig, ServerConfig, load_config
 from engine.cpu import CpuEngine
 
 
-def test_config(**engine: Any) -> Config:
+def make_config(**engine: Any) -> Config:
     """The default config on 127.0.0.1 with ephemeral ports and the CPU engine."""
     base = load_config(environ={})
     return dataclasses.replace(
@@ -32,7 +32,7 @@ async def start_service() -> AsyncIterator[ServiceFactory]:
     started: list[Service] = []
 
     async def start(config: Config | None = None, **engine: Any) -> Service:
-        service = Service(config or test_config(**engine))
+        service = Service(config or make_config(**engine))
         await service.start()
         started.append(service)
         return service

@@ -57,6 +57,9 @@ def _add_web_client(app: web.Application) -> None:
 
 
 def build_audio_app(bridge: Bridge) -> web.Application:
+    """The audio/API port. Front ends that listen on their own sockets (AudioSocket TCP, SIP)
+    start and stop with it through `app.cleanup_ctx`, and record their bound port in
+    `bridge.ports[name]`."""
     app = web.Application()
     app[BRIDGE] = bridge
     app[websocket.HUB] = bridge.hub
@@ -93,7 +96,7 @@ class Service:
         self.config = config
         self.bridge = Bridge(config, engine, choice, CallHub(engine))
         self._runners: list[web.AppRunner] = []
-        self.ports: dict[str, int] = {}
+        self.ports = self.bridge.ports
 
     async def start(self) -> None:
         server = self.config.server

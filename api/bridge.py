@@ -24,6 +24,7 @@ class Bridge:
     started_at: float = field(default_factory=time.time)
     version: str = __version__
     accepting: bool = False  # true between start-up and the beginning of a drain
+    ports: dict[str, int] = field(default_factory=dict)  # what each listener is bound to
 
 
 BRIDGE: Final = web.AppKey("bridge", Bridge)

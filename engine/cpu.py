@@ -1,11 +1,14 @@
 """A streaming engine for machines without a GPU: PocketSphinx 5 and its endpointer.
 
 The English acoustic model, language model and dictionary ship inside the `pocketsphinx`
-wheel, so this engine works offline with no download. Each slot owns one `Decoder` (made
-once, reused for later calls); audio is resampled 24 → 16 kHz, cut into the endpointer's
-frames, and every utterance the endpointer closes becomes Word events, one Segment and one
-EndOfTurn. Decoding runs in a thread pool, one chunk at a time per stream, so the event loop
-never waits and several streams decode at once.
+wheel, so this engine works offline with no download. Each stream resamples 24 → 16 kHz,
+cuts its audio into the endpointer's frames, and decodes every utterance the endpointer
+closes, giving Word events, one Segment and one EndOfTurn.
+
+Two pools keep the event loop free. Endpointing runs on threads, one chunk at a time per
+stream. Decoding runs in worker processes, each with its own `Decoder`: PocketSphinx holds
+the GIL for the whole of a decode (measured: a 1.7 s decode stalled another thread for 1.4 s),
+so in a thread it would freeze every other call's audio, and processes also use every core.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import threading
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Final
 
 import numpy as np
@@ -56,9 +59,10 @@ class CpuEngine(Engine):
         self._capacity = capacity
         self._max_buffer_s = max_buffer_s
         self._vad = (vad_window_s, vad_ratio, vad_mode)
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cpu-engine")
-        self._idle_decoders: list[Decoder] = []
-        self._decoders_lock = threading.Lock()
+        self._workers = workers
+        # Threads mostly wait on the decoder processes: one per stream never queues a stream.
+        self._executor = ThreadPoolExecutor(max_workers=capacity, thread_name_prefix="cpu-engine")
+        self._decoders: ProcessPoolExecutor | None = None
         self._streams: set[CpuStream] = set()
         self._started = False
 
@@ -71,14 +75,28 @@ class CpuEngine(Engine):
         return self._capacity - len(self._streams)
 
     async def start(self) -> None:
-        # Load one decoder now so a broken model install fails at start-up, not on a call.
-        decoder = await asyncio.get_running_loop().run_in_executor(self._executor, Decoder)
-        self._idle_decoders.append(decoder)
+        # spawn, not fork: the service has threads (and maybe torch) that fork would copy badly.
+        self._decoders = ProcessPoolExecutor(
+            max_workers=self._workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_load_decoder,
+        )
+        # Decode silence once per worker now, so a broken model fails start-up, not a call.
+        loop = asyncio.get_running_loop()
+        silence = bytes(DECODER_RATE // 5)
+        await asyncio.gather(
+            *(
+                loop.run_in_executor(self._decoders, decode_utterance, silence)
+                for _ in range(self._workers)
+            )
+        )
         self._started = True
 
     async def stop(self) -> None:
         self._started = False
-        self._executor.shutdown(wait=True, cancel_futures=False)
+        self._executor.shutdown(wait=True)
+        if self._decoders is not None:
+            self._decoders.shutdown(wait=True)
 
     def open(self, call_id: str, leg: str = "caller") -> CpuStream:
         if not self._started:
@@ -99,15 +117,10 @@ class CpuEngine(Engine):
 
     # -- used by streams --
 
-    def _checkout_decoder(self) -> Decoder:
-        with self._decoders_lock:
-            if self._idle_decoders:
-                return self._idle_decoders.pop()
-        return Decoder()
-
-    def _return_decoder(self, decoder: Decoder) -> None:
-        with self._decoders_lock:
-            self._idle_decoders.append(decoder)
+    def _decode(self, audio: bytes) -> list[tuple[str, int, int]]:
+        """Decode one utterance in a worker process; called from a stream's thread."""
+        assert self._decoders is not None
+        return self._decoders.submit(decode_utterance, audio).result()
 
     def _new_endpointer(self) -> Endpointer:
         window, ratio, mode = self._vad
@@ -155,17 +168,27 @@ class CpuStream(EngineStream):
 
 
 class _Recognizer:
-    """The per-stream decoding state; every method runs on a worker thread."""
+    """The per-stream decoding state; every method runs on a worker thread.
+
+    The endpointer cuts the stream into utterances; each utterance is decoded whole when it
+    ends (`full_utt=True`), so PocketSphinx normalizes it with its own cepstral mean. Measured on
+    8 kHz μ-law phone speech this halves the word error rate against frame-by-frame decoding with
+    live CMN (0.84 → 0.36), and words only come out at the endpoint either way. An utterance longer
+    than `MAX_UTTERANCE_S` is decoded at that length so a monologue still streams out.
+    """
+
+    MAX_UTTERANCE_S: Final = 15.0
 
     def __init__(self, engine: CpuEngine, emit: Any) -> None:
         self._engine = engine
         self._emit = emit
-        self._decoder: Decoder | None = None
         self._endpointer = engine._new_endpointer()
         self._resampler = ResampleStream(ENGINE_RATE, DECODER_RATE)
         self._frame_samples = self._endpointer.frame_bytes // 2
         self._carry = np.zeros(0, dtype=np.int16)
+        self._utterance: list[bytes] = []
         self._utterance_start: float | None = None
+        self._utterance_bytes = 0
         self.finished = False
 
     def feed(self, pcm24k: PcmArray) -> None:
@@ -176,27 +199,16 @@ class _Recognizer:
         tail = self._carry.tobytes()
         self._carry = np.zeros(0, dtype=np.int16)
         speech = self._endpointer.end_stream(tail) if tail else None
-        if speech and self._utterance_start is None:
-            self._begin_utterance()
+        if speech:
+            self._add_speech(speech)
         if self._utterance_start is not None:
-            if speech:
-                self._decoder_in_use().process_raw(speech)
             self._end_utterance(self._endpointer.speech_end)
         self.abandon()
 
     def abandon(self) -> None:
         self.finished = True
-        if self._decoder is not None:
-            if self._utterance_start is not None:
-                self._decoder.end_utt()
-                self._utterance_start = None
-            self._engine._return_decoder(self._decoder)
-            self._decoder = None
-
-    def _decoder_in_use(self) -> Decoder:
-        if self._decoder is None:
-            self._decoder = self._engine._checkout_decoder()
-        return self._decoder
+        self._utterance = []
+        self._utterance_start = None
 
     def _feed16k(self, pcm: PcmArray) -> None:
         if len(self._carry):
@@ -204,33 +216,36 @@ class _Recognizer:
         whole = len(pcm) - len(pcm) % self._frame_samples
         self._carry = pcm[whole:]
         for start in range(0, whole, self._frame_samples):
-            was_in_speech = self._endpointer.in_speech
             speech = self._endpointer.process(pcm[start : start + self._frame_samples].tobytes())
             if speech is None:
                 continue
-            if not was_in_speech:
-                self._begin_utterance()
-            self._decoder_in_use().process_raw(speech)
+            self._add_speech(speech)
             if not self._endpointer.in_speech:
                 self._end_utterance(self._endpointer.speech_end)
+            elif self._utterance_bytes >= self.MAX_UTTERANCE_S * DECODER_RATE * 2:
+                assert self._utterance_start is not None
+                cut = self._utterance_start + self._utterance_bytes / (DECODER_RATE * 2)
+                self._end_utterance(cut)
+                self._utterance_start = cut
 
-    def _begin_utterance(self) -> None:
-        self._utterance_start = float(self._endpointer.speech_start)
-        self._decoder_in_use().start_utt()
+    def _add_speech(self, speech: bytes) -> None:
+        if self._utterance_start is None:
+            self._utterance_start = float(self._endpointer.speech_start)
+        self._utterance.append(speech)
+        self._utterance_bytes += len(speech)
 
     def _end_utterance(self, speech_end: float) -> None:
-        decoder = self._decoder_in_use()
-        decoder.end_utt()
         offset = self._utterance_start or 0.0
-        self._utterance_start = None
+        audio = b"".join(self._utterance)
+        self._utterance, self._utterance_bytes, self._utterance_start = [], 0, None
         words = tuple(
             Word(
-                _ALT_PRONUNCIATION.sub("", seg.word),
-                round(offset + seg.start_frame * FRAME_S, 3),
-                round(offset + (seg.end_frame + 1) * FRAME_S, 3),
+                _ALT_PRONUNCIATION.sub("", text),
+                round(offset + start_frame * FRAME_S, 3),
+                round(offset + (end_frame + 1) * FRAME_S, 3),
             )
-            for seg in decoder.seg()
-            if not _FILLER.match(seg.word)
+            for text, start_frame, end_frame in self._engine._decode(audio)
+            if not _FILLER.match(text)
         )
         for word in words:
             self._emit(word)
@@ -238,3 +253,25 @@ class _Recognizer:
             text = " ".join(w.text for w in words)
             self._emit(Segment(text, words[0].start_s, words[-1].end_s, words))
             self._emit(EndOfTurn(round(float(speech_end), 3)))
+
+
+# --- decoder worker processes ------------------------------------------------------------------
+
+_decoder: Decoder | None = None
+
+
+def _load_decoder() -> None:
+    global _decoder
+    _decoder = Decoder()
+
+
+def decode_utterance(audio: bytes) -> list[tuple[str, int, int]]:
+    """(word, first frame, last frame) of one whole utterance of 16 kHz int16 audio."""
+    decoder = _decoder if _decoder is not None else Decoder()
+    # Feature extraction (live CMN above all) adapts from one utterance to the next; reset it so
+    # a call's words never depend on what this worker decoded before (about 0.1 ms).
+    decoder.reinit_feat()
+    decoder.start_utt()
+    decoder.process_raw(audio, full_utt=True)
+    decoder.end_utt()
+    return [(seg.word, seg.start_frame, seg.end_frame) for seg in decoder.seg()]

@@ -1,0 +1,115 @@
+"""G.711 against the standard library's audioop, and the streaming resampler."""
+
+from __future__ import annotations
+
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+
+from telephony import audio
+from telephony.audio import AudioDecoder, Encoding, ResampleStream
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
+
+ALL_CODES = bytes(range(256))
+ALL_INT16 = np.arange(-32768, 32768, dtype=np.int16)
+
+
+def test_ulaw_decode_matches_audioop_for_every_code() -> None:
+    assert audio.ulaw_decode(ALL_CODES).tobytes() == audioop.ulaw2lin(ALL_CODES, 2)
+
+
+def test_alaw_decode_matches_audioop_for_every_code() -> None:
+    assert audio.alaw_decode(ALL_CODES).tobytes() == audioop.alaw2lin(ALL_CODES, 2)
+
+
+def test_ulaw_encode_matches_audioop_for_every_int16() -> None:
+    assert audio.ulaw_encode(ALL_INT16) == audioop.lin2ulaw(ALL_INT16.tobytes(), 2)
+
+
+def test_alaw_encode_matches_audioop_for_every_int16() -> None:
+    assert audio.alaw_encode(ALL_INT16) == audioop.lin2alaw(ALL_INT16.tobytes(), 2)
+
+
+def test_pcm16_is_little_endian() -> None:
+    assert audio.pcm16_decode(b"\x01\x00\xff\x7f\x00\x80").tolist() == [1, 32767, -32768]
+    assert audio.pcm16_encode(np.array([1, -2], dtype=np.int16)) == b"\x01\x00\xfe\xff"
+
+
+def test_deinterleave_splits_channels_and_drops_partial_frame() -> None:
+    left, right = audio.deinterleave(np.array([1, -1, 2, -2, 3], dtype=np.int16), 2)
+    assert left.tolist() == [1, 2] and right.tolist() == [-1, -2]
+
+
+def _chunked(stream: ResampleStream, pcm: np.ndarray, sizes: list[int]) -> np.ndarray:
+    out, start = [], 0
+    for size in sizes:
+        out.append(stream.process(pcm[start : start + size]))
+        start += size
+    out.append(stream.process(pcm[start:]))
+    out.append(stream.flush())
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 48000])
+def test_resampler_output_does_not_depend_on_chunking(rate: int) -> None:
+    rng = np.random.default_rng(rate)
+    pcm = (np.sin(np.arange(rate * 2) * 0.05) * 12000 + rng.normal(0, 2000, rate * 2)).astype(
+        np.int16
+    )
+    whole = _chunked(ResampleStream(rate), pcm, [])
+    random_sizes = [int(n) for n in rng.integers(1, 700, size=400)]
+    pieces = _chunked(ResampleStream(rate), pcm, random_sizes)
+    frames = _chunked(ResampleStream(rate), pcm, [rate // 50] * 100)  # 20 ms telephone frames
+    assert len(whole) == len(pieces) == len(frames) == len(pcm) * 24000 // rate
+    assert np.abs(whole.astype(int) - pieces).max() <= 1
+    assert np.abs(whole.astype(int) - frames).max() <= 1
+
+
+def test_resampler_keeps_a_tone_at_its_frequency() -> None:
+    t = np.arange(8000) / 8000
+    tone = (np.sin(2 * np.pi * 440 * t) * 10000).astype(np.int16)
+    stream = ResampleStream(8000)
+    out = np.concatenate([stream.process(tone), stream.flush()])
+    spectrum = np.abs(np.fft.rfft(out.astype(float)))
+    assert abs(np.argmax(spectrum) * 24000 / len(out) - 440) < 2
+
+
+def test_resampler_memory_stays_flat_over_a_long_call() -> None:
+    stream = ResampleStream(8000)
+    frame = (np.sin(np.arange(160) * 0.3) * 8000).astype(np.int16)
+    for _ in range(500):  # warm up
+        stream.process(frame)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for _ in range(30_000):  # 10 minutes of 20 ms frames
+        stream.process(frame)
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert grown < 64 * 1024
+
+
+def test_decoder_carries_a_sample_split_across_frames() -> None:
+    pcm = np.arange(-500, 500, 7, dtype=np.int16)
+    data = pcm.tobytes()
+    whole = AudioDecoder(Encoding.PCM16, 24000).feed(data)
+    split = AudioDecoder(Encoding.PCM16, 24000)
+    parts = [split.feed(data[i : i + 3]) for i in range(0, len(data), 3)]
+    assert np.concatenate(parts).tolist() == whole.tolist() == pcm.tolist()
+
+
+def test_decoder_turns_8k_ulaw_into_24k() -> None:
+    decoder = AudioDecoder(Encoding.MULAW, 8000)
+    tone = (np.sin(np.arange(1600) * 2 * np.pi * 1000 / 8000) * 8000).astype(np.int16)
+    out = np.concatenate([decoder.feed(audio.ulaw_encode(tone)), decoder.flush()])
+    assert len(out) == 4800
+    assert 5000 < np.abs(out).max() < 9000
+
+
+def test_decoder_rejects_unsupported_rate() -> None:
+    with pytest.raises(ValueError, match="sample rate"):
+        AudioDecoder(Encoding.PCM16, 11025)

@@ -47,8 +47,13 @@ async def _root(request: web.Request) -> web.StreamResponse:
 
 
 async def _client_config(request: web.Request) -> web.Response:
-    server = request.app[BRIDGE].config.server
-    return web.json_response({"websocket_url": server.websocket_url, "port": server.port})
+    bridge = request.app[BRIDGE]
+    return web.json_response(
+        {
+            "websocket_url": bridge.config.server.websocket_url,
+            "port": bridge.ports.get("audio", bridge.config.server.port),
+        }
+    )
 
 
 def _add_web_client(app: web.Application) -> None:

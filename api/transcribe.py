@@ -90,7 +90,7 @@ async def transcribe_pcm(
 
 
 def _clock(seconds: float) -> str:
-    millis = int(round(seconds * 1000))
+    millis = round(seconds * 1000)
     hours, millis = divmod(millis, 3_600_000)
     minutes, millis = divmod(millis, 60_000)
     secs, millis = divmod(millis, 1000)

@@ -85,9 +85,7 @@ def event_to_json(event: EngineEvent) -> dict[str, Any]:
             "text": event.text,
             "start": event.start_s,
             "end": event.end_s,
-            "words": [
-                {"text": w.text, "start": w.start_s, "end": w.end_s} for w in event.words
-            ],
+            "words": [{"text": w.text, "start": w.start_s, "end": w.end_s} for w in event.words],
         }
     if isinstance(event, EndOfTurn):
         return {"type": "end_of_turn", "at": event.at_s, "probability": event.probability}
@@ -257,8 +255,8 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def info(self) -> EngineInfo: ...
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 (optional hook)
         """Load the model; called once before the first `open`."""
 
-    async def stop(self) -> None:
+    async def stop(self) -> None:  # noqa: B027 (optional hook)
         """Release the model; live streams should be closed before."""

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import multiprocessing
+import re
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Final
 

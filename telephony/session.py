@@ -11,6 +11,7 @@ closes every leg, waits for the flush so no word is lost, then announces the end
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -280,8 +281,6 @@ class CallHub:
         """Stop admitting; wait for live calls to end, then end the rest (flushing them)."""
         self.draining = True
         if self.calls:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ended.wait(), deadline_s)
-            except TimeoutError:
-                pass
         await asyncio.gather(*(call.end("shutdown") for call in list(self.calls.values())))

@@ -56,7 +56,7 @@ def test_new_name_wins_over_seed_name() -> None:
 
 def test_toml_file_then_environment(tmp_path: Path) -> None:
     path = tmp_path / "bridge.toml"
-    path.write_text('[server]\nport = 7000\nweb_port = 7001\n[engine]\ncapacity = 3\n')
+    path.write_text("[server]\nport = 7000\nweb_port = 7001\n[engine]\ncapacity = 3\n")
     config = load_config(path, environ={"STT_BRIDGE_SERVER_WEB_PORT": "7002"})
     assert (config.server.port, config.server.web_port, config.engine.capacity) == (7000, 7002, 3)
     assert config.server.health_port == 8001

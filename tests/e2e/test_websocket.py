@@ -105,10 +105,10 @@ async def test_listen_mulaw_8k_equals_offline_transcript_of_same_audio(
     assert all(e["call_id"] == "ulaw-test" for e in seen)
 
 
-@pytest.mark.parametrize(
-    ("encoding", "rate"), [("alaw", 8000), ("pcm16", 16000), ("pcm16", 48000)]
-)
-async def test_listen_other_encodings(start_service: ServiceFactory, encoding: str, rate: int) -> None:
+@pytest.mark.parametrize(("encoding", "rate"), [("alaw", 8000), ("pcm16", 16000), ("pcm16", 48000)])
+async def test_listen_other_encodings(
+    start_service: ServiceFactory, encoding: str, rate: int
+) -> None:
     service = await start_service()
     wire = phone_bytes(SENTENCES[2], encoding, rate)
     decoder = AudioDecoder(Encoding(encoding), rate)

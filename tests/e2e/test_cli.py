@@ -1,0 +1,161 @@
+"""The `stt-bridge` command as a user runs it: help, offline transcription, serve + SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.speech import SENTENCES, read_pcm, sox_convert, speech_wav, word_error_rate
+
+CLI = [sys.executable, "-m", "api.cli"]
+# Measured on these sentences through the CPU engine: WER 0.00-0.23 for 24 kHz wav/flac.
+FILE_WER_BOUND = 0.35
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=120, env=env, check=False
+    )
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["transcribe"]])
+def test_every_command_explains_its_options(command: list[str]) -> None:
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0
+    assert "usage: stt-bridge" in result.stdout
+    for option in {
+        "": ["--config", "serve", "transcribe"],
+        "serve": ["--port", "--engine"],
+        "transcribe": ["--format", "--output-dir", "--progress"],
+    }["".join(command)]:
+        assert option in result.stdout
+
+
+@pytest.fixture(scope="module")
+def audio_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    wav = speech_wav(SENTENCES[0])
+    return {
+        "wav": wav,
+        "flac": sox_convert(wav, suffix=".flac"),
+        "mp3": sox_convert(wav, "-C", "128", suffix=".mp3"),
+        "ogg": sox_convert(wav, suffix=".ogg"),
+    }
+
+
+def test_transcribe_common_formats(audio_files: dict[str, Path]) -> None:
+    result = run_cli("transcribe", "-f", "json", *map(str, audio_files.values()))
+    assert result.returncode == 0, result.stderr
+    docs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(d["source"]).suffix[1:] for d in docs] == list(audio_files)
+    by_kind = dict(zip(audio_files, docs, strict=True))
+    # Lossless formats decode to the same samples, so the words are identical.
+    assert by_kind["wav"]["words"] == by_kind["flac"]["words"]
+    for kind, doc in by_kind.items():
+        assert word_error_rate(SENTENCES[0], doc["text"]) <= FILE_WER_BOUND, (kind, doc["text"])
+        pcm, rate = read_pcm(audio_files["wav"])
+        assert abs(doc["duration"] - len(pcm) / rate) < 0.1
+        assert all(0 <= w["start"] < w["end"] <= doc["duration"] for w in doc["words"])
+
+
+def test_transcribe_text_and_webvtt(audio_files: dict[str, Path], tmp_path: Path) -> None:
+    text = run_cli("transcribe", str(audio_files["wav"]))
+    assert text.returncode == 0
+    lines = text.stdout.splitlines()
+    assert lines[0].startswith("# ")
+    words = [line.split() for line in lines[1:]]
+    assert all(len(w) == 3 and float(w[0]) < float(w[1]) for w in words)
+
+    vtt = run_cli("transcribe", "-f", "vtt", "-o", str(tmp_path), str(audio_files["flac"]))
+    assert vtt.returncode == 0 and vtt.stdout == ""
+    cues = (tmp_path / f"{audio_files['flac'].stem}.vtt").read_text()
+    assert cues.startswith("WEBVTT\n")
+    assert "-->" in cues
+    spoken = " ".join(w[2] for w in words)
+    cue_text = " ".join(
+        line for line in cues.splitlines()[2:] if line and "-->" not in line and not line.isdigit()
+    )
+    assert cue_text == spoken
+
+
+def test_transcribe_reports_unreadable_files_and_goes_on(
+    audio_files: dict[str, Path], tmp_path: Path
+) -> None:
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"RIFF not really a wave file")
+    result = run_cli(
+        "transcribe", str(junk), str(tmp_path / "missing.flac"), str(audio_files["wav"])
+    )
+    assert result.returncode == 1
+    assert "junk.wav" in result.stderr and "missing.flac" in result.stderr
+    assert result.stdout.count("# ") == 1  # the good file was still transcribed
+
+
+def test_transcribe_shows_progress_on_request(audio_files: dict[str, Path]) -> None:
+    result = run_cli("transcribe", "--progress", str(audio_files["wav"]))
+    assert result.returncode == 0
+    assert "100%" in result.stderr and " s " in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[subprocess.Popen[str], dict[str, int]]]:
+    ports = {"audio": free_port(), "health": free_port(), "web": free_port()}
+    env = {
+        **os.environ,
+        "MOSHI_PORT": str(ports["audio"]),  # the seed's variables
+        "HEALTH_PORT": str(ports["health"]),
+        "WEB_PORT": str(ports["web"]),
+        "STT_BRIDGE_SERVER_HOST": "127.0.0.1",
+        "STT_BRIDGE_ENGINE_NAME": "cpu",
+        "STT_BRIDGE_SERVER_DRAIN_TIMEOUT_S": "2",  # live calls may go on 2 s after SIGTERM
+    }
+    process = subprocess.Popen([*CLI, "serve"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        banner = process.stdout.readline()  # printed once every port listens
+        assert "engine cpu" in banner, banner
+        yield process, ports
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
+async def test_serve_answers_then_drains_on_sigterm(
+    served: tuple[subprocess.Popen[str], dict[str, int]],
+) -> None:
+    process, ports = served
+    pcm, _ = read_pcm(speech_wav(SENTENCES[5]))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{ports['health']}/health") as r:
+            assert (await r.json())["status"] == "healthy"
+        async with http.get(f"http://127.0.0.1:{ports['web']}/config.json") as r:
+            assert (await r.json())["port"] == ports["audio"]
+        ws = await http.ws_connect(f"ws://127.0.0.1:{ports['audio']}/")
+        data = pcm.tobytes()
+        for i in range(0, len(data), 9600):
+            await ws.send_bytes(data[i : i + 9600])
+        await asyncio.sleep(0.5)
+        # SIGTERM mid-call: the live call is flushed, its words arrive, then the process exits 0.
+        process.send_signal(signal.SIGTERM)
+        messages = [json.loads(m.data) async for m in ws if m.type == aiohttp.WSMsgType.TEXT]
+    words = " ".join(m["text"] for m in messages if m["type"] == "word")
+    assert messages[-1]["type"] == "closed"
+    assert word_error_rate(SENTENCES[5], words) <= FILE_WER_BOUND, words
+    assert await asyncio.to_thread(process.wait, 30) == 0

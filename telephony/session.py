@@ -150,6 +150,7 @@ class EventBus:
 # --- calls and legs ---------------------------------------------------------------------------
 
 ReplyCallback = Callable[[str, EngineEvent], Awaitable[None]]
+FLUSH_TIMEOUT_S = 60.0
 
 
 class Session:
@@ -176,10 +177,19 @@ class Session:
         self.samples_in += len(pcm)
         await self.stream.write(pcm)
 
-    async def finish(self) -> None:
+    async def finish(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
         """Close the engine stream and wait until its last event is out."""
         self.stream.close()
-        await asyncio.shield(self._pump)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._pump), timeout_s)
+        except TimeoutError:
+            # An engine that never finishes must not hold the call (or a drain) forever.
+            log.error(
+                "engine did not flush in %.0f s",
+                timeout_s,
+                extra={"call_id": self.call.id, "leg": self.leg},
+            )
+            self._pump.cancel()
 
     async def _fan_out(self) -> None:
         async for event in self.stream.events():

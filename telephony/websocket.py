@@ -23,18 +23,14 @@ from typing import Final
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from engine.base import BridgeError, EngineEvent, EngineFull, event_to_json
+from engine.base import BridgeError, EngineEvent, event_to_json
 from telephony.audio import SUPPORTED_RATES, AudioDecoder, Encoding, PcmArray
-from telephony.session import CallHub, Draining, DuplicateCall
+from telephony.errors import ProtocolError, rejection_for
+from telephony.session import CallHub
 
 log = logging.getLogger(__name__)
 
 FRONT_END: Final = "websocket"
-CLOSE_TRY_AGAIN_LATER: Final = 1013  # RFC 6455 registry: "Try Again Later"
-
-
-class ProtocolError(BridgeError):
-    """Bad input on the wire; the message says what, for the client."""
 
 
 class BadParameters(ProtocolError):
@@ -141,12 +137,11 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
     try:
         params = parse_listen_params(request.query)
     except BadParameters as exc:
-        return web.json_response({"error": "bad_parameters", "reason": str(exc)}, status=400)
+        status = rejection_for(exc).http_status
+        return web.json_response({"error": "bad_parameters", "reason": str(exc)}, status=status)
     if params.call_id is not None and params.call_id in request.app[HUB].calls:
-        return web.json_response(
-            {"error": "duplicate_call", "reason": f"call {params.call_id} is already live"},
-            status=409,
-        )
+        reason = f"call {params.call_id} is already live"
+        return web.json_response({"error": "duplicate_call", "reason": reason}, status=409)
     return await _serve(request, params)
 
 
@@ -164,9 +159,9 @@ async def _serve(request: web.Request, params: ListenParams) -> web.StreamRespon
         labels["remote"] = request.remote
     try:
         call = hub.open_call(FRONT_END, call_id=params.call_id, labels=labels, reply=reply)
-    except (EngineFull, Draining, DuplicateCall) as exc:
+    except BridgeError as exc:
         log.warning("stream rejected: %s", exc, extra={"front_end": FRONT_END})
-        await ws.close(code=CLOSE_TRY_AGAIN_LATER, message=str(exc).encode()[:120])
+        await ws.close(code=rejection_for(exc).ws_close, message=str(exc).encode()[:120])
         return ws
 
     leg = call.leg("caller")

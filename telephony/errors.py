@@ -1,0 +1,45 @@
+"""Every rejection a front end can give, in one table.
+
+Errors form one hierarchy (`engine.base.BridgeError`); each front end turns the one it caught
+into its own protocol's answer with `rejection_for(exc)`: a SIP status, a WebSocket close
+code, an HTTP status before an upgrade. AudioSocket has no codes: it hangs up on any of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from engine.base import BridgeError, EngineFull, EngineUnavailable
+from telephony.session import Draining, DuplicateCall
+
+
+class ProtocolError(BridgeError):
+    """Bad input on the wire; the message says what, for the peer's logs."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    sip_status: int
+    sip_reason: str
+    ws_close: int
+    http_status: int
+
+
+# RFC 6455 close codes: 1013 "Try Again Later", 1008 "Policy Violation", 1007 "Invalid Data",
+# 1011 "Internal Error". SIP: RFC 3261 §21.
+REJECTIONS: Final[dict[type[BridgeError], Rejection]] = {
+    EngineFull: Rejection(486, "Busy Here", 1013, 503),
+    Draining: Rejection(503, "Service Unavailable", 1013, 503),
+    EngineUnavailable: Rejection(503, "Service Unavailable", 1013, 503),
+    DuplicateCall: Rejection(482, "Loop Detected", 1008, 409),
+    ProtocolError: Rejection(400, "Bad Request", 1007, 400),
+}
+_UNKNOWN: Final = Rejection(500, "Server Internal Error", 1011, 500)
+
+
+def rejection_for(exc: BaseException) -> Rejection:
+    for kind in type(exc).__mro__:
+        if kind in REJECTIONS:
+            return REJECTIONS[kind]
+    return _UNKNOWN

@@ -44,4 +44,8 @@ def build_engine(config: EngineConfig) -> tuple[Engine, EngineChoice]:
             vad_mode=config.vad_mode,
         )
         return engine, choice
+    if choice.name == "sink":
+        from engine.sink import SinkEngine
+
+        return SinkEngine(capacity=config.capacity, max_buffer_s=config.max_buffer_s), choice
     raise ValueError(f"unknown engine {choice.name!r} (choose auto, cpu, kyutai or sink)")

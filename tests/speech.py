@@ -58,13 +58,15 @@ def speech_wav(text: str) -> Path:
     return path
 
 
-def sox_convert(src: Path, *out_args: str, suffix: str = ".wav") -> Path:
-    """`sox src <out_args> dst`, cached; returns dst."""
-    dst = CACHE / f"{_key(src.name, *out_args)}{suffix}"
+def sox_convert(
+    src: Path, *out_args: str, suffix: str = ".wav", effects: tuple[str, ...] = ()
+) -> Path:
+    """`sox src <out_args> dst <effects>`, cached; returns dst."""
+    dst = CACHE / f"{_key(src.name, *out_args, *effects)}{suffix}"
     if not dst.exists():
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f"{dst.stem}.{os.getpid()}{suffix}")
-        subprocess.run(["sox", str(src), *out_args, str(tmp)], check=True)
+        subprocess.run(["sox", str(src), *out_args, str(tmp), *effects], check=True)
         os.replace(tmp, dst)
     return dst
 

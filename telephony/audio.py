@@ -22,6 +22,10 @@ ENGINE_RATE: Final = 24000
 """Every engine consumes mono int16 at this rate."""
 
 SUPPORTED_RATES: Final = (8000, 16000, 24000, 48000)
+"""Rates a client may choose on `/v1/listen`."""
+
+WIRE_RATES: Final = (8000, 12000, 16000, 24000, 32000, 44100, 48000, 96000, 192000)
+"""Every rate some front end delivers (AudioSocket's slin kinds go up to 192 kHz)."""
 
 
 class Encoding(enum.StrEnum):
@@ -157,8 +161,8 @@ class AudioDecoder:
     """
 
     def __init__(self, encoding: Encoding, sample_rate: int, out_rate: int = ENGINE_RATE) -> None:
-        if sample_rate not in SUPPORTED_RATES:
-            raise ValueError(f"unsupported sample rate {sample_rate}; use one of {SUPPORTED_RATES}")
+        if sample_rate not in WIRE_RATES:
+            raise ValueError(f"unsupported sample rate {sample_rate}; use one of {WIRE_RATES}")
         self.encoding = encoding
         self.sample_rate = sample_rate
         self._carry = b""

@@ -61,7 +61,17 @@ class CallEnded:
     audio_s: Mapping[str, float]  # seconds of audio received per leg
 
 
-BusEvent = CallStarted | LegEvent | CallEnded
+@dataclass(frozen=True)
+class DtmfPressed:
+    """A key the caller pressed (AudioSocket DTMF, RFC 4733, Twilio dtmf)."""
+
+    call_id: str
+    leg: str
+    digit: str
+    at_s: float  # seconds of that leg's audio
+
+
+BusEvent = CallStarted | LegEvent | CallEnded | DtmfPressed
 
 
 def bus_event_to_json(event: BusEvent) -> dict[str, Any]:
@@ -82,6 +92,14 @@ def bus_event_to_json(event: BusEvent) -> dict[str, Any]:
             "reason": event.reason,
             "at": event.at,
             "audio_s": dict(event.audio_s),
+        }
+    if isinstance(event, DtmfPressed):
+        return {
+            "type": "dtmf",
+            "call_id": event.call_id,
+            "leg": event.leg,
+            "digit": event.digit,
+            "at": round(event.at_s, 3),
         }
     return {"call_id": event.call_id, "leg": event.leg, **event_to_json(event.event)}
 
@@ -171,6 +189,10 @@ class Session:
         """24 kHz int16 audio of this leg, any length; never blocks."""
         self.samples_in += len(pcm)
         self.stream.push(pcm)
+
+    def dtmf(self, digit: str) -> None:
+        """Announce a key press at the current point of this leg's audio."""
+        self.call.hub.bus.publish(DtmfPressed(self.call.id, self.leg, digit, self.audio_s))
 
     async def write(self, pcm: PcmArray) -> None:
         """Like push, but waits for the engine when it is behind (offline transcription)."""

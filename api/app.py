@@ -25,8 +25,9 @@ from api.config import Config
 from api.routes.events import handle_events
 from engine.base import Engine
 from engine.registry import EngineChoice, build_engine
-from telephony import websocket
+from telephony import audiosocket, websocket
 from telephony.session import CallHub
+from telephony.sip import backend as sip
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,13 @@ def build_audio_app(bridge: Bridge) -> web.Application:
     app.router.add_get("/", _root)
     app.router.add_get("/v1/listen", websocket.handle_listen)
     app.router.add_get("/v1/events", handle_events)
+    if bridge.config.audiosocket.enabled:
+        server = bridge.config.audiosocket
+        app.cleanup_ctx.append(
+            audiosocket.audiosocket_server(server.host, server.port, bridge.hub, bridge.ports)
+        )
+    if bridge.config.sip.enabled:
+        app.cleanup_ctx.append(sip.cleanup_context(bridge.config.sip, bridge.hub, bridge.ports))
     _add_web_client(app)
     return app
 
@@ -127,7 +135,9 @@ class Service:
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Stop admitting, let live calls finish (or flush them at the deadline), close."""
         self.bridge.accepting = False
-        deadline = self.config.server.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        deadline = drain_timeout_s
+        if deadline is None:
+            deadline = self.config.server.drain_timeout_s
         await self.bridge.hub.drain(deadline)
         for runner in reversed(self._runners):
             await runner.cleanup()

@@ -45,6 +45,46 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class SipConfig:
+    enabled: bool = False  # off by default: most deployments use one front end, and 5060 is shared
+    backend: str = "asyncio"  # asyncio (aiosipua, scales) | pjsua2 (PJSIP, capped per process)
+    host: str = "0.0.0.0"
+    port: int = 5060  # UDP, and TCP on the same port (asyncio backend)
+    tcp: bool = True
+    advertised_host: str = ""  # address for SDP/Contact behind NAT; "" = the one peers reach
+    rtp_port_min: int = 20000
+    rtp_port_max: int = 20999
+    allow: tuple[str, ...] = ("0.0.0.0/0", "::/0")  # source CIDRs; others get 403
+    auth_user: str = ""  # set with auth_password to digest-challenge INVITEs
+    auth_password: str = ""
+    auth_realm: str = "stt-bridge"
+    register_uri: str = ""  # e.g. sip:pbx.example.com:5060; "" = no registration
+    register_user: str = ""
+    register_password: str = ""
+    register_expires_s: int = 300
+    answer_delay_s: float = 0.0  # ring this long before answering
+    rtp_timeout_s: float = 30.0  # no RTP for this long: hang up (callers vanish without BYE)
+    max_call_s: float = 14400.0  # hang up calls longer than this
+    retry_after_s: int = 30  # Retry-After on 503 while draining
+    user_agent: str = "stt-bridge"
+
+
+@dataclass(frozen=True)
+class AudioSocketConfig:
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = 9092  # Asterisk AudioSocket() / Dial(AudioSocket/...) connect here
+
+
+@dataclass(frozen=True)
+class TwilioConfig:
+    auth_token: str = ""  # set it to check X-Twilio-Signature on the webhook and the stream
+    public_url: str = ""  # e.g. https://stt.example.com: what Twilio reaches us at
+    dial: str = ""  # after starting the stream, <Dial> this number; "" = <Pause>
+    pause_s: int = 3600  # when not dialling: how long the call stays up
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     json: bool = False  # one JSON object per line, with call id
@@ -54,6 +94,9 @@ class LogConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    sip: SipConfig = field(default_factory=SipConfig)
+    audiosocket: AudioSocketConfig = field(default_factory=AudioSocketConfig)
+    twilio: TwilioConfig = field(default_factory=TwilioConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -151,6 +194,9 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
 def to_toml_dict(config: Config) -> dict[str, dict[str, Any]]:
     """The config as TOML-shaped data (for `/info` and the default-file test)."""
     return {
-        section.name: dataclasses.asdict(getattr(config, section.name))
+        section.name: {  # TOML has arrays, not tuples
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(getattr(config, section.name)).items()
+        }
         for section in dataclasses.fields(Config)
     }

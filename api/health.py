@@ -8,6 +8,7 @@ import time
 from aiohttp import web
 
 from api.bridge import BRIDGE
+from telephony.sip import backend as sip
 
 SERVICE_NAME = "stt-bridge"
 
@@ -52,6 +53,7 @@ async def handle_info(request: web.Request) -> web.Response:
                 "free_slots": bridge.engine.free_slots,
                 **info.extra,
             },
+            "sip": sip.describe(bridge.config.sip),
             "calls_live": len(bridge.hub.calls),
             "uptime_s": round(time.time() - bridge.started_at, 3),
         }

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from api.app import Service
-from api.config import Config, EngineConfig, ServerConfig, load_config
+from api.config import AudioSocketConfig, Config, EngineConfig, ServerConfig, load_config
 from engine.cpu import CpuEngine
 
 
@@ -20,6 +20,7 @@ def make_config(**engine: Any) -> Config:
         base,
         server=ServerConfig(host="127.0.0.1", port=0, health_port=0, web_port=0, drain_timeout_s=5),
         engine=dataclasses.replace(EngineConfig(name="cpu"), **engine),
+        audiosocket=AudioSocketConfig(host="127.0.0.1", port=0),
     )
 
 

@@ -1,0 +1,483 @@
+"""The default SIP backend: aiosipua (signalling) and our own RTP sockets, in the service's loop.
+
+aiosipua does the SIP transactions (100 Trying, 2xx retransmission until ACK, CANCEL matching
+by branch, in-dialog validation); this module adds what the library leaves to the application
+(see ../shared/protocols/sip.md, "Gotchas"): no answer after a CANCEL, a re-INVITE handler
+(hold, address or codec change), RTP ports released on every end path, a 400 for requests the
+library would silently drop, and digest challenges for INVITEs. RTP is received by plain
+datagram sockets feeding `SipCall` (reorder window drained at BYE, so the last words stay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from aiosipua import SipUAS, TcpSipTransport, UdpSipTransport
+from aiosipua.incoming_call import IncomingCall
+from aiosipua.message import SipRequest
+from aiosipua.sdp import SdpMessage
+from aiosipua.sdp import parse_sdp as aiosipua_sdp
+
+from api.config import SipConfig
+from engine.base import BridgeError
+from telephony.session import CallHub
+from telephony.sip import digest
+from telephony.sip.core import (
+    FRONT_END,
+    AllowList,
+    LegPlan,
+    NoRtpPort,
+    SipCall,
+    bad_request,
+    call_labels,
+    local_ip_for,
+    request_problem,
+    sip_rejection,
+)
+from telephony.sip.registration import Registrar
+from telephony.sip.sdp import (
+    SdpError,
+    SessionOffer,
+    StreamAnswer,
+    build_answer,
+    parse_sdp,
+    plan_answer,
+    recording_participants,
+    split_multipart,
+)
+
+log = logging.getLogger(__name__)
+
+SIPREC_LEGS: Final = ("caller", "callee")
+
+
+# --- transports: aiosipua's, plus a 400 for what its parser would drop ------------------------
+
+
+class _Guard:
+    def _dispatch(self, data: bytes, addr: tuple[str, int]) -> None:
+        if data.strip() == b"":
+            return  # CRLF keep-alive (RFC 5626)
+        problem = request_problem(data)
+        if problem is not None:
+            log.warning("bad SIP message from %s: %s", addr[0], problem)
+            reply = bad_request(data, problem)
+            if reply is not None:
+                self._send_raw(reply, addr)
+            return
+        super()._dispatch(data, addr)  # type: ignore[misc]
+
+    def _send_raw(self, data: bytes, addr: tuple[str, int]) -> None:
+        raise NotImplementedError
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    """aiosipua's asserts `isinstance(transport, asyncio.DatagramTransport)`, which CPython
+    3.11's selector transport fails (a logged traceback per start); this one does not."""
+
+    def __init__(self, owner: _Udp) -> None:
+        self.owner = owner
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int] | Any) -> None:
+        self.owner._dispatch(data, (str(addr[0]), int(addr[1])))
+
+
+class _Udp(_Guard, UdpSipTransport):
+    async def start(self) -> None:
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _UdpProtocol(self), local_addr=self.local_addr
+        )
+        self._udp_transport = transport
+
+    def _send_raw(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self._udp_transport is not None:
+            self._udp_transport.sendto(data, addr)
+
+
+class _Tcp(_Guard, TcpSipTransport):
+    def _send_raw(self, data: bytes, addr: tuple[str, int]) -> None:
+        conn = self._connections.get(addr)
+        if conn is not None:
+            conn[1].write(data)
+
+
+# --- RTP sockets -------------------------------------------------------------------------------
+
+
+class _RtpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, dialog: _Dialog, leg: str) -> None:
+        self.dialog = dialog
+        self.leg = leg
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int] | Any) -> None:
+        if self.dialog.sip_call is not None:
+            self.dialog.sip_call.feed_rtp(self.leg, data)
+
+
+class RtpPorts:
+    """Even ports from [low, high]; a port is taken by binding it, so other programs are safe."""
+
+    def __init__(self, host: str, low: int, high: int) -> None:
+        self.host = host
+        self.ports = list(range(low + low % 2, high + 1, 2))
+        self._next = random.randrange(len(self.ports)) if self.ports else 0
+        self.in_use: set[int] = set()
+
+    async def open(self, dialog: _Dialog, leg: str) -> tuple[asyncio.DatagramTransport, int]:
+        loop = asyncio.get_running_loop()
+        for _ in range(len(self.ports)):
+            port = self.ports[self._next]
+            self._next = (self._next + 1) % len(self.ports)
+            if port in self.in_use:
+                continue
+            try:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _RtpProtocol(dialog, leg), local_addr=(self.host, port)
+                )
+            except OSError:
+                continue
+            self.in_use.add(port)
+            return transport, port
+        raise NoRtpPort(f"no free RTP port in {self.ports[0]}-{self.ports[-1]}")
+
+    def release(self, port: int) -> None:
+        self.in_use.discard(port)
+
+
+# --- one dialog --------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Dialog:
+    backend: AsyncioBackend
+    incoming: IncomingCall
+    sip_call: SipCall | None = None
+    rtp: dict[str, tuple[asyncio.DatagramTransport, int]] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+    closed: bool = False
+
+    @property
+    def call_id(self) -> str:
+        return self.incoming.call_id
+
+    def cancelled(self) -> bool:
+        """CANCEL (or anything else) ended the INVITE transaction while we were busy."""
+        uas_call = self.backend.find(self.call_id)
+        return uas_call is not self.incoming or self.incoming.dialog.state.name == "TERMINATED"
+
+    def release(self) -> None:
+        """Close RTP sockets and forget the dialog; every end path comes through here."""
+        if self.closed:
+            return
+        self.closed = True
+        for transport, port in self.rtp.values():
+            transport.close()
+            self.backend.rtp_ports.release(port)
+        self.rtp.clear()
+        self.backend.dialogs.pop(self.call_id, None)
+
+    def hangup(self) -> None:
+        """Our side ends the call: BYE, then release (the SipCall flushes on its own)."""
+        self.incoming.hangup()
+        for uas in self.backend.uases:
+            uas._calls.pop(self.call_id, None)
+        self.release()
+
+    async def finish(self, reason: str) -> None:
+        self.release()
+        if self.sip_call is not None:
+            await self.sip_call.end(reason)
+
+
+# --- the backend -------------------------------------------------------------------------------
+
+
+class AsyncioBackend:
+    name: str = "asyncio"
+    call_cap: int | None = None
+    siprec: bool = True
+
+    def __init__(self, config: SipConfig, hub: CallHub) -> None:
+        self.config = config
+        self.hub = hub
+        self.allow = AllowList(config.allow)
+        self.rtp_ports = RtpPorts(config.host, config.rtp_port_min, config.rtp_port_max)
+        self.dialogs: dict[str, _Dialog] = {}
+        self.uases: list[SipUAS] = []
+        self.port = 0
+        self.nonces = digest.NonceBook()
+        self.registrar: Registrar | None = None
+        self._session_ids = itertools.count(random.randrange(1 << 30))
+
+    # -- life cycle --
+
+    async def start(self) -> int:
+        udp = _Udp(local_addr=(self.config.host, self.config.port))
+        await self._listen(udp)
+        assert udp._udp_transport is not None
+        self.port = int(udp._udp_transport.get_extra_info("sockname")[1])
+        udp.local_addr = (self.config.host, self.port)
+        if self.config.tcp:
+            await self._listen(_Tcp(local_addr=(self.config.host, self.port)))
+        if self.config.register_uri:
+            self.registrar = Registrar(self.config, self.uases[0], self.port)
+            self.registrar.start()
+        log.info("SIP user agent listening", extra={"port": self.port, "backend": self.name})
+        return self.port
+
+    async def _listen(self, transport: UdpSipTransport | TcpSipTransport) -> None:
+        uas = SipUAS(transport, user_agent=self.config.user_agent)
+        uas.on_invite = self._on_invite
+        uas.on_reinvite = self._on_reinvite
+        uas.on_bye = self._on_bye
+        uas.on_cancel = self._on_cancel
+        uas.on_ack_timeout = self._on_ack_timeout
+        await uas.start()
+        self.uases.append(uas)
+
+    async def stop(self) -> None:
+        if self.registrar is not None:
+            await self.registrar.stop()
+        for dialog in list(self.dialogs.values()):
+            if dialog.task is not None and not dialog.task.done():
+                dialog.task.cancel()
+            if dialog.incoming.dialog.state.name == "CONFIRMED":
+                dialog.hangup()
+            await dialog.finish("shutdown")
+        for uas in self.uases:
+            await uas.stop()
+        self.uases.clear()
+
+    def find(self, call_id: str) -> IncomingCall | None:
+        for uas in self.uases:
+            found = uas.get_call(call_id)
+            if found is not None:
+                return found
+        return None
+
+    @property
+    def live_calls(self) -> int:
+        return len(self.dialogs)
+
+    # -- aiosipua callbacks (synchronous: they start tasks) --
+
+    def _on_invite(self, incoming: IncomingCall) -> None:
+        dialog = _Dialog(self, incoming)
+        previous = self.dialogs.get(incoming.call_id)
+        if previous is not None and not previous.closed:
+            # Same Call-ID, not a re-INVITE (e.g. a retry after our 401): start over.
+            previous.release()
+        self.dialogs[incoming.call_id] = dialog
+        dialog.task = asyncio.get_running_loop().create_task(self._answer(dialog))
+
+    def _on_reinvite(self, incoming: IncomingCall) -> None:
+        dialog = self.dialogs.get(incoming.call_id)
+        if dialog is None or dialog.sip_call is None:
+            incoming.reject(481, "Call/Transaction Does Not Exist")
+            return
+        try:
+            offer, _ = self._offer(incoming.invite)
+            plan = plan_answer(offer)
+        except BridgeError as exc:
+            # A refused re-INVITE leaves the call as it was (RFC 3261 §14.2).
+            reject = sip_rejection(exc, self.config)
+            incoming._send_response(reject.status, reject.reason)
+            return
+        legs, streams = self._legs(dialog, offer, plan)
+        dialog.sip_call.set_legs(legs)
+        dialog.sip_call.set_hold(all(offer.on_hold(m) for m in offer.media if m.codec()))
+        local_ip = local_ip_for(incoming.source_addr[0], self.config)
+        answer = build_answer(offer, streams, local_ip, next(self._session_ids))
+        incoming.accept(_as_aiosipua(answer))
+        log.info(
+            "re-INVITE answered",
+            extra={"call_id": incoming.call_id, "hold": dialog.sip_call.on_hold},
+        )
+
+    def _on_bye(self, incoming: IncomingCall, request: SipRequest) -> None:
+        dialog = self.dialogs.get(incoming.call_id)
+        if dialog is not None:
+            asyncio.get_running_loop().create_task(dialog.finish("remote hangup"))
+
+    def _on_cancel(self, request: SipRequest, addr: tuple[str, int]) -> None:
+        dialog = self.dialogs.get(request.call_id or "")
+        if dialog is not None and (dialog.sip_call is None or not dialog.incoming._answered):
+            asyncio.get_running_loop().create_task(dialog.finish("cancelled"))
+
+    def _on_ack_timeout(self, incoming: IncomingCall) -> None:
+        dialog = self.dialogs.get(incoming.call_id)
+        if dialog is not None:
+            asyncio.get_running_loop().create_task(dialog.finish("no ACK"))
+
+    # -- answering --
+
+    async def _answer(self, dialog: _Dialog) -> None:
+        incoming = dialog.incoming
+        try:
+            self.allow.check(incoming.source_addr[0])
+            if self.config.auth_user and not self._authorized(incoming):
+                return
+            offer, participants = self._offer(incoming.invite)
+            plan = plan_answer(offer)
+            if (
+                offer is not None
+                and participants is not None
+                and len([p for p in plan if p]) != len(SIPREC_LEGS)
+            ):
+                raise SdpError("a SIPREC offer must carry exactly two audio streams")
+            labels = call_labels(_headers(incoming.invite), incoming.source_addr)
+            legs, streams = self._legs(dialog, offer, plan)
+            if participants is not None:
+                labels["siprec"] = "true"
+                for leg, media in zip(legs, [m for m in offer.media if m.codec()], strict=False):
+                    if media.label and media.label in participants:
+                        labels[f"{leg.name}_participant"] = participants[media.label]
+            # Admission before ringing and before any port is taken: a full engine costs
+            # nothing but a 486.
+            dialog.sip_call = SipCall(
+                self.hub, self.config, incoming.call_id, legs, labels, dialog.hangup
+            )
+            incoming.ringing()
+            if self.config.answer_delay_s > 0:
+                await asyncio.sleep(self.config.answer_delay_s)
+            if dialog.cancelled():
+                await dialog.finish("cancelled")
+                return
+            streams = await self._open_rtp(dialog, legs, streams)
+            if dialog.cancelled():  # CANCEL arrived while the sockets were being bound
+                await dialog.finish("cancelled")
+                return
+            local_ip = local_ip_for(incoming.source_addr[0], self.config)
+            incoming.advertised_addr = (local_ip, self.port)
+            answer = build_answer(offer, streams, local_ip, next(self._session_ids))
+            incoming.accept(_as_aiosipua(answer))
+            dialog.sip_call.set_hold(all(offer.on_hold(m) for m in offer.media if m.codec()))
+            dialog.sip_call.answered()
+            log.info(
+                "SIP call answered",
+                extra={"call_id": incoming.call_id, "front_end": FRONT_END, "legs": len(legs)},
+            )
+        except BridgeError as exc:
+            reject = sip_rejection(exc, self.config)
+            log.info(
+                "SIP call rejected %d: %s",
+                reject.status,
+                exc,
+                extra={"call_id": incoming.call_id, "front_end": FRONT_END},
+            )
+            if not dialog.cancelled():
+                incoming._send_response(reject.status, reject.reason, extra_headers=reject.headers)
+                incoming.dialog.terminate()
+            await dialog.finish(f"rejected {reject.status}")
+        except asyncio.CancelledError:
+            await dialog.finish("shutdown")
+            raise
+
+    def _offer(self, request: SipRequest) -> tuple[SessionOffer, dict[str, str] | None]:
+        """The SDP offer, and for SIPREC the participant behind each stream label."""
+        content_type = (request.content_type or "").lower()
+        if content_type.startswith("multipart/"):
+            parts = split_multipart(request.headers.get_first("content-type") or "", request.body)
+            metadata = recording_participants(parts.metadata) if parts.metadata else {}
+            return parse_sdp(parts.sdp), metadata
+        if not request.body or not content_type.startswith("application/sdp"):
+            # Delayed offer (SDP in the ACK) is not supported: we must know the codec now.
+            from telephony.sip.sdp import NoCommonCodec
+
+            raise NoCommonCodec("INVITE without an SDP offer")
+        return parse_sdp(request.body.decode("utf-8", "replace")), None
+
+    def _legs(
+        self, dialog: _Dialog, offer: SessionOffer, plan: list[StreamAnswer | None]
+    ) -> tuple[list[LegPlan], list[StreamAnswer | None]]:
+        """Leg names for the usable streams (one: caller; SIPREC: caller, callee), with ports
+        already bound on a re-INVITE."""
+        usable = [p for p in plan if p is not None]
+        names = ["caller"] if len(usable) == 1 else [*SIPREC_LEGS][: len(usable)]
+        if len(usable) > len(SIPREC_LEGS):
+            names = [f"stream{i}" for i in range(len(usable))]
+        legs: list[LegPlan] = []
+        streams: list[StreamAnswer | None] = []
+        index = 0
+        for stream in plan:
+            if stream is None:
+                streams.append(None)
+                continue
+            name = names[index]
+            index += 1
+            assert stream.payload_type is not None and stream.encoding is not None
+            legs.append(
+                LegPlan(name, {stream.payload_type: stream.encoding}, stream.dtmf_payload_type)
+            )
+            bound = dialog.rtp.get(name)
+            streams.append(
+                StreamAnswer(
+                    bound[1] if bound else None,
+                    stream.payload_type,
+                    stream.encoding,
+                    stream.dtmf_payload_type,
+                )
+            )
+        return legs, streams
+
+    async def _open_rtp(
+        self, dialog: _Dialog, legs: list[LegPlan], streams: list[StreamAnswer | None]
+    ) -> list[StreamAnswer | None]:
+        out: list[StreamAnswer | None] = []
+        legs_left = iter(legs)
+        for stream in streams:
+            if stream is None:
+                out.append(None)
+                continue
+            leg = next(legs_left)
+            transport, port = await self.rtp_ports.open(dialog, leg.name)
+            if dialog.closed:  # ended meanwhile: give the port straight back
+                transport.close()
+                self.rtp_ports.release(port)
+            else:
+                dialog.rtp[leg.name] = (transport, port)
+            out.append(
+                StreamAnswer(port, stream.payload_type, stream.encoding, stream.dtmf_payload_type)
+            )
+        return out
+
+    def _authorized(self, incoming: IncomingCall) -> bool:
+        """Digest check (RFC 3261 §22); on failure the 401 challenge has been sent."""
+        request = incoming.invite
+        header = request.headers.get_first("authorization")
+        if header is not None and digest.verify(
+            header,
+            "INVITE",
+            self.config.auth_user,
+            self.config.auth_password,
+            self.config.auth_realm,
+            self.nonces,
+        ):
+            return True
+        if header is not None:
+            log.warning("digest authentication failed", extra={"call_id": incoming.call_id})
+        challenge = digest.challenge(self.config.auth_realm, self.nonces.issue())
+        incoming._send_response(401, "Unauthorized", extra_headers={"WWW-Authenticate": challenge})
+        incoming.dialog.terminate()
+        # The dialog object stays until the ACK; the retry is a new INVITE (same Call-ID).
+        dialog = self.dialogs.get(incoming.call_id)
+        if dialog is not None and dialog.incoming is incoming:
+            dialog.release()
+        return False
+
+
+def _as_aiosipua(answer: str) -> SdpMessage:
+    """aiosipua serialises its own SDP model; ours round-trips through it byte for byte."""
+    return aiosipua_sdp(answer)
+
+
+def _headers(request: SipRequest) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for name, values in request.headers.items():
+        out.extend((name, value) for value in values)
+    return out

@@ -1,0 +1,84 @@
+"""Helpers for front-end end-to-end tests: watch `/v1/events`, pace audio like a phone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from api.app import Service
+from api.transcribe import transcribe_pcm
+from telephony.audio import PcmArray, ResampleStream
+
+
+class EventLog:
+    """Every message of `WS /v1/events` while the block runs, grouped by call."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._changed = asyncio.Event()
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    def of(self, call_id: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("call_id") == call_id]
+
+    def words(self, call_id: str, leg: str | None = None) -> list[dict[str, Any]]:
+        return [
+            {k: e[k] for k in ("text", "start", "end")}
+            for e in self.of(call_id)
+            if e["type"] == "word" and (leg is None or e["leg"] == leg)
+        ]
+
+    def ended(self) -> dict[str, dict[str, Any]]:
+        return {e["call_id"]: e for e in self.events if e["type"] == "call_ended"}
+
+    async def wait_ended(self, count: int, timeout: float = 60) -> dict[str, dict[str, Any]]:
+        async with asyncio.timeout(timeout):
+            while len(self.ended()) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.ended()
+
+
+@asynccontextmanager
+async def watch_events(service: Service) -> AsyncIterator[EventLog]:
+    log = EventLog()
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"ws://127.0.0.1:{service.ports['audio']}/v1/events")
+
+        async def read() -> None:
+            async for msg in ws:
+                log.add(msg.json())
+
+        reader = asyncio.create_task(read())
+        try:
+            yield log
+        finally:
+            reader.cancel()
+            await ws.close()
+
+
+async def offline_words(service: Service, pcm: PcmArray, rate: int) -> list[dict[str, Any]]:
+    """The offline transcript of the same audio at the wire rate, through the same engine."""
+    resampler = ResampleStream(rate)
+    pcm24k = np.concatenate([resampler.process(pcm), resampler.flush()])
+    transcript = await transcribe_pcm(service.bridge.hub, pcm24k, "reference")
+    return [{"text": w.text, "start": w.start_s, "end": w.end_s} for w in transcript.words]
+
+
+async def paced(frames: list[bytes], frame_s: float = 0.02) -> AsyncIterator[bytes]:
+    """Yield frames at real-time pace (a phone sends one every 20 ms)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for n, frame in enumerate(frames):
+        delay = start + n * frame_s - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield frame

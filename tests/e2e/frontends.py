@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import numpy as np
@@ -73,7 +73,10 @@ async def offline_words(service: Service, pcm: PcmArray, rate: int) -> list[dict
     return [{"text": w.text, "start": w.start_s, "end": w.end_s} for w in transcript.words]
 
 
-async def paced(frames: list[bytes], frame_s: float = 0.02) -> AsyncIterator[bytes]:
+T = TypeVar("T")
+
+
+async def paced(frames: Sequence[T], frame_s: float = 0.02) -> AsyncIterator[T]:
     """Yield frames at real-time pace (a phone sends one every 20 ms)."""
     loop = asyncio.get_running_loop()
     start = loop.time()

@@ -1,0 +1,324 @@
+"""Twilio Media Streams: TwiML that forks the call's audio to us, and the stream's WebSocket.
+
+`POST /twilio/voice` answers the voice webhook with `<Start><Stream track="both_tracks">` to
+`wss://<public host>/twilio/media` (CallSid, From, To as custom parameters), then continues the
+call (`<Dial>` a number, or `<Pause>`). On the stream Twilio sends JSON text frames: connected,
+start, media (base64 μ-law 8 kHz, one track per message), dtmf, mark, stop. The inbound track
+is the caller, the outbound track the agent (the dialled party). With an auth token configured,
+the webhook and the stream's upgrade request must carry a valid X-Twilio-Signature (403 if not).
+See ../shared/protocols/twilio-media-streams.md.
+
+`TwilioMediaCodec` is the stream protocol without I/O; the handlers are the aiohttp adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import numpy as np
+from aiohttp import WSMsgType, web
+from twilio.request_validator import RequestValidator
+from twilio.twiml.voice_response import Start, VoiceResponse
+
+from api.config import TwilioConfig
+from engine.base import BridgeError
+from telephony.audio import ResampleStream, ulaw_decode
+from telephony.errors import ProtocolError, rejection_for
+from telephony.session import Call, CallHub
+
+log = logging.getLogger(__name__)
+
+FRONT_END: Final = "twilio"
+LEG_OF_TRACK: Final = {"inbound": "caller", "outbound": "agent"}
+RATE: Final = 8000
+# A jump in media.timestamp beyond this is a gap (silence suppression, loss): filled with silence
+# so later words keep their place on the call's timeline.
+GAP_TOLERANCE_SAMPLES: Final = 160
+
+
+class TwilioStreamError(ProtocolError):
+    """A message that makes the stream unusable (media before start, a second start)."""
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Connected:
+    protocol: str
+    version: str
+
+
+@dataclass(frozen=True)
+class StreamStarted:
+    stream_sid: str
+    call_sid: str
+    account_sid: str
+    tracks: tuple[str, ...]
+    custom_parameters: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Media:
+    track: str
+    timestamp_ms: int
+    payload: bytes  # μ-law 8 kHz
+
+
+@dataclass(frozen=True)
+class DtmfDigit:
+    digit: str
+
+
+@dataclass(frozen=True)
+class MarkEcho:
+    name: str
+
+
+@dataclass(frozen=True)
+class StreamStopped:
+    pass
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A message the stream survives: logged and ignored, as Twilio's peers do."""
+
+    reason: str
+
+
+TwilioEvent = Connected | StreamStarted | Media | DtmfDigit | MarkEcho | StreamStopped | Skipped
+
+
+# --- codec ------------------------------------------------------------------------------------
+
+
+class TwilioMediaCodec:
+    """Text frames in, events out."""
+
+    def __init__(self) -> None:
+        self.started: StreamStarted | None = None
+
+    def receive(self, text: str) -> TwilioEvent:
+        try:
+            message = json.loads(text)
+        except ValueError:
+            return Skipped("not JSON")
+        if not isinstance(message, dict):
+            return Skipped("not a JSON object")
+        kind = message.get("event")
+        try:
+            if kind == "connected":
+                return Connected(str(message.get("protocol", "")), str(message.get("version", "")))
+            if kind == "start":
+                return self._start(message)
+            if kind == "stop":
+                return StreamStopped()
+            if kind == "mark":
+                return MarkEcho(str(message["mark"]["name"]))
+            if self.started is None and kind in ("media", "dtmf"):
+                raise TwilioStreamError(f"{kind} before start")
+            if kind == "media":
+                return self._media(message["media"])
+            if kind == "dtmf":
+                return DtmfDigit(str(message["dtmf"]["digit"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, TwilioStreamError):
+                raise
+            return Skipped(f"malformed {kind} message: {exc!r}")
+        return Skipped(f"unknown event {kind!r}")
+
+    def _start(self, message: dict[str, Any]) -> StreamStarted:
+        if self.started is not None:
+            raise TwilioStreamError("a second start message")
+        start = message["start"]
+        tracks = tuple(t for t in start.get("tracks", ["inbound"]) if t in LEG_OF_TRACK)
+        encoding = start.get("mediaFormat", {}).get("encoding", "audio/x-mulaw")
+        if encoding != "audio/x-mulaw":
+            raise TwilioStreamError(f"unsupported media encoding {encoding!r}")
+        params = start.get("customParameters") or {}
+        self.started = StreamStarted(
+            stream_sid=str(start.get("streamSid") or message.get("streamSid", "")),
+            call_sid=str(start["callSid"]),
+            account_sid=str(start.get("accountSid", "")),
+            tracks=tracks or ("inbound",),
+            custom_parameters={str(k): str(v) for k, v in params.items()},
+        )
+        return self.started
+
+    @staticmethod
+    def _media(media: dict[str, Any]) -> Media | Skipped:
+        track = str(media.get("track", "inbound"))
+        if track not in LEG_OF_TRACK:
+            return Skipped(f"unknown track {track!r}")
+        try:
+            payload = base64.b64decode(media["payload"], validate=True)
+        except (binascii.Error, ValueError):
+            return Skipped("media payload is not base64")
+        return Media(track, int(media.get("timestamp", 0)), payload)
+
+
+# --- TwiML and signatures ---------------------------------------------------------------------
+
+
+def public_base(request: web.Request, config: TwilioConfig) -> str:
+    """https://host as Twilio reaches us: the configured public URL, else the request's host."""
+    if config.public_url:
+        return config.public_url.rstrip("/")
+    host = request.headers.get("X-Forwarded-Host", request.host)
+    scheme = request.headers.get("X-Forwarded-Proto", request.scheme)
+    return f"{scheme}://{host}"
+
+
+def stream_url(base: str) -> str:
+    parts = urlsplit(base)
+    return f"wss://{parts.netloc}{parts.path.rstrip('/')}/twilio/media"
+
+
+def voice_twiml(base: str, form: Mapping[str, str], config: TwilioConfig) -> str:
+    response = VoiceResponse()
+    start = Start()
+    stream = start.stream(name="stt-bridge", url=stream_url(base), track="both_tracks")
+    for name in ("CallSid", "From", "To"):
+        if form.get(name):
+            stream.parameter(name=name, value=form[name][:400])
+    response.append(start)
+    if config.dial:
+        response.dial(config.dial)
+    else:
+        response.pause(length=config.pause_s)
+    return str(response)
+
+
+def _signature_ok(config: TwilioConfig, url: str, params: Mapping[str, str], header: str) -> bool:
+    return bool(RequestValidator(config.auth_token).validate(url, dict(params), header))
+
+
+# --- aiohttp adapter --------------------------------------------------------------------------
+
+HUB: Final = web.AppKey("twilio_hub", CallHub)
+CONFIG: Final = web.AppKey("twilio_config", TwilioConfig)
+
+
+async def handle_voice(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    form = {k: str(v) for k, v in (await request.post()).items()}
+    base = public_base(request, config)
+    if config.auth_token:
+        signature = request.headers.get("X-Twilio-Signature", "")
+        if not signature or not _signature_ok(config, base + request.path_qs, form, signature):
+            log.warning(
+                "twilio webhook: %s signature",
+                "missing" if not signature else "invalid",
+                extra={"front_end": FRONT_END, "remote": request.remote},
+            )
+            return web.Response(status=403, text="invalid X-Twilio-Signature")
+    return web.Response(text=voice_twiml(base, form, config), content_type="application/xml")
+
+
+class _Legs:
+    """μ-law 8 kHz per track → 24 kHz per leg, gaps in media.timestamp kept as silence."""
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self._resamplers = {leg: ResampleStream(RATE) for leg in call.legs}
+        self._samples = dict.fromkeys(call.legs, 0)
+
+    def media(self, event: Media) -> None:
+        leg = LEG_OF_TRACK[event.track]
+        if leg not in self._resamplers:
+            return  # a track the start message did not announce
+        pcm = ulaw_decode(event.payload)
+        gap = event.timestamp_ms * RATE // 1000 - self._samples[leg]
+        if gap > GAP_TOLERANCE_SAMPLES:
+            pcm = np.concatenate([np.zeros(gap, dtype=np.int16), pcm])
+        self._samples[leg] += len(pcm)
+        self.call.leg(leg).push(self._resamplers[leg].process(pcm))
+
+    def flush(self) -> None:
+        for leg, resampler in self._resamplers.items():
+            self.call.leg(leg).push(resampler.flush())
+
+
+async def handle_media(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    if config.auth_token:
+        signature = request.headers.get("X-Twilio-Signature", "")
+        url = stream_url(public_base(request, config))
+        if not signature or not _signature_ok(config, url, dict(request.query), signature):
+            log.warning(
+                "twilio stream: %s signature",
+                "missing" if not signature else "invalid",
+                extra={"front_end": FRONT_END, "remote": request.remote},
+            )
+            return web.Response(status=403, text="invalid X-Twilio-Signature")
+    ws = web.WebSocketResponse(heartbeat=30.0)
+    await ws.prepare(request)
+    codec = TwilioMediaCodec()
+    call: Call | None = None
+    legs: _Legs | None = None
+    reason = "socket closed without stop"
+    try:
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            event = codec.receive(msg.data)
+            if isinstance(event, StreamStarted):
+                call = request.app[HUB].open_call(
+                    FRONT_END,
+                    legs=tuple(LEG_OF_TRACK[t] for t in event.tracks),
+                    call_id=event.call_sid,
+                    labels=_labels(event),
+                )
+                legs = _Legs(call)
+            elif isinstance(event, Media) and legs is not None:
+                legs.media(event)
+            elif isinstance(event, DtmfDigit) and call is not None:
+                call.leg("caller").dtmf(event.digit)
+            elif isinstance(event, StreamStopped):
+                reason = "stop"
+                break
+            elif isinstance(event, Skipped):
+                log.info("twilio message skipped: %s", event.reason, extra={"front_end": FRONT_END})
+    except BridgeError as exc:
+        log.warning("twilio stream closed: %s", exc, extra={"front_end": FRONT_END})
+        reason = f"rejected: {exc}"
+        await ws.close(code=rejection_for(exc).ws_close, message=str(exc).encode()[:120])
+    finally:
+        if legs is not None:
+            legs.flush()
+        if call is not None:
+            await asyncio.shield(call.end(reason))
+        if not ws.closed:
+            await ws.close()
+    return ws
+
+
+def _labels(event: StreamStarted) -> dict[str, str]:
+    params = event.custom_parameters
+    labels = {
+        "call_sid": event.call_sid,
+        "stream_sid": event.stream_sid,
+        "account_sid": event.account_sid,
+        "caller_leg": "inbound",
+        "agent_leg": "outbound",
+    }
+    for name in ("From", "To"):
+        if name in params:
+            labels[name.lower()] = params[name]
+    return labels
+
+
+def add_routes(app: web.Application, hub: CallHub, config: TwilioConfig) -> None:
+    app[HUB] = hub
+    app[CONFIG] = config
+    app.router.add_post("/twilio/voice", handle_voice)
+    app.router.add_get("/twilio/media", handle_media)

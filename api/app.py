@@ -25,7 +25,7 @@ from api.config import Config
 from api.routes.events import handle_events
 from engine.base import Engine
 from engine.registry import EngineChoice, build_engine
-from telephony import audiosocket, twilio, websocket
+from telephony import audio_fork, audiosocket, twilio, websocket
 from telephony.session import CallHub
 from telephony.sip import backend as sip
 
@@ -73,6 +73,7 @@ def build_audio_app(bridge: Bridge) -> web.Application:
     app.router.add_get("/v1/listen", websocket.handle_listen)
     app.router.add_get("/v1/events", handle_events)
     twilio.add_routes(app, bridge.hub, bridge.config.twilio)
+    audio_fork.add_routes(app, bridge.hub)
     if bridge.config.audiosocket.enabled:
         server = bridge.config.audiosocket
         app.cleanup_ctx.append(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -13,6 +16,7 @@ import numpy as np
 from api.app import Service
 from api.transcribe import transcribe_pcm
 from telephony.audio import PcmArray, ResampleStream
+from telephony.audiosocket import AudioSocketCodec
 
 
 class EventLog:
@@ -85,3 +89,69 @@ async def paced(frames: Sequence[T], frame_s: float = 0.02) -> AsyncIterator[T]:
         if delay > 0:
             await asyncio.sleep(delay)
         yield frame
+
+
+# --- peers: each speaks its front end's wire protocol, paced like a phone ----------------------
+
+
+async def asterisk_call(
+    port: int,
+    call_id: uuid.UUID,
+    slin: bytes,
+    rate: int = 8000,
+    dtmf: str = "",
+    garbage_after: int | None = None,
+) -> bytes:
+    """Act as Asterisk: UUID, audio in 20 ms frames, then close; returns what we were sent."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(AudioSocketCodec.encode_uuid(call_id))
+    frame = rate // 50 * 2
+    frames = [slin[i : i + frame] for i in range(0, len(slin), frame)]
+    sent = 0
+    async for chunk in paced(frames):
+        writer.write(AudioSocketCodec.encode_audio(chunk, rate))
+        sent += 1
+        if dtmf and sent == 10:
+            writer.write(AudioSocketCodec.encode_dtmf(dtmf))
+        if garbage_after is not None and sent == garbage_after:
+            writer.write(b"\x42\x00\x05hello")  # an unknown kind: the session must end
+            break
+    await writer.drain()
+    writer.close()  # the caller hangs up: Asterisk just closes the socket
+    return await reader.read()
+
+
+async def twilio_call(base_ws: str, call_sid: str, ulaw: bytes) -> None:
+    """Act as Twilio: connected, start (inbound track), paced media, stop."""
+    start = {
+        "event": "start",
+        "start": {
+            "streamSid": "MZ" + call_sid[2:],
+            "accountSid": "AC" + "1" * 32,
+            "callSid": call_sid,
+            "tracks": ["inbound"],
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+            "customParameters": {},
+        },
+    }
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"{base_ws}/twilio/media") as ws:
+        await ws.send_str(json.dumps(start))
+        async for offset in paced(range(0, len(ulaw), 160)):
+            payload = base64.b64encode(ulaw[offset : offset + 160]).decode()
+            media = {"track": "inbound", "timestamp": str(offset // 8), "payload": payload}
+            await ws.send_str(json.dumps({"event": "media", "media": media}))
+        await ws.send_str(json.dumps({"event": "stop"}))
+        async for _ in ws:
+            pass
+
+
+async def freeswitch_call(base_ws: str, call_id: str, slin: bytes, rate: int = 8000) -> None:
+    """Act as mod_audio_fork: metadata, paced mono L16, then hang up (normal close)."""
+    url = f"{base_ws}/freeswitch/{call_id}"
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(url, protocols=("audio.drachtio.org",))
+        await ws.send_str(json.dumps({"uuid": call_id, "mix": "mono", "rate": rate}))
+        frame = rate // 50 * 2
+        async for chunk in paced([slin[i : i + frame] for i in range(0, len(slin), frame)]):
+            await ws.send_bytes(chunk)
+        await ws.close()

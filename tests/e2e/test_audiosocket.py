@@ -9,29 +9,10 @@ import numpy as np
 
 from telephony.audiosocket import AudioSocketCodec
 from tests.conftest import ServiceFactory
-from tests.e2e.frontends import offline_words, paced, watch_events
+from tests.e2e.frontends import asterisk_call, offline_words, watch_events
 from tests.speech import SENTENCES, phone_bytes, word_error_rate
 
 codec = AudioSocketCodec
-
-
-async def asterisk_call(
-    port: int, call_id: uuid.UUID, slin: bytes, rate: int = 8000, dtmf: str = ""
-) -> bytes:
-    """Act as Asterisk: UUID, audio in 20 ms frames at real-time pace, then close."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(codec.encode_uuid(call_id))
-    frame = rate // 50 * 2
-    frames = [slin[i : i + frame] for i in range(0, len(slin), frame)]
-    sent = 0
-    async for chunk in paced(frames):
-        writer.write(codec.encode_audio(chunk, rate))
-        sent += 1
-        if dtmf and sent == 10:
-            writer.write(codec.encode_dtmf(dtmf))
-    await writer.drain()
-    writer.close()  # the caller hangs up: Asterisk just closes the socket
-    return await reader.read()
 
 
 async def test_asterisk_call_is_transcribed_live(start_service: ServiceFactory) -> None:

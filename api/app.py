@@ -14,15 +14,22 @@ import asyncio
 import logging
 import signal
 import socket
+import ssl
+import time
 from pathlib import Path
 from typing import Final
 
 from aiohttp import web
 
 from api import __version__, health
+from api.auth import ApiKeys
 from api.bridge import BRIDGE, Bridge
 from api.config import Config
+from api.metrics import Metrics
+from api.routes import calls
 from api.routes.events import handle_events
+from api.store import Store
+from api.webhooks import WebhookSender
 from engine.base import Engine
 from engine.registry import EngineChoice, build_engine
 from telephony import audio_fork, audiosocket, twilio, websocket
@@ -66,9 +73,12 @@ def build_audio_app(bridge: Bridge) -> web.Application:
     """The audio/API port. Front ends that listen on their own sockets (AudioSocket TCP, SIP)
     start and stop with it through `app.cleanup_ctx`, and record their bound port in
     `bridge.ports[name]`."""
-    app = web.Application()
+    api = bridge.config.api
+    keys = ApiKeys(api.keys, api.max_streams_per_key, api.requests_per_minute)
+    app = web.Application(middlewares=[keys.middleware] if keys.enabled else [])
     app[BRIDGE] = bridge
     app[websocket.HUB] = bridge.hub
+    calls.add_routes(app, bridge.store, bridge.hub)
     app.router.add_get("/", _root)
     app.router.add_get("/v1/listen", websocket.handle_listen)
     app.router.add_get("/v1/events", handle_events)
@@ -89,6 +99,7 @@ def build_health_app(bridge: Bridge) -> web.Application:
     app = web.Application()
     app[BRIDGE] = bridge
     health.add_routes(app)
+    app.router.add_get("/metrics", bridge.metrics.handle)
     return app
 
 
@@ -109,13 +120,26 @@ class Service:
         else:
             choice = EngineChoice(engine.name, "engine given by the caller")
         self.config = config
-        self.bridge = Bridge(config, engine, choice, CallHub(engine))
+        hub = CallHub(engine)
+        urls = [u.strip() for u in config.webhook.url.split(",") if u.strip()]
+        store = Store(Path(config.data.dir) / "stt-bridge.sqlite3", urls)
+        hub.bus.add_sink(store.record)
+        metrics = Metrics(hub)
+        self.bridge = Bridge(config, engine, choice, hub, store, metrics)
+        self.webhooks = WebhookSender(
+            store, config.webhook.secret, config.webhook.timeout_s, on_result=metrics.webhook_result
+        )
         self._runners: list[web.AppRunner] = []
         self.ports = self.bridge.ports
 
     async def start(self) -> None:
         server = self.config.server
+        retention = self.config.data.retention_days
+        if retention > 0:
+            self.bridge.store.purge_older_than(time.time() - retention * 86400)
         await self.bridge.engine.start()
+        self.webhooks.start()
+        tls = _tls_context(self.config)
         apps = {
             "audio": (build_audio_app(self.bridge), server.port),
             "health": (build_health_app(self.bridge), server.health_port),
@@ -124,7 +148,8 @@ class Service:
         for name, (app, port) in apps.items():
             runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
             await runner.setup()
-            site = web.TCPSite(runner, server.host, port, reuse_address=True)
+            context = tls if name in ("audio", "health") else None
+            site = web.TCPSite(runner, server.host, port, reuse_address=True, ssl_context=context)
             await site.start()
             self._runners.append(runner)
             self.ports[name] = _bound_port(site)
@@ -141,10 +166,24 @@ class Service:
         if deadline is None:
             deadline = self.config.server.drain_timeout_s
         await self.bridge.hub.drain(deadline)
+        # Every transcript is on disk before anything else stops; webhooks get a few seconds
+        # to go out, and whatever is left waits in the outbox for the next start.
+        store = self.bridge.store
+        await asyncio.get_running_loop().run_in_executor(None, store.flush)
+        await self.webhooks.stop(deliver_for_s=min(5.0, deadline))
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
         await self.bridge.engine.stop()
+        store.close()
+
+
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    if not (config.tls.cert and config.tls.key):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls.cert, config.tls.key)
+    return context
 
 
 def _bound_port(site: web.TCPSite) -> int:

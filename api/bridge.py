@@ -10,6 +10,8 @@ from aiohttp import web
 
 from api import __version__
 from api.config import Config
+from api.metrics import Metrics
+from api.store import Store
 from engine.base import Engine
 from engine.registry import EngineChoice
 from telephony.session import CallHub
@@ -21,6 +23,8 @@ class Bridge:
     engine: Engine
     choice: EngineChoice
     hub: CallHub
+    store: Store
+    metrics: Metrics
     started_at: float = field(default_factory=time.time)
     version: str = __version__
     accepting: bool = False  # true between start-up and the beginning of a drain

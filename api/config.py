@@ -85,6 +85,32 @@ class TwilioConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    dir: str = "data"  # the store (SQLite) and the webhook outbox live here
+    retention_days: float = 0.0  # delete calls older than this; 0 = keep everything
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    url: str = ""  # where call.started / segment / call.ended are POSTed; comma-separate several
+    secret: str = ""  # HMAC-SHA256 key for the X-STT-Bridge-Signature header
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    keys: tuple[str, ...] = ()  # API keys; empty = no authentication
+    max_streams_per_key: int = 100  # concurrent WebSockets per key
+    requests_per_minute: int = 600  # requests (and stream openings) per key per minute
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: str = ""  # PEM certificate chain: with `key`, the audio/API and health ports use TLS
+    key: str = ""
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     json: bool = False  # one JSON object per line, with call id
@@ -97,6 +123,10 @@ class Config:
     sip: SipConfig = field(default_factory=SipConfig)
     audiosocket: AudioSocketConfig = field(default_factory=AudioSocketConfig)
     twilio: TwilioConfig = field(default_factory=TwilioConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    webhook: WebhookConfig = field(default_factory=WebhookConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

@@ -89,12 +89,13 @@ async def transcribe_pcm(
 # --- output formats ---------------------------------------------------------------------------
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float, separator: str = ".") -> str:
+    """HH:MM:SS.mmm (WebVTT), or with "," (SubRip)."""
     millis = round(seconds * 1000)
     hours, millis = divmod(millis, 3_600_000)
     minutes, millis = divmod(millis, 60_000)
     secs, millis = divmod(millis, 1000)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}.{millis:03d}"
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{millis:03d}"
 
 
 def format_text(t: Transcript) -> str:
@@ -117,7 +118,7 @@ def format_json(t: Transcript) -> str:
 def format_vtt(t: Transcript) -> str:
     cues = ["WEBVTT", ""]
     for n, seg in enumerate(t.segments, start=1):
-        cues += [str(n), f"{_clock(seg.start_s)} --> {_clock(seg.end_s)}", seg.text, ""]
+        cues += [str(n), f"{clock(seg.start_s)} --> {clock(seg.end_s)}", seg.text, ""]
     return "\n".join(cues)
 
 

@@ -59,6 +59,7 @@ class CallEnded:
     reason: str
     at: float
     audio_s: Mapping[str, float]  # seconds of audio received per leg
+    dropped_s: float = 0.0  # audio an engine buffer overflow dropped, all legs
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,8 @@ class Call:
                     reason,
                     time.time(),
                     {name: round(leg.audio_s, 3) for name, leg in self.legs.items()},
+                    sum(leg.stream.stats.samples_dropped for leg in self.legs.values())
+                    / ENGINE_RATE,
                 )
             )
 
@@ -271,6 +274,8 @@ class CallHub:
         self.calls: dict[str, Call] = {}
         self.draining = False
         self._ended = asyncio.Event()
+        # Told of every refused call (front end, reason): metrics count them.
+        self.on_reject: Callable[[str, str], None] | None = None
 
     def open_call(
         self,
@@ -281,18 +286,23 @@ class CallHub:
         reply: ReplyCallback | None = None,
     ) -> Call:
         """Admit a call with all its legs, or raise (`EngineFull`, `Draining`, `DuplicateCall`)."""
-        if self.draining:
-            raise Draining("the service is draining")
-        call_id = call_id or uuid.uuid4().hex
-        if call_id in self.calls:
-            raise DuplicateCall(f"call {call_id} is already live")
-        streams: list[EngineStream] = []
         try:
-            for leg in legs:
-                streams.append(self.engine.open(call_id, leg))
-        except BridgeError:
-            for stream in streams:
-                stream.close()
+            if self.draining:
+                raise Draining("the service is draining")
+            call_id = call_id or uuid.uuid4().hex
+            if call_id in self.calls:
+                raise DuplicateCall(f"call {call_id} is already live")
+            streams: list[EngineStream] = []
+            try:
+                for leg in legs:
+                    streams.append(self.engine.open(call_id, leg))
+            except BridgeError:
+                for stream in streams:
+                    stream.close()
+                raise
+        except BridgeError as exc:
+            if self.on_reject is not None:
+                self.on_reject(front_end, type(exc).__name__)
             raise
         call = Call(call_id, front_end, dict(labels or {}), self, reply)
         for leg, stream in zip(legs, streams, strict=True):

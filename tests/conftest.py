@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from api.app import Service
-from api.config import AudioSocketConfig, Config, EngineConfig, ServerConfig, load_config
+from api.config import (
+    AudioSocketConfig,
+    Config,
+    DataConfig,
+    EngineConfig,
+    ServerConfig,
+    load_config,
+)
 from engine.cpu import CpuEngine
 
 
-def make_config(**engine: Any) -> Config:
-    """The default config on 127.0.0.1 with ephemeral ports and the CPU engine."""
+def make_config(data_dir: Path | None = None, **engine: Any) -> Config:
+    """The default config on 127.0.0.1 with ephemeral ports, the CPU engine, a fresh store."""
     base = load_config(environ={})
     return dataclasses.replace(
         base,
+        data=DataConfig(dir=str(data_dir or tempfile.mkdtemp(prefix="stt-bridge-data-"))),
         server=ServerConfig(host="127.0.0.1", port=0, health_port=0, web_port=0, drain_timeout_s=5),
         engine=dataclasses.replace(EngineConfig(name="cpu"), **engine),
         audiosocket=AudioSocketConfig(host="127.0.0.1", port=0),

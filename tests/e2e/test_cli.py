@@ -114,7 +114,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def served() -> Iterator[tuple[subprocess.Popen[str], dict[str, int]]]:
+def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, int]]]:
     ports = {"audio": free_port(), "health": free_port(), "web": free_port()}
     env = {
         **os.environ,
@@ -124,6 +124,7 @@ def served() -> Iterator[tuple[subprocess.Popen[str], dict[str, int]]]:
         "STT_BRIDGE_SERVER_HOST": "127.0.0.1",
         "STT_BRIDGE_ENGINE_NAME": "cpu",
         "STT_BRIDGE_SERVER_DRAIN_TIMEOUT_S": "2",  # live calls may go on 2 s after SIGTERM
+        "STT_BRIDGE_DATA_DIR": str(tmp_path / "data"),
     }
     process = subprocess.Popen([*CLI, "serve"], env=env, stdout=subprocess.PIPE, text=True)
     try:

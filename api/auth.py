@@ -1,0 +1,107 @@
+"""API keys on the audio/API port, with per-key limits.
+
+When `[api] keys` is set (STT_BRIDGE_API_KEYS, comma-separated), every audio and API route needs
+one of them, as `Authorization: Bearer KEY`, `?token=KEY` (browsers cannot set headers on a
+WebSocket), `kyutai-api-key: KEY` (moshi-server clients) or HTTP Basic with the key as password
+(FreeSWITCH mod_audio_fork can only send Basic). Missing or wrong: 401 before any upgrade.
+Per key: at most `max_streams_per_key` WebSockets at once and `requests_per_minute` requests;
+beyond either: 429. The web page, its static files and Twilio's routes (signed by Twilio
+instead) stay open. Keys are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import time
+from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS: Final = ("/config.json", "/static/", "/twilio/")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def presented_key(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    if header.lower().startswith("basic "):
+        try:
+            _, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return password
+    return request.headers.get("kyutai-api-key") or request.query.get("token")
+
+
+class ApiKeys:
+    def __init__(
+        self, keys: Sequence[str], max_streams_per_key: int, requests_per_minute: int
+    ) -> None:
+        self._keys = tuple(k for k in keys if k)
+        self._max_streams = max_streams_per_key
+        self._per_minute = requests_per_minute
+        self._streams: dict[str, int] = defaultdict(int)
+        self._recent: dict[str, deque[float]] = defaultdict(deque)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def _match(self, key: str | None) -> str | None:
+        if key is None:
+            return None
+        found = None
+        for candidate in self._keys:  # no early exit: the time does not tell which key is close
+            if hmac.compare_digest(candidate.encode(), key.encode()):
+                found = candidate
+        return found
+
+    def _over_rate(self, key: str) -> bool:
+        now = time.monotonic()
+        recent = self._recent[key]
+        while recent and recent[0] < now - 60:
+            recent.popleft()
+        if len(recent) >= self._per_minute:
+            return True
+        recent.append(now)
+        return False
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        is_page = path == "/" and request.headers.get("Upgrade", "").lower() != "websocket"
+        if not self.enabled or is_page or path.startswith(OPEN_PATHS):
+            return await handler(request)
+        key = self._match(presented_key(request))
+        if key is None:
+            log.warning("unauthorized request", extra={"path": path, "remote": request.remote})
+            return web.json_response(
+                {"error": "unauthorized", "reason": "a valid API key is required"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="stt-bridge"'},
+            )
+        if self._over_rate(key):
+            return web.json_response(
+                {"error": "rate_limited", "reason": "too many requests for this key"}, status=429
+            )
+        is_stream = request.headers.get("Upgrade", "").lower() == "websocket"
+        if not is_stream:
+            return await handler(request)
+        if self._streams[key] >= self._max_streams:
+            return web.json_response(
+                {"error": "too_many_streams", "reason": "concurrent stream limit for this key"},
+                status=429,
+            )
+        self._streams[key] += 1
+        try:
+            return await handler(request)
+        finally:
+            self._streams[key] -= 1

@@ -1,0 +1,187 @@
+"""The call record API on the audio/API port.
+
+- `GET /v1/calls?front_end=&status=&since=&until=&limit=&offset=` — newest first, paginated.
+- `GET /v1/calls/{id}` — one call, its labels and legs.
+- `GET /v1/calls/{id}/transcript?format=json|txt|vtt|srt` — legs interleaved by time, labelled.
+- `DELETE /v1/calls/{id}`.
+- `WS /v1/calls/{id}/events` — that call's events, live (the same messages as `/v1/events`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiohttp import web
+
+from api.store import Store, StoredEvent
+from api.transcribe import clock
+from telephony.session import CallHub, bus_event_to_json
+
+STORE: Final = web.AppKey("store", Store)
+CALLS_HUB: Final = web.AppKey("calls_hub", CallHub)
+MAX_LIMIT: Final = 500
+
+
+@dataclass(frozen=True)
+class Line:
+    leg: str
+    start: float
+    end: float
+    text: str
+
+
+def transcript_lines(events: list[StoredEvent]) -> list[Line]:
+    """Segments of every leg by start time; words after a leg's last segment (a call cut off
+    mid-utterance) become one more line, so nothing said is missing."""
+    lines: list[Line] = []
+    last_end: dict[str, float] = {}
+    words: dict[str, list[StoredEvent]] = {}
+    for e in events:
+        if e.type == "segment":
+            lines.append(Line(e.leg, e.start_s or 0.0, e.end_s or 0.0, e.text or ""))
+            last_end[e.leg] = max(last_end.get(e.leg, 0.0), e.end_s or 0.0)
+        elif e.type == "word":
+            words.setdefault(e.leg, []).append(e)
+    for leg, leg_words in words.items():
+        tail = [w for w in leg_words if (w.start_s or 0.0) >= last_end.get(leg, -1.0)]
+        if tail:
+            text = " ".join(w.text or "" for w in tail)
+            lines.append(Line(leg, tail[0].start_s or 0.0, tail[-1].end_s or 0.0, text))
+    return sorted(lines, key=lambda line: (line.start, line.leg))
+
+
+def render(lines: list[Line], fmt: str) -> str:
+    if fmt == "txt":
+        return "".join(f"[{clock(x.start, '.')}] {x.leg}: {x.text}\n" for x in lines)
+    if fmt == "vtt":
+        cues = [
+            f"{clock(x.start, '.')} --> {clock(x.end, '.')}\n<v {x.leg}>{x.text}\n" for x in lines
+        ]
+        return "WEBVTT\n\n" + "\n".join(cues)
+    cues = [
+        f"{n}\n{clock(x.start, ',')} --> {clock(x.end, ',')}\n{x.leg}: {x.text}\n"
+        for n, x in enumerate(lines, start=1)
+    ]
+    return "\n".join(cues)
+
+
+def _number(request: web.Request, name: str, default: float | None) -> float | None:
+    value = request.query.get(name)
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text=f'{{"error": "bad_parameters", "reason": "{name} must be a number"}}',
+            content_type="application/json",
+        ) from None
+
+
+async def list_calls(request: web.Request) -> web.Response:
+    limit = int(_number(request, "limit", 50) or 50)
+    offset = int(_number(request, "offset", 0) or 0)
+    limit = max(1, min(MAX_LIMIT, limit))
+    calls, total = await asyncio.get_running_loop().run_in_executor(
+        None,
+        lambda: request.app[STORE].list_calls(
+            front_end=request.query.get("front_end"),
+            status=request.query.get("status"),
+            since=_number(request, "since", None),
+            until=_number(request, "until", None),
+            limit=limit,
+            offset=offset,
+        ),
+    )
+    body: dict[str, Any] = {
+        "calls": [c.to_json() for c in calls],
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+    }
+    if offset + len(calls) < total:
+        body["next_offset"] = offset + len(calls)
+    return web.json_response(body)
+
+
+async def get_call(request: web.Request) -> web.Response:
+    call = await asyncio.get_running_loop().run_in_executor(
+        None, request.app[STORE].get_call, request.match_info["call_id"]
+    )
+    if call is None:
+        raise web.HTTPNotFound(text='{"error": "not_found"}', content_type="application/json")
+    return web.json_response(call.to_json())
+
+
+async def get_transcript(request: web.Request) -> web.Response:
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "txt", "vtt", "srt"):
+        return web.json_response(
+            {"error": "bad_parameters", "reason": "format must be json, txt, vtt or srt"},
+            status=400,
+        )
+    store = request.app[STORE]
+    call_id = request.match_info["call_id"]
+    loop = asyncio.get_running_loop()
+    call = await loop.run_in_executor(None, store.get_call, call_id)
+    if call is None:
+        raise web.HTTPNotFound(text='{"error": "not_found"}', content_type="application/json")
+    events = await loop.run_in_executor(None, store.get_events, call_id, ("segment", "word"))
+    lines = transcript_lines(events)
+    if fmt == "json":
+        return web.json_response(
+            {
+                "call": call.to_json(),
+                "segments": [x.__dict__ for x in lines],
+                "words": [
+                    {"leg": e.leg, "text": e.text, "start": e.start_s, "end": e.end_s}
+                    for e in events
+                    if e.type == "word"
+                ],
+            }
+        )
+    types = {"txt": "text/plain", "vtt": "text/vtt", "srt": "application/x-subrip"}
+    return web.Response(text=render(lines, fmt), content_type=types[fmt])
+
+
+async def delete_call(request: web.Request) -> web.Response:
+    deleted = await asyncio.get_running_loop().run_in_executor(
+        None, request.app[STORE].delete_call, request.match_info["call_id"]
+    )
+    if not deleted:
+        raise web.HTTPNotFound(text='{"error": "not_found"}', content_type="application/json")
+    return web.json_response({"deleted": request.match_info["call_id"]})
+
+
+async def call_events(request: web.Request) -> web.StreamResponse:
+    ws = web.WebSocketResponse(heartbeat=30.0)
+    await ws.prepare(request)
+    subscription = request.app[CALLS_HUB].bus.subscribe(call_id=request.match_info["call_id"])
+
+    async def forward() -> None:
+        async for event in subscription:
+            await ws.send_json(bus_event_to_json(event))
+
+    task = asyncio.create_task(forward())
+    try:
+        async for _ in ws:
+            pass
+    finally:
+        subscription.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return ws
+
+
+def add_routes(app: web.Application, store: Store, hub: CallHub) -> None:
+    app[STORE] = store
+    app[CALLS_HUB] = hub
+    app.router.add_get("/v1/calls", list_calls)
+    app.router.add_get("/v1/calls/{call_id}", get_call)
+    app.router.add_get("/v1/calls/{call_id}/transcript", get_transcript)
+    app.router.add_delete("/v1/calls/{call_id}", delete_call)
+    app.router.add_get("/v1/calls/{call_id}/events", call_events)

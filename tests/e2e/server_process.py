@@ -1,0 +1,64 @@
+"""`stt-bridge serve` as a real process on free loopback ports, for restart and signal tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+CLI = [sys.executable, "-m", "api.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class ServerProcess:
+    def __init__(self, data_dir: Path, **env: str) -> None:
+        self.ports = {name: free_port() for name in ("audio", "health", "web", "audiosocket")}
+        self.env = {
+            **os.environ,
+            "STT_BRIDGE_SERVER_HOST": "127.0.0.1",
+            "STT_BRIDGE_SERVER_PORT": str(self.ports["audio"]),
+            "STT_BRIDGE_SERVER_HEALTH_PORT": str(self.ports["health"]),
+            "STT_BRIDGE_SERVER_WEB_PORT": str(self.ports["web"]),
+            "STT_BRIDGE_AUDIOSOCKET_HOST": "127.0.0.1",
+            "STT_BRIDGE_AUDIOSOCKET_PORT": str(self.ports["audiosocket"]),
+            "STT_BRIDGE_ENGINE_NAME": "cpu",
+            "STT_BRIDGE_DATA_DIR": str(data_dir),
+            **env,
+        }
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> ServerProcess:
+        self.process = subprocess.Popen(
+            [*CLI, "serve"], env=self.env, stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout is not None
+        banner = self.process.stdout.readline()  # printed once every port listens
+        assert "stt-bridge" in banner, banner
+        return self
+
+    def url(self, path: str, scheme: str = "ws") -> str:
+        return f"{scheme}://127.0.0.1:{self.ports['audio']}{path}"
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def terminate(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=120)
+
+    def cleanup(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)

@@ -2,8 +2,10 @@
 
 When `[api] keys` is set (STT_BRIDGE_API_KEYS, comma-separated), every audio and API route needs
 one of them, as `Authorization: Bearer KEY`, `?token=KEY` (browsers cannot set headers on a
-WebSocket), `kyutai-api-key: KEY` (moshi-server clients) or HTTP Basic with the key as password
-(FreeSWITCH mod_audio_fork can only send Basic). Missing or wrong: 401 before any upgrade.
+WebSocket), `kyutai-api-key: KEY` or `?auth_id=KEY` (moshi-server clients) or HTTP Basic with
+the key as password (FreeSWITCH mod_audio_fork can only send Basic). Missing or wrong: 401;
+a WebSocket is upgraded, then closed with 1008 and the reason, except on moshi-server's route
+(`HTTP_REFUSAL_PATHS`), refused with the HTTP status before the upgrade as moshi-server does.
 Per key: at most `max_streams_per_key` WebSockets at once and `requests_per_minute` requests;
 beyond either: 429. The web page, its static files and Twilio's routes (signed by Twilio
 instead) stay open. Keys are compared in constant time and never logged.
@@ -20,11 +22,13 @@ from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
 log = logging.getLogger(__name__)
 
 OPEN_PATHS: Final = ("/config.json", "/static/", "/twilio/")
+# moshi-server answers 401 before the upgrade, and clients written for it expect that status.
+HTTP_REFUSAL_PATHS: Final = ("/api/asr-streaming",)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -38,7 +42,11 @@ def presented_key(request: web.Request) -> str | None:
         except (binascii.Error, UnicodeDecodeError):
             return None
         return password
-    return request.headers.get("kyutai-api-key") or request.query.get("token")
+    return (
+        request.headers.get("kyutai-api-key")
+        or request.query.get("token")
+        or request.query.get("auth_id")  # moshi-server's query parameter
+    )
 
 
 class ApiKeys:
@@ -77,31 +85,40 @@ class ApiKeys:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
-        is_page = path == "/" and request.headers.get("Upgrade", "").lower() != "websocket"
+        is_stream = request.headers.get("Upgrade", "").lower() == "websocket"
+        is_page = path == "/" and not is_stream
         if not self.enabled or is_page or path.startswith(OPEN_PATHS):
             return await handler(request)
         key = self._match(presented_key(request))
         if key is None:
             log.warning("unauthorized request", extra={"path": path, "remote": request.remote})
-            return web.json_response(
-                {"error": "unauthorized", "reason": "a valid API key is required"},
-                status=401,
-                headers={"WWW-Authenticate": 'Bearer realm="stt-bridge"'},
+            return await _refuse(
+                request, is_stream, 401, "unauthorized", "a valid API key is required"
             )
         if self._over_rate(key):
-            return web.json_response(
-                {"error": "rate_limited", "reason": "too many requests for this key"}, status=429
+            return await _refuse(
+                request, is_stream, 429, "rate_limited", "too many requests for this key"
             )
-        is_stream = request.headers.get("Upgrade", "").lower() == "websocket"
         if not is_stream:
             return await handler(request)
         if self._streams[key] >= self._max_streams:
-            return web.json_response(
-                {"error": "too_many_streams", "reason": "concurrent stream limit for this key"},
-                status=429,
+            return await _refuse(
+                request, is_stream, 429, "too_many_streams", "concurrent stream limit for this key"
             )
         self._streams[key] += 1
         try:
             return await handler(request)
         finally:
             self._streams[key] -= 1
+
+
+async def _refuse(
+    request: web.Request, is_stream: bool, status: int, error: str, reason: str
+) -> web.StreamResponse:
+    if not is_stream or request.path.startswith(HTTP_REFUSAL_PATHS):
+        headers = {"WWW-Authenticate": 'Bearer realm="stt-bridge"'} if status == 401 else {}
+        return web.json_response({"error": error, "reason": reason}, status=status, headers=headers)
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=f"{error}: {reason}".encode())
+    return ws

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
@@ -15,6 +15,9 @@ from api.store import Store
 from engine.base import Engine
 from engine.registry import EngineChoice
 from telephony.session import CallHub
+
+if TYPE_CHECKING:
+    from telephony.sip.backend import SipBackend
 
 
 @dataclass
@@ -29,6 +32,10 @@ class Bridge:
     version: str = __version__
     accepting: bool = False  # true between start-up and the beginning of a drain
     ports: dict[str, int] = field(default_factory=dict)  # what each listener is bound to
+    sip: SipBackend | None = None  # the running SIP user agent, where SIP is enabled
+
+    def keep_sip(self, backend: SipBackend | None) -> None:
+        self.sip = backend
 
 
 BRIDGE: Final = web.AppKey("bridge", Bridge)

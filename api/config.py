@@ -42,6 +42,13 @@ class EngineConfig:
     vad_window_s: float = 0.3  # cpu engine: endpointer window
     vad_ratio: float = 0.9  # cpu engine: fraction of the window that flips speech/silence
     vad_mode: int = 1  # cpu engine: VAD aggressiveness 0-3
+    batch_size: int = 0  # kyutai: slots stepped together; 0 = the model's (1b: 64, 2.6b: 16)
+    device: str = "auto"  # kyutai: auto (cuda when present, bf16) | cuda | cuda:N | cpu (fp32)
+    model_revision: str = ""  # kyutai: a hub revision (branch, tag, commit); "" = main
+    cuda_graphs: bool = True  # kyutai: capture each step as a CUDA graph (CUDA only)
+    torch_compile: bool = False  # kyutai: let moshi torch.compile its small kernels
+    end_of_turn_threshold: float = 0.5  # kyutai: P(pause) of the VAD head that ends a turn
+    end_of_turn_silence_s: float = 1.2  # kyutai, models without a VAD head: text silence
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class SipConfig:
     enabled: bool = False  # off by default: most deployments use one front end, and 5060 is shared
     backend: str = "asyncio"  # asyncio (aiosipua, scales) | pjsua2 (PJSIP, capped per process)
     host: str = "0.0.0.0"
-    port: int = 5060  # UDP, and TCP on the same port (asyncio backend)
+    port: int = 5060  # UDP, and TCP on the same port (sip.tcp)
     tcp: bool = True
     advertised_host: str = ""  # address for SDP/Contact behind NAT; "" = the one peers reach
     rtp_port_min: int = 20000

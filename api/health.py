@@ -53,7 +53,7 @@ async def handle_info(request: web.Request) -> web.Response:
                 "free_slots": bridge.engine.free_slots,
                 **info.extra,
             },
-            "sip": sip.describe(bridge.config.sip),
+            "sip": sip.describe(bridge.config.sip, bridge.sip),
             "calls_live": len(bridge.hub.calls),
             "uptime_s": round(time.time() - bridge.started_at, 3),
         }

@@ -2,23 +2,31 @@
 
 Counters and gauges follow the bus (calls per front end), the engine (slots), the front ends'
 rejections (counted by `CallHub` admission) and webhook delivery. Audio dropped by an engine
-buffer is added up when each call ends.
+buffer is added up when each call ends. Every bounded queue on the way out shows what it
+dropped: live subscribers (`stt_bridge_live_events_dropped_total`) and the store's write queue
+(`stt_bridge_store_events_dropped_total`); webhooks wait on disk (`stt_bridge_webhooks_pending`).
+The event loop's own lag (`stt_bridge_event_loop_lag_seconds`) is how long any ready socket
+waits to be read: with it under 20 ms, no frame waits longer than a frame.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
 from typing import Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from api.store import Store
 from engine.base import Engine
-from telephony.session import BusEvent, CallEnded, CallHub, CallStarted
+from telephony.session import BusEvent, CallEnded, CallHub, CallStarted, EventBus
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+LOOP_PROBE_S: Final = 0.01
 
 
 class _Slots(Collector):
@@ -33,8 +41,43 @@ class _Slots(Collector):
         )
 
 
+class _Queues(Collector):
+    def __init__(self, bus: EventBus, store: Store | None) -> None:
+        self._bus = bus
+        self._store = store
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        yield CounterMetricFamily(
+            "stt_bridge_live_events_dropped",
+            "Events a slow live subscriber (WS /v1/events, /v1/calls/{id}/events) did not get",
+            value=self._bus.dropped,
+        )
+        yield GaugeMetricFamily(
+            "stt_bridge_live_subscribers",
+            "Live event subscribers",
+            value=self._bus.subscriber_count,
+        )
+        if self._store is None:
+            return
+        yield CounterMetricFamily(
+            "stt_bridge_store_events_dropped",
+            "Events not stored because the store's write queue was full",
+            value=self._store.dropped,
+        )
+        yield GaugeMetricFamily(
+            "stt_bridge_store_queue_depth",
+            "Events waiting for the store's writer",
+            value=self._store.queue_depth,
+        )
+        yield GaugeMetricFamily(
+            "stt_bridge_webhooks_pending",
+            "Webhook deliveries waiting in the outbox",
+            value=self._store.pending_webhooks(),
+        )
+
+
 class Metrics:
-    def __init__(self, hub: CallHub) -> None:
+    def __init__(self, hub: CallHub, store: Store | None = None) -> None:
         self.registry = CollectorRegistry()
         self._hub = hub
         self.calls_total = Counter(
@@ -63,7 +106,15 @@ class Metrics:
         self.webhooks = Counter(
             "stt_bridge_webhook_deliveries", "Webhook attempts", ["result"], registry=self.registry
         )
+        self.loop_lag = Histogram(
+            "stt_bridge_event_loop_lag_seconds",
+            "How late the event loop ran a timer (what a ready socket waits to be read)",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry,
+        )
         self.registry.register(_Slots(hub.engine))
+        self.registry.register(_Queues(hub.bus, store))
+        hub.engine.on_step = lambda seconds, _streams: self.step_seconds.observe(seconds)
         hub.bus.add_sink(self.observe)
         hub.on_reject = self.rejected
 
@@ -74,6 +125,21 @@ class Metrics:
         elif isinstance(event, CallEnded):
             self.calls_active.labels(event.front_end).dec()
             self.audio_dropped.inc(event.dropped_s)
+
+    async def watch_loop(self, app: web.Application) -> AsyncIterator[None]:
+        """An aiohttp cleanup context: samples the loop's lag while the app runs."""
+        task = asyncio.get_running_loop().create_task(self._watch_loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _watch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(LOOP_PROBE_S)
+            self.loop_lag.observe(max(0.0, loop.time() - start - LOOP_PROBE_S))
 
     def rejected(self, front_end: str, reason: str) -> None:
         self.rejections.labels(front_end, reason).inc()

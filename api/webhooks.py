@@ -3,7 +3,8 @@
 Each body is JSON (`{"event": "call.started" | "segment" | "call.ended", "sent_at", ...}`),
 POSTed with `X-STT-Bridge-Signature: sha256=<hex HMAC-SHA256 of the raw body>` when a secret is
 configured. Anything but a 2xx is retried with exponential backoff (1 s, 2 s, 4 s, ... capped at
-5 minutes), for ever, across restarts: the outbox row stays until it is delivered.
+5 minutes), for ever, across restarts: the outbox row stays until it is delivered. Logs name a
+webhook by scheme, host and path only (its query or user info may hold a token).
 
 Verify on the receiving side:
 
@@ -19,6 +20,7 @@ import hashlib
 import hmac
 import logging
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Final
 
@@ -34,6 +36,15 @@ MAX_BACKOFF_S: Final = 300.0
 
 def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def redacted(url: str) -> str:
+    """A webhook URL fit for a log line: no user:password, no query (either may hold a token)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def backoff_s(attempts: int) -> float:
@@ -102,6 +113,11 @@ class WebhookSender:
         else:
             retry_at = time.time() + backoff_s(attempts)
             await loop.run_in_executor(None, self._store.webhook_failed, row_id, retry_at, error)
-            log.warning("webhook failed (attempt %d): %s", attempts + 1, error, extra={"url": url})
+            log.warning(
+                "webhook failed (attempt %d): %s",
+                attempts + 1,
+                error.replace(url, redacted(url)),
+                extra={"url": redacted(url)},
+            )
         if self._on_result is not None:
             self._on_result(ok)

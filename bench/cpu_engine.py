@@ -23,10 +23,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.base import Closed, Word  # noqa: E402
-from engine.cpu import CpuEngine  # noqa: E402
-from telephony.audio import ENGINE_RATE, PcmArray  # noqa: E402
-from tests.speech import SENTENCES, read_pcm, speech_wav, word_error_rate  # noqa: E402
+from engine.base import Closed, Word
+from engine.cpu import CpuEngine
+from telephony.audio import ENGINE_RATE, PcmArray
+from tests.speech import SENTENCES, read_pcm, speech_wav, word_error_rate
 
 
 def call_audio() -> tuple[PcmArray, str]:

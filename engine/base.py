@@ -5,6 +5,8 @@
 drops the oldest audio on overflow and counts it) or `write` (waits for room: offline use).
 `close()` flushes: the engine finishes every word spoken so far, emits it, then `Closed`.
 Events are frozen dataclasses; times are seconds of that leg's audio.
+`settled_samples` says how much of the pushed audio is finished: every word from it is out
+(moshi-server's `Marker` acknowledgement waits on it).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import abc
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import numpy as np
 
@@ -75,6 +77,23 @@ class Closed:
 EngineEvent = Word | EndOfTurn | Segment | Closed
 
 
+@dataclass(frozen=True)
+class ModelStep:
+    """One batched model step as one stream saw it: not a transcript event, a diagnostic for
+    protocols that expose it (moshi-server's `Step`). Only engines with VAD heads give it."""
+
+    step_idx: int  # the model's step counter (all slots share it, as in moshi-server)
+    pause_probs: tuple[float, ...]  # P(pause) of each VAD head
+    buffered_samples: int  # this stream's audio still queued: how far it lags
+
+
+@dataclass(frozen=True)
+class _Settled:
+    """Internal queue item: input samples [0, samples) have all their words emitted before it."""
+
+    samples: int
+
+
 def event_to_json(event: EngineEvent) -> dict[str, Any]:
     """The wire form shared by every JSON front end and `/v1/events`."""
     if isinstance(event, Word):
@@ -106,14 +125,28 @@ class EngineStream(abc.ABC):
 
     Subclasses implement `_on_audio` (called on the event loop when audio is queued) and
     `_on_close`; they report results with `_emit`, which any thread may call.
+
+    Settled audio: `settled_samples` is how many input samples (counted from the stream's start
+    like `stats.samples_in`, dropped ones included) are finished, meaning every word the engine
+    will ever give for them has already come out of `events()`. An engine whose words lag its
+    input (a model delay, whole-utterance decoding) sets `settles_on_take = False` and calls
+    `_settle(n)` right after emitting the words of the first n samples; see `_settle`.
     """
+
+    on_model_step: Callable[[ModelStep], None] | None = None
+    """Told of each model step of this stream where the engine has VAD heads (event loop)."""
+
+    settles_on_take: ClassVar[bool] = True
+    """Default: audio is settled as soon as `_take_pending` hands it to the engine. Exact only
+    for an engine that gives no words (the sink); any engine with words sets this False and
+    reports with `_settle` instead."""
 
     def __init__(self, call_id: str, leg: str, max_buffer_s: float) -> None:
         self.call_id = call_id
         self.leg = leg
         self.stats = StreamStats()
         self._loop = asyncio.get_running_loop()
-        self._events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self._events: asyncio.Queue[EngineEvent | _Settled] = asyncio.Queue()
         self._pending: deque[PcmArray] = deque()
         self._pending_samples = 0
         self._max_pending = int(max_buffer_s * SAMPLE_RATE)
@@ -121,6 +154,10 @@ class EngineStream(abc.ABC):
         self._room.set()
         self._closing = False
         self._closed = False
+        self._settled = 0  # as seen by the consumer of events()
+        self._settled_reported = 0  # as reported by the engine (any thread)
+        self._settled_changed = asyncio.Event()
+        self._taken = 0  # samples taken by the engine or dropped
 
     # -- producer side (event loop) --
 
@@ -134,6 +171,7 @@ class EngineStream(abc.ABC):
         while self._pending_samples > self._max_pending and len(self._pending) > 1:
             dropped = self._pending.popleft()
             self._pending_samples -= len(dropped)
+            self._taken += len(dropped)
             self.stats.samples_dropped += len(dropped)
             log.warning(
                 "audio dropped: engine behind",
@@ -162,12 +200,43 @@ class EngineStream(abc.ABC):
         return self._closing
 
     async def events(self) -> AsyncIterator[EngineEvent]:
-        """Every event of this stream, ending after `Closed`."""
+        """Every event of this stream, ending after `Closed`.
+
+        The consumer asks for the next event only once it has handled the last one, so when
+        `settled_samples` moves, every event before that point has been handled.
+        """
         while True:
-            event = await self._events.get()
-            yield event
-            if isinstance(event, Closed):
+            item = await self._events.get()
+            if isinstance(item, _Settled):
+                self._advance_settled(item.samples)
+                continue
+            if isinstance(item, Closed):
+                self._advance_settled(self.stats.samples_in)  # nothing more will come
+            yield item
+            if isinstance(item, Closed):
                 return
+
+    @property
+    def settled_samples(self) -> int:
+        """Input samples whose words have all been yielded by `events()` (see the class doc).
+
+        Counted like `stats.samples_in`; after `Closed` it equals `stats.samples_in`.
+        """
+        return self._settled
+
+    async def wait_settled(self, samples: int) -> bool:
+        """Wait until `settled_samples >= samples`; False if the stream ended first."""
+        while self._settled < samples:
+            if self._closed and self._events.empty():
+                return False
+            self._settled_changed.clear()
+            await self._settled_changed.wait()
+        return True
+
+    def _advance_settled(self, samples: int) -> None:
+        if samples > self._settled:
+            self._settled = samples
+            self._settled_changed.set()
 
     # -- engine side --
 
@@ -192,15 +261,38 @@ class EngineStream(abc.ABC):
                     need = 0
             out = np.concatenate(parts)
         self._pending_samples -= len(out)
+        self._taken += len(out)
         if self._pending_samples < self._max_pending // 2:
             self._room.set()
+        if self.settles_on_take:
+            self._settle(self._taken)
         return out
 
     @property
     def pending_samples(self) -> int:
         return self._pending_samples
 
-    def _emit(self, event: EngineEvent) -> None:
+    def _settle(self, samples: int) -> None:
+        """Engine side, any thread: every word from input samples [0, samples) is emitted.
+
+        The hook behind moshi-server's `Marker` (telephony/moshi_asr.py): a marker sent after
+        n samples is echoed once `settled_samples >= n`. Call it right after `_emit`ting the
+        last word that comes from those samples (it travels through the same queue, so the
+        consumer sees it after those words), and also when audio turns out to hold no word
+        (silence), or markers wait for the next word. `samples` counts input samples as pushed
+        (`stats.samples_in`, dropped ones included), never more than were pushed; smaller
+        values than before are ignored. Examples: a streaming model with a text delay of d
+        frames of f samples settles `(k - d) * f` after emitting the words of step k; an
+        engine that decodes whole utterances settles up to the start of the utterance still
+        open (or to the end of what its endpointer has classified as silence). `Closed`
+        settles everything, so `close()` needs no call.
+        """
+        if samples <= self._settled_reported:
+            return
+        self._settled_reported = samples
+        self._emit(_Settled(samples))
+
+    def _emit(self, event: EngineEvent | _Settled) -> None:
         """Deliver an event to the consumer; safe from any thread."""
         try:
             running = asyncio.get_running_loop()
@@ -211,7 +303,7 @@ class EngineStream(abc.ABC):
         else:
             self._loop.call_soon_threadsafe(self._deliver, event)
 
-    def _deliver(self, event: EngineEvent) -> None:
+    def _deliver(self, event: EngineEvent | _Settled) -> None:
         if self._closed:
             return
         if isinstance(event, Closed):
@@ -239,6 +331,8 @@ class Engine(abc.ABC):
     """Owns the model and the slots; streams are opened on the event loop thread."""
 
     name: str = "engine"
+    on_step: Callable[[float, int], None] | None = None
+    """Told (seconds, streams advanced) after each batched model step, e.g. by metrics."""
 
     @property
     @abc.abstractmethod

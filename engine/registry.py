@@ -44,6 +44,21 @@ def build_engine(config: EngineConfig) -> tuple[Engine, EngineChoice]:
             vad_mode=config.vad_mode,
         )
         return engine, choice
+    if choice.name == "kyutai":
+        from engine.kyutai import KyutaiEngine
+
+        kyutai = KyutaiEngine(
+            config.model,
+            revision=config.model_revision,
+            batch_size=config.batch_size,
+            device=config.device,
+            cuda_graphs=config.cuda_graphs,
+            torch_compile=config.torch_compile,
+            max_buffer_s=config.max_buffer_s,
+            end_of_turn_threshold=config.end_of_turn_threshold,
+            end_of_turn_silence_s=config.end_of_turn_silence_s,
+        )
+        return kyutai, choice
     if choice.name == "sink":
         from engine.sink import SinkEngine
 

@@ -112,6 +112,20 @@ def pcm16_encode(pcm: PcmArray) -> bytes:
     return pcm.astype("<i2").tobytes()
 
 
+def float_to_pcm16(samples: npt.ArrayLike) -> PcmArray:
+    """Float samples in [-1, 1] (moshi-server's `Audio.pcm`) to int16: x * 32768, rounded.
+
+    Out-of-range values clip and NaN becomes 0, so no client input can wrap around.
+    """
+    x = np.nan_to_num(np.asarray(samples, dtype=np.float64), nan=0.0, posinf=1.0, neginf=-1.0)
+    return np.clip(np.rint(x * 32768.0), -32768, 32767).astype(np.int16)
+
+
+def pcm16_to_float(pcm: PcmArray) -> npt.NDArray[np.float32]:
+    """The inverse of `float_to_pcm16` for every int16 value: x / 32768 (what Mimi takes)."""
+    return (pcm.astype(np.float32) / 32768.0).astype(np.float32)
+
+
 def deinterleave(pcm: PcmArray, channels: int) -> list[PcmArray]:
     """Split interleaved samples into one array per channel (drops a trailing partial frame)."""
     usable = len(pcm) - len(pcm) % channels

@@ -121,6 +121,7 @@ class Subscription:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
             self.dropped += 1
+            self._bus.dropped += 1
 
     async def get(self) -> BusEvent:
         return await self._queue.get()
@@ -142,6 +143,7 @@ class EventBus:
     def __init__(self) -> None:
         self._subscriptions: set[Subscription] = set()
         self._sinks: list[Callable[[BusEvent], None]] = []
+        self.dropped = 0  # events lost by slow subscribers, all of them together (metrics)
 
     def subscribe(self, maxsize: int = 1000, call_id: str | None = None) -> Subscription:
         sub = Subscription(self, maxsize, call_id)

@@ -3,54 +3,25 @@
 - `GET /v1/calls?front_end=&status=&since=&until=&limit=&offset=` — newest first, paginated.
 - `GET /v1/calls/{id}` — one call, its labels and legs.
 - `GET /v1/calls/{id}/transcript?format=json|txt|vtt|srt` — legs interleaved by time, labelled.
-- `DELETE /v1/calls/{id}`.
+- `DELETE /v1/calls/{id}` — a finished call and its transcript (409 while it is live).
 - `WS /v1/calls/{id}/events` — that call's events, live (the same messages as `/v1/events`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from dataclasses import dataclass
 from typing import Any, Final
 
 from aiohttp import web
 
-from api.store import Store, StoredEvent
+from api.routes.events import stream_events
+from api.store import Line, Store, transcript_lines
 from api.transcribe import clock
-from telephony.session import CallHub, bus_event_to_json
+from telephony.session import CallHub
 
 STORE: Final = web.AppKey("store", Store)
 CALLS_HUB: Final = web.AppKey("calls_hub", CallHub)
 MAX_LIMIT: Final = 500
-
-
-@dataclass(frozen=True)
-class Line:
-    leg: str
-    start: float
-    end: float
-    text: str
-
-
-def transcript_lines(events: list[StoredEvent]) -> list[Line]:
-    """Segments of every leg by start time; words after a leg's last segment (a call cut off
-    mid-utterance) become one more line, so nothing said is missing."""
-    lines: list[Line] = []
-    last_end: dict[str, float] = {}
-    words: dict[str, list[StoredEvent]] = {}
-    for e in events:
-        if e.type == "segment":
-            lines.append(Line(e.leg, e.start_s or 0.0, e.end_s or 0.0, e.text or ""))
-            last_end[e.leg] = max(last_end.get(e.leg, 0.0), e.end_s or 0.0)
-        elif e.type == "word":
-            words.setdefault(e.leg, []).append(e)
-    for leg, leg_words in words.items():
-        tail = [w for w in leg_words if (w.start_s or 0.0) >= last_end.get(leg, -1.0)]
-        if tail:
-            text = " ".join(w.text or "" for w in tail)
-            lines.append(Line(leg, tail[0].start_s or 0.0, tail[-1].end_s or 0.0, text))
-    return sorted(lines, key=lambda line: (line.start, line.leg))
 
 
 def render(lines: list[Line], fmt: str) -> str:
@@ -148,33 +119,22 @@ async def get_transcript(request: web.Request) -> web.Response:
 
 
 async def delete_call(request: web.Request) -> web.Response:
-    deleted = await asyncio.get_running_loop().run_in_executor(
-        None, request.app[STORE].delete_call, request.match_info["call_id"]
+    call_id = request.match_info["call_id"]
+    result = await asyncio.get_running_loop().run_in_executor(
+        None, request.app[STORE].delete_call, call_id
     )
-    if not deleted:
+    if result == "missing":
         raise web.HTTPNotFound(text='{"error": "not_found"}', content_type="application/json")
-    return web.json_response({"deleted": request.match_info["call_id"]})
+    if result == "live":
+        return web.json_response(
+            {"error": "call_live", "reason": "the call is live; delete it once it has ended"},
+            status=409,
+        )
+    return web.json_response({"deleted": call_id})
 
 
 async def call_events(request: web.Request) -> web.StreamResponse:
-    ws = web.WebSocketResponse(heartbeat=30.0)
-    await ws.prepare(request)
-    subscription = request.app[CALLS_HUB].bus.subscribe(call_id=request.match_info["call_id"])
-
-    async def forward() -> None:
-        async for event in subscription:
-            await ws.send_json(bus_event_to_json(event))
-
-    task = asyncio.create_task(forward())
-    try:
-        async for _ in ws:
-            pass
-    finally:
-        subscription.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    return ws
+    return await stream_events(request, request.app[CALLS_HUB], request.match_info["call_id"])
 
 
 def add_routes(app: web.Application, store: Store, hub: CallHub) -> None:

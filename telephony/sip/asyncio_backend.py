@@ -30,6 +30,7 @@ from telephony.sip import digest
 from telephony.sip.core import (
     FRONT_END,
     AllowList,
+    Forbidden,
     LegPlan,
     NoRtpPort,
     SipCall,
@@ -184,6 +185,9 @@ class _Dialog:
     def hangup(self) -> None:
         """Our side ends the call: BYE, then release (the SipCall flushes on its own)."""
         self.incoming.hangup()
+        # Forgotten by the UAS below, so its stop() would not end a 2xx retransmission still
+        # running (a re-INVITE never ACKed): end it here.
+        self.incoming._stop_retransmissions()
         for uas in self.backend.uases:
             uas._calls.pop(self.call_id, None)
         self.release()
@@ -217,13 +221,21 @@ class AsyncioBackend:
     # -- life cycle --
 
     async def start(self) -> int:
-        udp = _Udp(local_addr=(self.config.host, self.config.port))
-        await self._listen(udp)
-        assert udp._udp_transport is not None
-        self.port = int(udp._udp_transport.get_extra_info("sockname")[1])
-        udp.local_addr = (self.config.host, self.port)
-        if self.config.tcp:
-            await self._listen(_Tcp(local_addr=(self.config.host, self.port)))
+        for attempt in range(10):  # port 0: until UDP and TCP get the same number
+            udp = _Udp(local_addr=(self.config.host, self.config.port))
+            await self._listen(udp)
+            assert udp._udp_transport is not None
+            self.port = int(udp._udp_transport.get_extra_info("sockname")[1])
+            udp.local_addr = (self.config.host, self.port)
+            if not self.config.tcp:
+                break
+            try:
+                await self._listen(_Tcp(local_addr=(self.config.host, self.port)))
+                break
+            except OSError:
+                if self.config.port != 0 or attempt == 9:
+                    raise
+                await self.uases.pop().stop()
         if self.config.register_uri:
             self.registrar = Registrar(self.config, self.uases[0], self.port)
             self.registrar.start()
@@ -244,6 +256,7 @@ class AsyncioBackend:
         if self.registrar is not None:
             await self.registrar.stop()
         for dialog in list(self.dialogs.values()):
+            dialog.incoming._stop_retransmissions()  # the transport is about to close
             if dialog.task is not None and not dialog.task.done():
                 dialog.task.cancel()
             if dialog.incoming.dialog.state.name == "CONFIRMED":
@@ -263,6 +276,9 @@ class AsyncioBackend:
     @property
     def live_calls(self) -> int:
         return len(self.dialogs)
+
+    def status(self) -> dict[str, Any]:
+        return {}  # everything /info says comes from the config
 
     # -- aiosipua callbacks (synchronous: they start tasks) --
 
@@ -447,20 +463,21 @@ class AsyncioBackend:
         return out
 
     def _authorized(self, incoming: IncomingCall) -> bool:
-        """Digest check (RFC 3261 §22); on failure the 401 challenge has been sent."""
+        """Digest check (RFC 3261 §22): True, or False once the 401 challenge is sent; wrong
+        credentials raise Forbidden (403)."""
         request = incoming.invite
-        header = request.headers.get_first("authorization")
-        if header is not None and digest.verify(
-            header,
+        verdict = digest.check(
+            request.headers.get_first("authorization"),
             "INVITE",
             self.config.auth_user,
             self.config.auth_password,
             self.config.auth_realm,
             self.nonces,
-        ):
+        )
+        if verdict is digest.Verdict.OK:
             return True
-        if header is not None:
-            log.warning("digest authentication failed", extra={"call_id": incoming.call_id})
+        if verdict is digest.Verdict.FORBIDDEN:
+            raise Forbidden("digest authentication failed")
         challenge = digest.challenge(self.config.auth_realm, self.nonces.issue())
         incoming._send_response(401, "Unauthorized", extra_headers={"WWW-Authenticate": challenge})
         incoming.dialog.terminate()

@@ -27,6 +27,9 @@ class SipBackend(Protocol):
     @property
     def live_calls(self) -> int: ...
 
+    def status(self) -> dict[str, Any]:
+        """Live details for `/info` (the pjsua2 agent's pid and restarts)."""
+
 
 def build_backend(config: SipConfig, hub: CallHub) -> SipBackend:
     if config.backend == "asyncio":
@@ -40,31 +43,49 @@ def build_backend(config: SipConfig, hub: CallHub) -> SipBackend:
     raise ValueError(f"unknown sip.backend {config.backend!r} (choose asyncio or pjsua2)")
 
 
-def describe(config: SipConfig) -> dict[str, Any]:
+def describe(config: SipConfig, backend: SipBackend | None) -> dict[str, Any]:
     """What `/info` says about SIP."""
     if not config.enabled:
         return {"enabled": False}
     pjsua2 = config.backend == "pjsua2"
     return {
         "enabled": True,
+        **(backend.status() if backend is not None else {}),
         "backend": config.backend,
         "call_cap": PJSUA2_CALL_CAP if pjsua2 else None,
         "siprec": not pjsua2,
-        "transports": ["udp"] if pjsua2 or not config.tcp else ["udp", "tcp"],
+        "transports": ["udp", "tcp"] if config.tcp else ["udp"],
+        "notes": (
+            [
+                f"pjsua2-python's build carries at most {PJSUA2_CALL_CAP} calls per process; "
+                "more get 486 Busy Here",
+                "PJSIP runs in its own agent process: if it fails, its calls end (transcripts "
+                "kept) and a new agent takes the port",
+                "no SIPREC: multipart recording INVITEs get 488 Not Acceptable Here",
+            ]
+            if pjsua2
+            else []
+        ),
     }
 
 
 def cleanup_context(
-    config: SipConfig, hub: CallHub, ports: dict[str, int]
+    config: SipConfig,
+    hub: CallHub,
+    ports: dict[str, int],
+    keep: Callable[[SipBackend | None], None],
 ) -> Callable[[web.Application], AsyncIterator[None]]:
-    """For `app.cleanup_ctx`: the user agent runs while the audio app does."""
+    """For `app.cleanup_ctx`: the user agent runs while the audio app does; `keep` is told
+    the running backend (for `/info`), and None once it has stopped."""
 
     async def run(app: web.Application) -> AsyncIterator[None]:
         backend = build_backend(config, hub)
         ports["sip"] = await backend.start()
+        keep(backend)
         try:
             yield
         finally:
+            keep(None)
             await backend.stop()
 
     return run

@@ -230,22 +230,29 @@ class SipCall:
             self._deliver(leg, out)
 
     def feed_pcm(self, leg: str, pcm8k: PcmArray) -> None:
-        """Audio a backend decoded itself (pjsua2's media port), 8 kHz."""
+        """Audio a backend decoded itself (pjsua2's media port), 8 kHz. Such a backend plays
+        silence when RTP stops, so it reports RTP itself with `media_seen`."""
         if self.ended:
             return
-        self._last_media = time.monotonic()
         self.call.leg(leg).push(self.resamplers[leg].process(pcm8k))
+
+    def media_seen(self) -> None:
+        """RTP arrived (for backends that do not hand us the packets)."""
+        self._last_media = time.monotonic()
 
     def _deliver(self, leg: str, out: Audio | Dtmf) -> None:
         if isinstance(out, Audio):
             self.call.leg(leg).push(self.resamplers[leg].process(out.pcm))
         else:
-            self.digits.append(out.digit)
-            log.info(
-                "dtmf %s",
-                out.digit,
-                extra={"call_id": self.id, "leg": leg, "front_end": FRONT_END},
-            )
+            self.dtmf(leg, out.digit)
+
+    def dtmf(self, leg: str, digit: str) -> None:
+        """A key (RFC 4733 or the backend's own detection) becomes a `dtmf` bus event."""
+        if self.call.ended:
+            return
+        self.digits.append(digit)
+        self.call.leg(leg).dtmf(digit)
+        log.info("dtmf %s", digit, extra={"call_id": self.id, "leg": leg, "front_end": FRONT_END})
 
     async def _watch(self) -> None:
         tick = min(1.0, self.config.rtp_timeout_s / 4, self.config.max_call_s / 4)

@@ -6,6 +6,7 @@ per-process key, valid for a few minutes. `verify` recomputes the response the c
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import re
@@ -59,6 +60,25 @@ def expected_response(params: dict[str, str], method: str, password: str) -> str
         parts = [params.get(k, "") for k in ("nonce", "nc", "cnonce", "qop")]
         return _md5(f"{ha1}:{':'.join(parts)}:{ha2}")
     return _md5(f"{ha1}:{params.get('nonce', '')}:{ha2}")
+
+
+class Verdict(enum.Enum):
+    OK = "ok"
+    CHALLENGE = "challenge"  # no credentials, or a nonce that is not (or no longer) ours: 401
+    FORBIDDEN = "forbidden"  # an answer to our fresh nonce with the wrong user or password: 403
+
+
+def check(
+    header: str | None, method: str, user: str, password: str, realm: str, nonces: NonceBook
+) -> Verdict:
+    """What to do with a request's Authorization header (None: it had none)."""
+    if header is None:
+        return Verdict.CHALLENGE
+    if not nonces.valid(parse_params(header).get("nonce", "")):
+        return Verdict.CHALLENGE
+    if verify(header, method, user, password, realm, nonces):
+        return Verdict.OK
+    return Verdict.FORBIDDEN
 
 
 def verify(

@@ -1,33 +1,36 @@
-"""The PJSIP backend: pjsua2 (the `pjsua2-python` wheel) on its own thread.
+"""The PJSIP backend, service side: admission here, PJSIP in its own agent process.
 
-PJSIP does the SIP and RTP (jitter buffer, G.711 decoding, OPTIONS, CANCEL, re-INVITE); each
-call's decoded 8 kHz audio comes out of an `AudioMediaPort` and is handed to the event loop
-with `call_soon_threadsafe`. Admission (allow-list, engine slot, the wheel's cap of
-`PJSUA2_CALL_CAP` calls per process) is decided on the event loop by `core`, and the answer
-goes back to the PJSIP thread as a command: PJSIP objects are only touched on that thread.
+The agent (`pjsua2_agent`, spawned) runs the `pjsua2-python` wheel: SIP, RTP, jitter buffer and
+G.711 decoding. It reports each INVITE, each call's 8 kHz audio and its events over a pipe
+(`pjsua2_messages`); admission (allow-list, digest, engine slot, the wheel's cap of
+`PJSUA2_CALL_CAP` calls per process) is decided here, on the event loop, and the answer goes
+back as a command. This process never imports pjsua2, so a fault in PJSIP ends only the SIP
+calls (their transcripts kept, reason "sip agent failed"), and a new agent takes the port.
 No SIPREC here: PJSIP answers one audio stream per call, so multipart offers get 488.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import gc
+import contextlib
+import dataclasses
 import logging
-import queue
+import multiprocessing
 import threading
-from collections.abc import Callable
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
-import pjsua2 as pj
 
 from api.config import SipConfig
-from engine.base import BridgeError
+from engine.base import BridgeError, EngineFull
 from telephony.session import CallHub
+from telephony.sip import digest
+from telephony.sip import pjsua2_messages as msg
 from telephony.sip.backend import PJSUA2_CALL_CAP
 from telephony.sip.core import (
     AllowList,
+    Forbidden,
     LegPlan,
     SipCall,
     call_labels,
@@ -35,92 +38,14 @@ from telephony.sip.core import (
 )
 from telephony.sip.sdp import NoCommonCodec
 
+AGENT_START_TIMEOUT_S = 30.0
+AGENT_STOP_TIMEOUT_S = 10.0
+
 log = logging.getLogger(__name__)
 
-Command = Callable[[], None]
 
-
-class _AudioPort(pj.AudioMediaPort):  # type: ignore[misc]
-    def __init__(self, deliver: Callable[[bytes], None]) -> None:
-        super().__init__()
-        self.deliver = deliver
-
-    def onFrameReceived(self, frame: Any) -> None:
-        if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO and frame.size:
-            self.deliver(bytes(frame.buf))
-
-
-class _Call(pj.Call):  # type: ignore[misc]
-    def __init__(self, backend: Pjsua2Backend, account: Any, call_id: int) -> None:
-        super().__init__(account, call_id)
-        self.backend = backend
-        self.sip_call: SipCall | None = None
-        self.port: _AudioPort | None = None
-        self.key = ""
-
-    def onCallMediaState(self, prm: Any) -> None:
-        info = self.getInfo()
-        for index, media in enumerate(info.media):
-            if media.type != pj.PJMEDIA_TYPE_AUDIO or self.port is not None:
-                continue
-            if media.status != pj.PJSUA_CALL_MEDIA_ACTIVE:
-                continue
-            fmt = pj.MediaFormatAudio()
-            fmt.type = pj.PJMEDIA_TYPE_AUDIO
-            fmt.clockRate = 8000
-            fmt.channelCount = 1
-            fmt.bitsPerSample = 16
-            fmt.frameTimeUsec = 20000
-            self.port = _AudioPort(self._audio)
-            self.port.createPort(f"stt{self.getId()}", fmt)
-            self.getAudioMedia(index).startTransmit(self.port)
-
-    def _audio(self, data: bytes) -> None:
-        sip_call = self.sip_call
-        if sip_call is not None:
-            pcm = np.frombuffer(data, dtype="<i2").astype(np.int16)
-            self.backend.loop.call_soon_threadsafe(sip_call.feed_pcm, "caller", pcm)
-
-    def onCallState(self, prm: Any) -> None:
-        info = self.getInfo()
-        if info.state == pj.PJSIP_INV_STATE_DISCONNECTED:
-            reason = "remote hangup" if info.lastStatusCode in (200, 0) else info.lastReason
-            if info.lastStatusCode == 487:
-                reason = "cancelled"
-            self.backend.loop.call_soon_threadsafe(self.backend.ended, self.key, reason)
-
-
-class _Account(pj.Account):  # type: ignore[misc]
-    def __init__(self, backend: Pjsua2Backend) -> None:
-        super().__init__()
-        self.backend = backend
-
-    def onIncomingCall(self, prm: Any) -> None:
-        if prm.callId < 0:
-            return  # PJSIP already refused it; Call(acc, -1) would abort the process
-        call = _Call(self.backend, self, prm.callId)
-        info = call.getInfo()
-        call.key = info.callIdString
-        self.backend.calls[call.key] = call
-        message = prm.rdata.wholeMsg
-        source = prm.rdata.srcAddress.rsplit(":", 1)
-        offer = _sdp_kind(message)
-        reply = pj.CallOpParam()
-        reply.statusCode = 180
-        call.answer(reply)
-        # Only plain values cross to the event loop: a PJSIP object freed on a thread PJSIP
-        # does not know aborts the process.
-        self.backend.loop.call_soon_threadsafe(
-            self.backend.admit, call.key, message, (source[0].strip("[]"), int(source[1])), offer
-        )
-
-
-def _sdp_kind(message: str) -> str:
-    for line in message.split("\n"):
-        name, _, value = line.partition(":")
-        if name.strip().lower() in ("content-type", "c"):
-            return value.strip().lower()
-    return ""
+class AgentFailed(RuntimeError):
+    """The PJSIP agent process did not start, or died."""
 
 
 def _headers(message: str) -> list[tuple[str, str]]:
@@ -143,169 +68,235 @@ class Pjsua2Backend:
         self.hub = hub
         self.allow = AllowList(config.allow)
         self.loop = asyncio.get_running_loop()
-        self.calls: dict[str, _Call] = {}
         self.sip_calls: dict[str, SipCall] = {}
-        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._started: asyncio.Future[int] = self.loop.create_future()
-        self._running = False
+        self.nonces = digest.NonceBook()
+        self.registered_status = 0  # the registrar's last answer (200 once registered)
         self.port = 0
+        self.restarts = 0  # agents started after one died
+        self._agent: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._reader: threading.Thread | None = None
+        self._started: asyncio.Future[int] | None = None
+        self._stopping = False
 
     @property
     def live_calls(self) -> int:
         return len(self.sip_calls)
 
+    @property
+    def agent_pid(self) -> int | None:
+        return None if self._agent is None else self._agent.pid
+
+    def status(self) -> dict[str, Any]:
+        return {"agent_pid": self.agent_pid, "agent_restarts": self.restarts}
+
     async def start(self) -> int:
-        self._running = True
-        self._thread = threading.Thread(target=self._run, name="pjsua2", daemon=True)
-        self._thread.start()
-        self.port = await self._started
+        self.port = await self._start_agent(self.config)
         log.info("SIP user agent listening", extra={"port": self.port, "backend": self.name})
         return self.port
 
     async def stop(self) -> None:
+        self._stopping = True
         for key, sip_call in list(self.sip_calls.items()):
-            self._post(functools.partial(self._hangup, key))
+            self._send(msg.Hangup(key))
             await sip_call.end("shutdown")
-        self._running = False
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10)
+        self._send(msg.Stop())
+        await self._reap()
 
-    # -- the PJSIP thread --
+    # -- the agent process --
 
-    def _run(self) -> None:
-        ep = pj.Endpoint()
+    async def _start_agent(self, config: SipConfig) -> int:
+        # spawn, not fork: this process has threads (and maybe torch) that fork copies badly.
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        agent = context.Process(
+            target=_agent_main,
+            args=(config, PJSUA2_CALL_CAP, theirs),
+            name="stt-bridge-pjsua2",
+            daemon=True,  # never outlives the service
+        )
+        agent.start()
+        theirs.close()  # the agent's end: ours reads EOF once the agent is gone
+        self._agent, self._conn = agent, ours
+        self._started = self.loop.create_future()
+        self._reader = threading.Thread(
+            target=self._read, args=(ours,), name="pjsua2-pipe", daemon=True
+        )
+        self._reader.start()
         try:
-            ep.libCreate()
-            ep_cfg = pj.EpConfig()
-            ep_cfg.uaConfig.maxCalls = PJSUA2_CALL_CAP
-            ep_cfg.uaConfig.threadCnt = 0  # events are polled on this thread only
-            ep_cfg.uaConfig.mainThreadOnly = False
-            ep_cfg.uaConfig.userAgent = self.config.user_agent
-            ep_cfg.logConfig.level = 1
-            ep_cfg.logConfig.consoleLevel = 1
-            ep_cfg.medConfig.noVad = True
-            ep.libInit(ep_cfg)
-            for codec in ep.codecEnum2():  # G.711 only: anything else must end in 488
-                keep = codec.codecId.split("/")[0] in ("PCMU", "PCMA")
-                ep.codecSetPriority(codec.codecId, 200 if keep else 0)
-            transport_cfg = pj.TransportConfig()
-            transport_cfg.port = self.config.port
-            if self.config.host not in ("", "0.0.0.0"):
-                transport_cfg.boundAddress = self.config.host
-                transport_cfg.publicAddress = self.config.advertised_host or self.config.host
-            transport = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, transport_cfg)
-            port = int(ep.transportGetInfo(transport).localName.rsplit(":", 1)[1])
-            ep.audDevManager().setNullDev()
-            ep.libStart()
-            acc_cfg = pj.AccountConfig()
-            acc_cfg.idUri = f"sip:stt-bridge@{self.config.advertised_host or '127.0.0.1'}"
-            acc_cfg.mediaConfig.transportConfig.port = self.config.rtp_port_min
-            acc_cfg.mediaConfig.transportConfig.portRange = (
-                self.config.rtp_port_max - self.config.rtp_port_min
-            )
-            if self.config.host not in ("", "0.0.0.0"):
-                acc_cfg.mediaConfig.transportConfig.boundAddress = self.config.host
-            account = _Account(self)
-            account.create(acc_cfg)
+            return await asyncio.wait_for(self._started, AGENT_START_TIMEOUT_S)
+        except BaseException:
+            self._stopping = True
+            await self._reap()
+            raise
+
+    def _read(self, conn: Connection) -> None:
+        """The pipe reader thread: every message goes to the event loop, in order."""
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            self._to_loop(self._on_message, message)
+        self._to_loop(self._agent_gone, conn)
+
+    def _to_loop(self, function: Any, *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is left to tell
+            self.loop.call_soon_threadsafe(function, *args)
+
+    def _send(self, command: msg.Command) -> None:
+        if self._conn is None:
+            return
+        with contextlib.suppress(OSError):  # the agent is gone: _agent_gone ends its calls
+            self._conn.send(command)
+
+    async def _reap(self) -> None:
+        agent, reader = self._agent, self._reader
+        if agent is not None:
+            await asyncio.to_thread(agent.join, AGENT_STOP_TIMEOUT_S)
+            if agent.is_alive():
+                log.error("the pjsua2 agent did not stop: killing it", extra={"pid": agent.pid})
+                agent.kill()
+                await asyncio.to_thread(agent.join, AGENT_STOP_TIMEOUT_S)
+            if agent.exitcode:
+                log.error("the pjsua2 agent exited with %s", agent.exitcode)
+        if reader is not None:
+            await asyncio.to_thread(reader.join, AGENT_STOP_TIMEOUT_S)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _agent_gone(self, conn: Connection) -> None:
+        if conn is not self._conn:
+            return  # an earlier agent's reader, finishing late
+        if self._starting():
+            exitcode = None if self._agent is None else self._agent.exitcode
+            self._started_with(AgentFailed(f"the pjsua2 agent exited ({exitcode})"))
+            return
+        if self._stopping:
+            return
+        log.error("the pjsua2 agent died: ending its calls and starting a new one")
+        calls, self.sip_calls = list(self.sip_calls.values()), {}
+        for sip_call in calls:
+            self.loop.create_task(sip_call.end("sip agent failed"))
+        self.loop.create_task(self._restart())
+
+    async def _restart(self) -> None:
+        await self._reap()
+        self.restarts += 1
+        try:
+            # The same port as before, even where the config asked for any (0).
+            await self._start_agent(dataclasses.replace(self.config, port=self.port))
         except Exception as exc:
-            self.loop.call_soon_threadsafe(self._started.set_exception, exc)
-            return
-        self.loop.call_soon_threadsafe(self._started.set_result, port)
-        try:
-            while self._running:
-                ep.libHandleEvents(10)
-                while True:
-                    try:
-                        command = self._commands.get_nowait()
-                    except queue.Empty:
-                        break
-                    try:
-                        command()
-                    except Exception:
-                        log.exception("pjsua2 command failed")
-        finally:
-            ep.hangupAllCalls()
-            for _ in range(20):
-                ep.libHandleEvents(10)
-            for key in list(self.calls):
-                self._forget(key)
-            del account
-            gc.collect()  # free every PJSIP object here, on its own thread, before libDestroy
-            ep.libDestroy()
+            log.error("the pjsua2 agent could not be restarted: %s", exc)
 
-    def _post(self, command: Command) -> None:
-        self._commands.put(command)
+    def _on_message(self, message: msg.AgentMessage) -> None:
+        match message:
+            case msg.Audio(key, pcm):
+                if (sip_call := self.sip_calls.get(key)) is not None:
+                    sip_call.feed_pcm("caller", np.frombuffer(pcm, dtype="<i2").astype(np.int16))
+            case msg.MediaSeen(key):
+                if (sip_call := self.sip_calls.get(key)) is not None:
+                    sip_call.media_seen()
+            case msg.Hold(key, held):
+                if (sip_call := self.sip_calls.get(key)) is not None:
+                    sip_call.set_hold(held)
+            case msg.Dtmf(key, digit):
+                if (sip_call := self.sip_calls.get(key)) is not None:
+                    sip_call.dtmf("caller", digit)
+            case msg.Incoming(key, sip_call_id, message_text, source):
+                self.admit(key, sip_call_id, message_text, source)
+            case msg.Ended(key, reason):
+                self.ended(key, reason)
+            case msg.Registered(status, reason):
+                self.registered_status = status
+                log.info("registration: %d %s", status, reason)
+            case msg.Started(port):
+                self._started_with(port)
+            case msg.StartFailed(error):
+                self._started_with(AgentFailed(error))
 
-    def _answer(self, key: str, status: int, reason: str = "") -> None:
-        call = self.calls.get(key)
-        if call is None:
+    def _starting(self) -> bool:
+        return self._started is not None and not self._started.done()
+
+    def _started_with(self, outcome: int | AgentFailed) -> None:
+        """The agent's start-up is over: its port, or why it failed (only the first counts)."""
+        if self._started is None or self._started.done():
             return
-        prm = pj.CallOpParam()
-        prm.statusCode = status
-        if reason:
-            prm.reason = reason
-        if status >= 300:
-            call.hangup(prm)
+        if isinstance(outcome, AgentFailed):
+            self._started.set_exception(outcome)
         else:
-            call.answer(prm)
+            self._started.set_result(outcome)
 
-    def _attach(self, key: str, sip_call: SipCall) -> None:
-        call = self.calls.get(key)
-        if call is not None:
-            call.sip_call = sip_call
+    # -- admission, on the event loop --
 
-    def _forget(self, key: str) -> None:
-        call = self.calls.pop(key, None)
-        if call is not None:  # break the call <-> port cycle: it must not reach the GC later
-            call.sip_call = None
-            call.port = None
-
-    def _hangup(self, key: str) -> None:
-        call = self.calls.get(key)
-        if call is not None:
-            call.hangup(pj.CallOpParam(True))
-
-    # -- the event loop --
-
-    def admit(self, key: str, message: str, source: tuple[str, int], content: str) -> None:
+    def admit(self, key: str, sip_call_id: str, message: str, source: tuple[str, int]) -> None:
+        headers = _headers(message)
+        content = next((v.lower() for n, v in headers if n.lower() in ("content-type", "c")), "")
         try:
             self.allow.check(source[0])
+            if self.config.auth_user and not self._authorized(headers):
+                challenge = digest.challenge(self.config.auth_realm, self.nonces.issue())
+                log.info("SIP call challenged (401)", extra={"call_id": sip_call_id})
+                self._send(msg.Answer(key, 401, "Unauthorized", (("WWW-Authenticate", challenge),)))
+                return
             if content.startswith("multipart/"):
                 raise NoCommonCodec("SIPREC (multipart offers) is not supported by pjsua2")
             if len(self.sip_calls) >= PJSUA2_CALL_CAP:
-                from engine.base import EngineFull
-
                 raise EngineFull(f"pjsua2 carries at most {PJSUA2_CALL_CAP} calls per process")
-            labels = call_labels(_headers(message), source)
+            labels = call_labels(headers, source)
             legs = [LegPlan("caller", {}, None)]
             sip_call = SipCall(
                 self.hub,
                 self.config,
-                key,
+                sip_call_id,
                 legs,
                 labels,
-                lambda: self._post(lambda: self._hangup(key)),
+                lambda: self._send(msg.Hangup(key)),
             )
         except BridgeError as exc:
             reject = sip_rejection(exc, self.config)
-            log.info("SIP call rejected %d: %s", reject.status, exc, extra={"call_id": key})
-            self._post(lambda: self._answer(key, reject.status, reject.reason))
+            log.info("SIP call rejected %d: %s", reject.status, exc, extra={"call_id": sip_call_id})
+            headers_out = tuple(reject.headers.items())
+            self._send(msg.Answer(key, reject.status, reject.reason, headers_out))
             return
         self.sip_calls[key] = sip_call
-        self._post(functools.partial(self._attach, key, sip_call))
+        self._send(msg.Attach(key))
+        self._send(msg.Answer(key, 180))  # admitted: now it rings
 
         async def answer() -> None:
             if self.config.answer_delay_s > 0:
                 await asyncio.sleep(self.config.answer_delay_s)
             if not sip_call.ended:
-                self._post(lambda: self._answer(key, 200))
+                self._send(msg.Answer(key, 200))
                 sip_call.answered()
 
         self.loop.create_task(answer())
 
+    def _authorized(self, headers: list[tuple[str, str]]) -> bool:
+        """True; or False: challenge (401); wrong credentials raise Forbidden (403)."""
+        header = next((v for n, v in headers if n.lower() == "authorization"), None)
+        verdict = digest.check(
+            header,
+            "INVITE",
+            self.config.auth_user,
+            self.config.auth_password,
+            self.config.auth_realm,
+            self.nonces,
+        )
+        if verdict is digest.Verdict.FORBIDDEN:
+            raise Forbidden("digest authentication failed")
+        return verdict is digest.Verdict.OK
+
     def ended(self, key: str, reason: str) -> None:
         sip_call = self.sip_calls.pop(key, None)
-        self._post(functools.partial(self._forget, key))
+        self._send(msg.Forget(key))
         if sip_call is not None:
             self.loop.create_task(sip_call.end(reason))
+
+
+def _agent_main(config: SipConfig, max_calls: int, conn: Connection) -> None:
+    """The agent process's target: pjsua2 is imported there, never in the service."""
+    from telephony.sip import pjsua2_agent
+
+    pjsua2_agent.main(config, max_calls, conn)

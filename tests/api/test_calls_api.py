@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 from typing import Any
 
 import aiohttp
@@ -108,6 +109,16 @@ async def test_metrics_count_calls_slots_and_rejections(start_service: ServiceFa
     assert 'stt_bridge_calls_active{front_end="websocket"} 1.0' in text
     assert "stt_bridge_slots_used 1.0" in text and "stt_bridge_slots_free 0.0" in text
     assert 'stt_bridge_rejections_total{front_end="websocket",reason="EngineFull"} 1.0' in text
+    # Every bounded queue shows what it dropped; the loop's lag is sampled all along.
+    for line in (
+        "stt_bridge_live_events_dropped_total 0.0",
+        "stt_bridge_store_events_dropped_total 0.0",
+        "stt_bridge_audio_dropped_seconds_total 0.0",
+        "stt_bridge_webhooks_pending 0.0",
+    ):
+        assert line in text, line
+    lag_samples = re.search(r"^stt_bridge_event_loop_lag_seconds_count (\S+)$", text, re.M)
+    assert lag_samples and float(lag_samples.group(1)) > 10
 
 
 @pytest.fixture
@@ -129,14 +140,15 @@ async def test_api_keys_and_limits(keyed: Service) -> None:
     assert (await get(service, "/"))[0] == 200  # the page itself stays open
     base = f"ws://127.0.0.1:{service.ports['audio']}"
     async with aiohttp.ClientSession() as http:
-        with pytest.raises(aiohttp.WSServerHandshakeError) as missing:
-            await http.ws_connect(f"{base}/v1/listen")
-        assert missing.value.status == 401
+        # WebSockets are refused with close 1008 and a reason a browser can show.
+        assert await refusal(http, f"{base}/v1/listen") == (1008, "unauthorized")
+        assert await refusal(http, f"{base}/v1/events?token=nope") == (1008, "unauthorized")
         first = await http.ws_connect(f"{base}/v1/listen?token=k-one")
-        with pytest.raises(aiohttp.WSServerHandshakeError) as second:
-            await http.ws_connect(f"{base}/v1/listen?token=k-one")
-        assert second.value.status == 429  # one stream per key
-        await first.close()
+        await first.send_bytes(bytes(4800))
+        # One stream per key: the second is refused while the first goes on.
+        assert await refusal(http, f"{base}/v1/listen?token=k-one") == (1008, "too_many_streams")
+        await first.send_str('{"type": "stop"}')
+        assert [json.loads(m.data)["type"] async for m in first][-1] == "closed"
         # k-two has made 2 requests; 6 more fit in the minute, the next is refused.
         statuses = []
         for _ in range(7):
@@ -145,4 +157,18 @@ async def test_api_keys_and_limits(keyed: Service) -> None:
                 headers={"Authorization": "Bearer k-two"},
             ) as r:
                 statuses.append(r.status)
+                if r.status == 429:
+                    assert (await r.json())["error"] == "rate_limited"
+        assert await refusal(http, f"{base}/v1/listen?token=k-two") == (1008, "rate_limited")
+        # k-one is a separate budget and still streams.
+        again = await http.ws_connect(f"{base}/v1/listen?token=k-one")
+        await again.close()
     assert statuses == [200] * 6 + [429]
+
+
+async def refusal(http: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    """Open a WebSocket the server should refuse: its close code and the reason's first word."""
+    ws = await http.ws_connect(url)
+    message = await ws.receive(timeout=5)
+    assert message.type == aiohttp.WSMsgType.CLOSE, message
+    return int(message.data), str(message.extra).split(":")[0]

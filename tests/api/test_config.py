@@ -79,3 +79,44 @@ def test_bad_config_names_what_is_wrong(
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path, environ=env)
+
+
+def _other_value(value: object) -> tuple[str, object]:
+    """An env string for a key, and the value it must become: different from the default."""
+    if isinstance(value, bool):
+        return ("false" if value else "true"), not value
+    if isinstance(value, int):
+        return str(value + 7), value + 7
+    if isinstance(value, float):
+        return str(value + 0.5), value + 0.5
+    if isinstance(value, list):
+        return "a, b", ["a", "b"]
+    return "changed", "changed"
+
+
+def test_every_key_of_the_default_file_can_be_set_by_env_var() -> None:
+    shipped = tomllib.loads(REPO_DEFAULT.read_text())
+    environ: dict[str, str] = {}
+    expected: dict[tuple[str, str], object] = {}
+    for section, keys in shipped.items():
+        for key, value in keys.items():
+            text, parsed = _other_value(value)
+            environ[f"STT_BRIDGE_{section}_{key}".upper()] = text
+            expected[(section, key)] = parsed
+    loaded = to_toml_dict(load_config(environ=environ))
+    assert {(s, k): loaded[s][k] for s, k in expected} == expected
+
+
+def test_the_documented_variable_names_work_exactly() -> None:
+    config = load_config(
+        environ={
+            "STT_BRIDGE_DATA_DIR": "/srv/stt",
+            "STT_BRIDGE_WEBHOOK_URL": "https://hooks.example/a,https://hooks.example/b",
+            "STT_BRIDGE_WEBHOOK_SECRET": "s3cret",
+            "STT_BRIDGE_API_KEYS": "key-one, key-two",
+        }
+    )
+    assert config.data.dir == "/srv/stt"
+    assert config.webhook.url == "https://hooks.example/a,https://hooks.example/b"
+    assert config.webhook.secret == "s3cret"
+    assert config.api.keys == ("key-one", "key-two")

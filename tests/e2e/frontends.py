@@ -6,7 +6,7 @@ import asyncio
 import base64
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -52,9 +52,12 @@ class EventLog:
 
 
 @asynccontextmanager
-async def watch_events(service: Service) -> AsyncIterator[EventLog]:
+async def watch_events(
+    service: Service, headers: Mapping[str, str] | None = None
+) -> AsyncIterator[EventLog]:
+    """`WS /v1/events` while the block runs (`headers`: an API key, where the service has keys)."""
     log = EventLog()
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=headers) as http:
         ws = await http.ws_connect(f"ws://127.0.0.1:{service.ports['audio']}/v1/events")
 
         async def read() -> None:

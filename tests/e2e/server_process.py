@@ -19,8 +19,31 @@ def free_port() -> int:
         return port
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat after the command name: [state, parent PID, ...]; None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def child_pids(parent: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = _stat(entry.name)
+        if fields is not None and int(fields[1]) == parent:
+            pids.append(int(entry.name))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"  # a zombie has ended, only not been reaped
+
+
 class ServerProcess:
     def __init__(self, data_dir: Path, **env: str) -> None:
+        self.log_to: Path | None = None  # set before start(): the file that gets its stderr
         self.ports = {name: free_port() for name in ("audio", "health", "web", "audiosocket")}
         self.env = {
             **os.environ,
@@ -37,9 +60,12 @@ class ServerProcess:
         self.process: subprocess.Popen[str] | None = None
 
     def start(self) -> ServerProcess:
+        stderr = None if self.log_to is None else self.log_to.open("a")
         self.process = subprocess.Popen(
-            [*CLI, "serve"], env=self.env, stdout=subprocess.PIPE, text=True
+            [*CLI, "serve"], env=self.env, stdout=subprocess.PIPE, stderr=stderr, text=True
         )
+        if stderr is not None:
+            stderr.close()  # the child has its own copy
         assert self.process.stdout is not None
         banner = self.process.stdout.readline()  # printed once every port listens
         assert "stt-bridge" in banner, banner
@@ -47,6 +73,11 @@ class ServerProcess:
 
     def url(self, path: str, scheme: str = "ws") -> str:
         return f"{scheme}://127.0.0.1:{self.ports['audio']}{path}"
+
+    def children(self) -> list[int]:
+        """PIDs of the processes the server started (decoder workers, the PJSIP agent)."""
+        assert self.process is not None
+        return child_pids(self.process.pid)
 
     def kill(self) -> None:
         assert self.process is not None

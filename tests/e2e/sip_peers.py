@@ -44,11 +44,27 @@ def sip_config(engine: dict[str, Any] | None = None, **sip: Any) -> Config:
     return dataclasses.replace(base, sip=SipConfig(**fields))
 
 
-def write_rtp_pcap(path: Path, wire: bytes, payload_type: int, ptime_ms: int = 20) -> Path:
-    """G.711 bytes as an Ethernet/IPv4/UDP/RTP pcap (sipp rewrites the addresses)."""
+def write_rtp_pcap(
+    path: Path,
+    wire: bytes,
+    payload_type: int,
+    ptime_ms: int = 20,
+    lost: frozenset[int] = frozenset(),
+    swapped: frozenset[int] = frozenset(),
+    held: range = range(0),
+) -> Path:
+    """G.711 bytes as an Ethernet/IPv4/UDP/RTP pcap (sipp rewrites the addresses). Packet
+    numbers in `lost` are left out; a number n in `swapped` is sent after packet n + 1; the
+    packets in `held` are sent in one burst with the packet after them (network jitter)."""
     step = 8 * ptime_ms
     out = [struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)]
-    for index, start in enumerate(range(0, len(wire), step)):
+    order = list(range(len(range(0, len(wire), step))))
+    for n in sorted(swapped):
+        order[n], order[n + 1] = order[n + 1], order[n]
+    for slot, index in enumerate(order):
+        if index in lost:
+            continue
+        start = index * step
         rtp = RtpPacket(
             payload_type, index & 0xFFFF, start, 0x5EED, index == 0, wire[start : start + step]
         ).serialize()
@@ -67,13 +83,37 @@ def write_rtp_pcap(path: Path, wire: bytes, payload_type: int, ptime_ms: int = 2
             b"\x7f\0\0\1",
         )
         frame = b"\0" * 12 + b"\x08\x00" + ip + udp
-        micros = index * ptime_ms * 1000
+        # send time: the slot, not the packet's own place
+        micros = (held.stop if slot in held else slot) * ptime_ms * 1000
         out.append(
             struct.pack("<IIII", micros // 1_000_000, micros % 1_000_000, len(frame), len(frame))
         )
         out.append(frame)
     path.write_bytes(b"".join(out))
     return path
+
+
+async def send_rtp(
+    port: int, wire: bytes, payload_type: int = 0, ssrc: int = 0x5EED, ptime_ms: int = 20
+) -> None:
+    """G.711 bytes as real-time RTP from a loopback socket to 127.0.0.1:port, like a phone."""
+    step = 8 * ptime_ms
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(
+        asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0), remote_addr=("127.0.0.1", port)
+    )
+    try:
+        start = loop.time()
+        for index, offset in enumerate(range(0, len(wire), step)):
+            delay = start + index * ptime_ms / 1000 - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            packet = RtpPacket(
+                payload_type, index & 0xFFFF, offset, ssrc, index == 0, wire[offset : offset + step]
+            )
+            transport.sendto(packet.serialize())
+    finally:
+        transport.close()
 
 
 def read_rtp_pcap(path: Path) -> list[RtpPacket]:
@@ -132,18 +172,91 @@ async def sipp(
         "-error_file", str(cwd / "errors.log"),
         *args,
     ]  # fmt: skip
+    return await _run_sipp(cmd, cwd, cwd / "errors.log", timeout_s)
+
+
+async def sipp_server(
+    cwd: Path,
+    scenario: str,
+    port: int,
+    *args: str,
+    fill: dict[str, str] | None = None,
+    timeout_s: float = 30,
+) -> SippResult:
+    """Run sipp as a server (a registrar, say) on 127.0.0.1:port until its scenario ends;
+    `fill` replaces @NAME@ placeholders of the scenario file."""
+    text = (SCENARIOS / scenario).read_text()
+    for name, value in (fill or {}).items():
+        text = text.replace(f"@{name}@", value)
+    target = cwd / scenario
+    target.write_text(text)
+    cmd = [
+        "sipp", "-sf", str(target), "-i", "127.0.0.1", "-p", str(port), "-m", "1",
+        "-nostdin", "-trace_err", "-error_file", str(cwd / "server_errors.log"), *args,
+    ]  # fmt: skip
+    return await _run_sipp(cmd, cwd, cwd / "server_errors.log", timeout_s)
+
+
+async def _run_sipp(cmd: list[str], cwd: Path, errors: Path, timeout_s: float) -> SippResult:
+    """Run one sipp to its end (killed, by its own PID, past `timeout_s`); collect its errors."""
     proc = await asyncio.create_subprocess_exec(
         *cmd, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
     try:
         stdout, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except TimeoutError:
+    except BaseException:  # past the timeout, or the test cancelled it: never leave it running
         proc.kill()
         await proc.wait()
         raise
-    errors = cwd / "errors.log"
     text = errors.read_text(errors="replace") if errors.exists() else ""
     return SippResult(proc.returncode or 0, text, stdout.decode(errors="replace")[-3000:])
+
+
+BARESIP_CONFIG: Final = """\
+poll_method epoll
+sip_listen 127.0.0.1:{sip_port}
+audio_player aufile,/dev/null
+audio_source aufile,{wav}
+audio_alert aufile,/dev/null
+rtp_ports {rtp_low}-{rtp_high}
+module_path /usr/lib/baresip/modules
+module g711.so
+module aufile.so
+module_app account.so
+module_app menu.so
+"""
+
+
+class Baresip:
+    """baresip (Debian's package, a second SIP stack) as a caller: it dials `uri`, plays `wav`
+    (8 kHz mono) as its microphone over PCMU, and hangs up at the file's end."""
+
+    def __init__(self, cwd: Path, wav: Path) -> None:
+        self.dir = cwd / "baresip"
+        self.dir.mkdir(exist_ok=True)
+        low = free_port() & ~1
+        low = min(low, 65000)
+        (self.dir / "config").write_text(
+            BARESIP_CONFIG.format(sip_port=free_port(), wav=wav, rtp_low=low, rtp_high=low + 19)
+        )
+        (self.dir / "accounts").write_text("<sip:baresip@127.0.0.1>;regint=0;audio_codecs=PCMU\n")
+        self.proc: asyncio.subprocess.Process | None = None
+        self.output = b""
+
+    async def dial(self, uri: str) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            "baresip", "-f", str(self.dir), "-e", f"/dial {uri}", "-t", "60",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+
+    async def stop(self) -> str:
+        """End this baresip (by its PID) and return what it printed."""
+        if self.proc is not None:
+            if self.proc.returncode is None:
+                self.proc.terminate()
+            out, _ = await self.proc.communicate()
+            self.output = out
+        return self.output.decode(errors="replace")
 
 
 async def events_until_ended(

@@ -122,6 +122,9 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, in
         "HEALTH_PORT": str(ports["health"]),
         "WEB_PORT": str(ports["web"]),
         "STT_BRIDGE_SERVER_HOST": "127.0.0.1",
+        # Not AudioSocket's 9092: another test's server (or the machine's) may hold it.
+        "STT_BRIDGE_AUDIOSOCKET_HOST": "127.0.0.1",
+        "STT_BRIDGE_AUDIOSOCKET_PORT": str(free_port()),
         "STT_BRIDGE_ENGINE_NAME": "cpu",
         "STT_BRIDGE_SERVER_DRAIN_TIMEOUT_S": "2",  # live calls may go on 2 s after SIGTERM
         "STT_BRIDGE_DATA_DIR": str(tmp_path / "data"),

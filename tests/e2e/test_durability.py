@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import signal
 import sqlite3
 import ssl
 import subprocess
@@ -18,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.e2e.server_process import ServerProcess, free_port
+from tests.e2e.server_process import ServerProcess, alive, free_port
 from tests.speech import SENTENCES, read_pcm, speech_wav
 
 pytestmark = pytest.mark.xdist_group("durability")
@@ -105,6 +106,27 @@ async def send_audio(ws: aiohttp.ClientWebSocketResponse, data: bytes, pace: flo
             await asyncio.sleep(pace)
 
 
+async def test_kill_9_leaves_no_worker_process_behind(
+    tmp_path: Path, servers: list[ServerProcess]
+) -> None:
+    """The decoder processes and the PJSIP agent end with a killed server: none is left
+    holding memory (about 150 MB a decoder) or the SIP port."""
+    sip = {"ENABLED": "true", "BACKEND": "pjsua2", "HOST": "127.0.0.1", "PORT": "0"}
+    server = ServerProcess(tmp_path / "data", **{f"STT_BRIDGE_SIP_{k}": v for k, v in sip.items()})
+    servers.append(server.start())
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{server.ports['health']}/info") as response:
+            info = await response.json()
+    workers = server.children()
+    assert info["sip"]["agent_pid"] in workers and len(workers) >= 3  # + 2 decoders
+    server.kill()
+    for _ in range(50):
+        if not any(alive(pid) for pid in workers):
+            break
+        await asyncio.sleep(0.1)
+    assert not [pid for pid in workers if alive(pid)]
+
+
 async def test_kill_9_then_restart_keeps_every_transcript(
     tmp_path: Path, receiver: Receiver, servers: list[ServerProcess]
 ) -> None:
@@ -171,6 +193,19 @@ async def test_failing_and_slow_webhooks_are_retried_without_slowing_audio(
     ended = await receiver.wait_for("call.ended", "hooked", timeout=90)
     assert ended["call"]["status"] == "ended"
     assert receiver.bad_signatures == 0
+    # The retries are visible in /metrics: 3 failures, every webhook delivered, none pending.
+    async with aiohttp.ClientSession() as http:
+        metrics = f"http://127.0.0.1:{server.ports['health']}/metrics"
+        async with asyncio.timeout(30):
+            while True:
+                async with http.get(metrics) as r:
+                    text = await r.text()
+                if "stt_bridge_webhooks_pending 0.0" in text:
+                    break
+                await asyncio.sleep(0.2)
+    assert 'stt_bridge_webhook_deliveries_total{result="failed"} 3.0' in text
+    delivered = len(receiver.received)
+    assert f'stt_bridge_webhook_deliveries_total{{result="delivered"}} {delivered}.0' in text
 
 
 async def test_sigterm_with_twenty_live_calls_stores_all_twenty(
@@ -196,7 +231,22 @@ async def test_sigterm_with_twenty_live_calls_stores_all_twenty(
 
     calls = [asyncio.create_task(caller(n)) for n in range(20)]
     await asyncio.sleep(2.0)  # every call is live and mid-sentence
-    exit_code = await asyncio.to_thread(server.terminate)
+    assert server.process is not None
+    server.process.send_signal(signal.SIGTERM)
+    # While it drains: not ready for load balancers, and a new call is refused (1013).
+    async with aiohttp.ClientSession() as http:
+        ready = f"http://127.0.0.1:{server.ports['health']}/ready"
+        async with asyncio.timeout(10):
+            while True:
+                async with http.get(ready) as r:
+                    if r.status == 503:
+                        assert (await r.json())["reason"] == "draining"
+                        break
+                await asyncio.sleep(0.05)
+        late = await http.ws_connect(server.url("/v1/listen?call_id=too-late"))
+        refused = await late.receive(timeout=10)
+        assert refused.type == aiohttp.WSMsgType.CLOSE and refused.data == 1013
+    exit_code = await asyncio.to_thread(server.process.wait, 120)
     await asyncio.gather(*calls)
     assert exit_code == 0
     db = sqlite3.connect(tmp_path / "data" / "stt-bridge.sqlite3")
@@ -256,3 +306,62 @@ async def test_tls_round_trip_with_a_self_signed_certificate(
             async with http.get(f"http://127.0.0.1:{server.ports['health']}/health") as r:
                 await r.read()
     assert any(m["type"] == "word" for m in messages) and messages[-1]["type"] == "closed"
+
+
+async def test_secrets_never_reach_the_log_and_log_lines_are_json(
+    tmp_path: Path, receiver: Receiver, servers: list[ServerProcess]
+) -> None:
+    secrets = {
+        "key": "key-alpha-7f3a91",
+        "other_key": "key-beta-22c0d4",
+        "webhook_secret": "whsec-5e1b77",
+        "webhook_password": "hookpass-90ab",
+        "webhook_token": "hooktoken-31f2",
+        "twilio_token": "twilio-token-c4d9",
+        "wrong_key": "not-a-key-e6a2",
+    }
+    await receiver.up()
+    receiver.failures_left = 2  # two failed deliveries get logged as warnings
+    hook = (
+        f"http://hookuser:{secrets['webhook_password']}@127.0.0.1:{receiver.port}/hook"
+        f"?token={secrets['webhook_token']}"
+    )
+    log_file = tmp_path / "server.log"
+    server = ServerProcess(
+        tmp_path / "data",
+        STT_BRIDGE_LOG_JSON="true",
+        STT_BRIDGE_LOG_LEVEL="debug",
+        STT_BRIDGE_API_KEYS=f"{secrets['key']},{secrets['other_key']}",
+        STT_BRIDGE_WEBHOOK_URL=hook,
+        STT_BRIDGE_WEBHOOK_SECRET=secrets["webhook_secret"],
+        STT_BRIDGE_TWILIO_AUTH_TOKEN=secrets["twilio_token"],
+    )
+    server.log_to = log_file
+    server.start()
+    servers.append(server)
+    api = f"http://127.0.0.1:{server.ports['audio']}/v1/calls"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(api, headers={"Authorization": f"Bearer {secrets['wrong_key']}"}) as r:
+            assert r.status == 401
+        async with http.get(f"{api}?token={secrets['key']}") as r:
+            assert r.status == 200
+        refused = await http.ws_connect(server.url(f"/v1/listen?token={secrets['wrong_key']}"))
+        assert (await refused.receive(timeout=10)).data == 1008
+        ws = await http.ws_connect(
+            server.url(f"/v1/listen?call_id=secret-call&token={secrets['other_key']}")
+        )
+        await send_audio(ws, speech(2))
+        await ws.send_str('{"type": "stop"}')
+        assert [json.loads(m.data) async for m in ws][-1]["type"] == "closed"
+    await receiver.wait_for("call.ended", "secret-call", timeout=60)
+    assert await asyncio.to_thread(server.terminate) == 0
+
+    text = log_file.read_text()
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    for name, secret in secrets.items():
+        assert secret not in text, f"{name} was logged"
+    assert any(e["msg"] == "call started" and e.get("call_id") == "secret-call" for e in lines)
+    failed = [e for e in lines if e["msg"].startswith("webhook failed")]
+    assert len(failed) == 2
+    assert {e["url"] for e in failed} == {f"http://127.0.0.1:{receiver.port}/hook"}
+    assert any(e["msg"] == "unauthorized request" for e in lines)

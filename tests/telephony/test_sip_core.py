@@ -113,6 +113,14 @@ def test_digest_round_trip_rfc2617_style() -> None:
     assert not digest.verify(header, "INVITE", "pbx", "wrong", "stt-bridge", nonces)
     assert not digest.verify(header, "BYE", "pbx", "s3cret", "stt-bridge", nonces)
     assert not digest.verify(header, "INVITE", "pbx", "s3cret", "stt-bridge", digest.NonceBook())
+    # What the user agent does with each: take the call, 403, or challenge (again).
+    ok, refused, challenge = digest.Verdict.OK, digest.Verdict.FORBIDDEN, digest.Verdict.CHALLENGE
+    assert digest.check(header, "INVITE", "pbx", "s3cret", "stt-bridge", nonces) is ok
+    assert digest.check(header, "INVITE", "pbx", "wrong", "stt-bridge", nonces) is refused
+    assert digest.check(header, "INVITE", "eve", "s3cret", "stt-bridge", nonces) is refused
+    assert digest.check(None, "INVITE", "pbx", "s3cret", "stt-bridge", nonces) is challenge
+    stale = digest.NonceBook()  # another process's (or an expired) nonce: a fresh challenge
+    assert digest.check(header, "INVITE", "pbx", "s3cret", "stt-bridge", stale) is challenge
 
 
 def test_nonce_expires() -> None:

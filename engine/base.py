@@ -158,6 +158,7 @@ class EngineStream(abc.ABC):
         self._settled_reported = 0  # as reported by the engine (any thread)
         self._settled_changed = asyncio.Event()
         self._taken = 0  # samples taken by the engine or dropped
+        self.progress = 0  # counts audio taken and events delivered: a stalled engine stops it
 
     # -- producer side (event loop) --
 
@@ -262,6 +263,7 @@ class EngineStream(abc.ABC):
             out = np.concatenate(parts)
         self._pending_samples -= len(out)
         self._taken += len(out)
+        self.progress += 1
         if self._pending_samples < self._max_pending // 2:
             self._room.set()
         if self.settles_on_take:
@@ -306,6 +308,7 @@ class EngineStream(abc.ABC):
     def _deliver(self, event: EngineEvent | _Settled) -> None:
         if self._closed:
             return
+        self.progress += 1
         if isinstance(event, Closed):
             self._closed = True
         self._events.put_nowait(event)

@@ -171,7 +171,7 @@ class EventBus:
 # --- calls and legs ---------------------------------------------------------------------------
 
 ReplyCallback = Callable[[str, EngineEvent], Awaitable[None]]
-FLUSH_TIMEOUT_S = 60.0
+FLUSH_STALL_S = 60.0
 
 
 class Session:
@@ -202,19 +202,30 @@ class Session:
         self.samples_in += len(pcm)
         await self.stream.write(pcm)
 
-    async def finish(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
-        """Close the engine stream and wait until its last event is out."""
+    async def finish(self, stall_s: float = FLUSH_STALL_S) -> None:
+        """Close the engine stream and wait until its last event is out.
+
+        A busy engine may take long to flush a backlog, and its words must not be lost to a
+        timer, so the wait gives up only when the stream has made no progress (no audio taken,
+        no event) for `stall_s`: an engine that never finishes must not hold the call (or a
+        drain) forever.
+        """
         self.stream.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._pump), timeout_s)
-        except TimeoutError:
-            # An engine that never finishes must not hold the call (or a drain) forever.
+        while True:
+            progress = self.stream.progress
+            try:
+                await asyncio.wait_for(asyncio.shield(self._pump), stall_s)
+                return
+            except TimeoutError:
+                if self.stream.progress != progress:
+                    continue
             log.error(
-                "engine did not flush in %.0f s",
-                timeout_s,
+                "engine stalled: no progress in %.0f s of its flush",
+                stall_s,
                 extra={"call_id": self.call.id, "leg": self.leg},
             )
             self._pump.cancel()
+            return
 
     async def _fan_out(self) -> None:
         async for event in self.stream.events():

@@ -8,6 +8,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import numpy as np
+import pytest
 
 from telephony.audio import ulaw_decode
 from tests.conftest import ServiceFactory
@@ -19,6 +20,8 @@ from tests.e2e.frontends import (
     watch_events,
 )
 from tests.speech import SENTENCES, phone_bytes
+
+pytestmark = pytest.mark.solo  # twenty real-time calls: alone on the machine (see Makefile)
 
 
 async def test_twenty_mixed_calls_while_one_sends_garbage(start_service: ServiceFactory) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-import os
 import re
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -42,7 +41,6 @@ from telephony.audio import ENGINE_RATE, PcmArray, ResampleStream
 log = logging.getLogger(__name__)
 
 DECODER_RATE: Final = 16000
-DECODER_NICENESS: Final = 10  # see _load_decoder
 FRAME_S: Final = 0.01  # PocketSphinx's feature frame: segment times count these
 _FILLER = re.compile(r"^(<s>|</s>|<sil>|\[.*\]|\+.*\+)$")
 _ALT_PRONUNCIATION = re.compile(r"\(\d+\)$")
@@ -284,9 +282,6 @@ _decoder: Decoder | None = None
 def _load_decoder() -> None:
     global _decoder
     exit_with_parent()
-    # Decoding can lag (a stream buffers its audio); taking in audio cannot: RTP, PJSIP's 20 ms
-    # media clock and the event loop must get a core first when decoding fills every one.
-    os.nice(DECODER_NICENESS)
     _decoder = Decoder()
 
 

@@ -252,13 +252,20 @@ class Call:
     legs: dict[str, Session] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     ended: bool = False
+    _announced: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def leg(self, name: str) -> Session:
         return self.legs[name]
 
     async def end(self, reason: str = "hangup") -> None:
-        """Flush every leg, then announce the end. Safe to call more than once."""
+        """Flush every leg, then announce the end.
+
+        Safe to call more than once: a later call returns once the first has announced the
+        end, so a drain that ends the calls left at its deadline also waits for those a front
+        end is already ending (the service must not close the store under their transcripts).
+        """
         if self.ended:
+            await self._announced.wait()
             return
         self.ended = True
         try:
@@ -276,6 +283,7 @@ class Call:
                     / ENGINE_RATE,
                 )
             )
+            self._announced.set()
 
 
 class CallHub:

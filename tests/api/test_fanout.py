@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import re
 import socket
 import uuid
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from telephony.audiosocket import AudioSocketCodec
 from tests.conftest import ServiceFactory
@@ -41,9 +41,14 @@ async def stalled_subscriber(port: int, path: str) -> socket.socket:
 
 
 def metric(text: str, name: str) -> float:
-    match = re.search(rf"^{name} (\S+)$", text, re.M)
-    assert match, name
-    return float(match.group(1))
+    values = [
+        float(sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and not sample.labels
+    ]
+    assert len(values) == 1, name
+    return values[0]
 
 
 async def test_a_stalled_subscriber_loses_only_its_own_events(

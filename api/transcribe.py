@@ -17,7 +17,7 @@ import numpy as np
 import soundfile
 
 from engine.base import EndOfTurn, EngineEvent, Segment, Word
-from telephony.audio import ENGINE_RATE, PcmArray, ResampleStream
+from telephony.audio import ENGINE_RATE, PcmArray, ResampleStream, float_to_pcm16
 from telephony.session import CallHub
 
 FRONT_END: Final = "file"
@@ -55,7 +55,7 @@ def read_audio(path: Path) -> PcmArray:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, OSError) as exc:
         raise AudioFileError(f"{path}: cannot read audio: {exc}") from exc
-    mono = np.clip(np.rint(data.mean(axis=1) * 32768.0), -32768, 32767).astype(np.int16)
+    mono = float_to_pcm16(data.mean(axis=1))
     resampler = ResampleStream(int(rate), ENGINE_RATE)
     return np.concatenate([resampler.process(mono), resampler.flush()])
 

@@ -161,11 +161,13 @@ class Store:
         webhook_urls: Sequence[str] = (),
         retention_s: float = 0.0,
         max_queue: int = MAX_QUEUE,
+        purge_every_s: float = PURGE_EVERY_S,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.webhook_urls = tuple(webhook_urls)
         self.retention_s = retention_s
+        self.purge_every_s = purge_every_s
         self._writer_db = _connect(path)
         migrate(self._writer_db)
         self._reader_db = _connect(path)
@@ -224,11 +226,11 @@ class Store:
         return cursor.rowcount
 
     def _purge_due(self) -> None:
-        """Retention, on the writer's connection: at start, then every `PURGE_EVERY_S`."""
+        """Retention, on the writer's connection: at start, then every `purge_every_s`."""
         now = time.time()
         if now < self._next_purge:
             return
-        self._next_purge = now + PURGE_EVERY_S
+        self._next_purge = now + self.purge_every_s
         try:
             calls = self._purge(self._writer_db, now - self.retention_s) if self.retention_s else 0
             self._writer_db.execute(
@@ -244,7 +246,7 @@ class Store:
     def _write_loop(self) -> None:
         while True:
             try:
-                first = self._queue.get(timeout=PURGE_EVERY_S)
+                first = self._queue.get(timeout=self.purge_every_s)
             except queue.Empty:
                 self._purge_due()
                 continue
@@ -428,11 +430,6 @@ class Store:
             db.execute("DELETE FROM calls WHERE id = ?", (call_id,))
             db.execute("COMMIT")
         return "deleted"
-
-    def purge_older_than(self, cutoff: float) -> int:
-        """Retention: drop finished calls (and their events) that started before `cutoff`."""
-        with self._read_lock:
-            return self._purge(self._reader_db, cutoff)
 
     @staticmethod
     def _purge(db: sqlite3.Connection, cutoff: float) -> int:

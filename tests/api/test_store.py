@@ -60,10 +60,16 @@ async def test_retention_deletes_old_finished_calls_at_start(
 
 
 def test_retention_keeps_live_calls_and_their_words(tmp_path: Path) -> None:
+    """The periodic purge (not only the one at start) deletes old finished calls and keeps a
+    call that is still live, however long ago it started."""
     now = time.time()
-    store = Store(tmp_path / "s.sqlite3", retention_s=30 * DAY)
+    store = Store(tmp_path / "s.sqlite3", retention_s=30 * DAY, purge_every_s=0.05)
     record_call(store, "long-running", now - 40 * DAY, ended=False)
-    assert store.purge_older_than(now - 30 * DAY) == 0
+    record_call(store, "old", now - 40 * DAY, ended=True)
+    deadline = time.monotonic() + 10
+    while store.get_call("old") is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store.get_call("old") is None
     events = store.get_events("long-running", ("word", "segment"))
     assert [e.text for e in events] == ["hello", "hello"]
     store.close()

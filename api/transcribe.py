@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import numpy as np
 import soundfile
 
 from engine.base import EndOfTurn, EngineEvent, Segment, Word
-from telephony.audio import ENGINE_RATE, PcmArray, ResampleStream, float_to_pcm16
+from telephony.audio import ENGINE_RATE, PcmArray, float_to_pcm16, resample_whole
 from telephony.session import CallHub
 
 FRONT_END: Final = "file"
@@ -55,9 +54,7 @@ def read_audio(path: Path) -> PcmArray:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, OSError) as exc:
         raise AudioFileError(f"{path}: cannot read audio: {exc}") from exc
-    mono = float_to_pcm16(data.mean(axis=1))
-    resampler = ResampleStream(int(rate), ENGINE_RATE)
-    return np.concatenate([resampler.process(mono), resampler.flush()])
+    return resample_whole(float_to_pcm16(data.mean(axis=1)), int(rate))
 
 
 async def transcribe_pcm(

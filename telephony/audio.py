@@ -164,6 +164,12 @@ class ResampleStream:
         return _to_int16(self._stream.resample_chunk(np.zeros(0, np.float32), last=True))
 
 
+def resample_whole(pcm: PcmArray, in_rate: int, out_rate: int = ENGINE_RATE) -> PcmArray:
+    """A whole recording resampled at once: the same samples as streaming it chunk by chunk."""
+    resampler = ResampleStream(in_rate, out_rate)
+    return np.concatenate([resampler.process(pcm), resampler.flush()])
+
+
 def _to_int16(samples: npt.NDArray[np.float32]) -> PcmArray:
     return np.clip(np.rint(samples), -32768, 32767).astype(np.int16)
 

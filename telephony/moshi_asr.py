@@ -29,7 +29,7 @@ import sphn
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from engine.base import BridgeError, EngineEvent, EngineFull, ModelStep, Word
-from telephony.audio import ENGINE_RATE, PcmArray, ResampleStream, float_to_pcm16
+from telephony.audio import PcmArray, float_to_pcm16, resample_whole
 from telephony.errors import ProtocolError, rejection_for
 from telephony.session import Call, CallHub, ReplyCallback, Session
 from telephony.websocket import HUB
@@ -233,9 +233,7 @@ def decode_audio_file(data: bytes) -> PcmArray:
         samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise AudioFileError(f"cannot read the body as audio: {exc}") from None
-    resampler = ResampleStream(int(rate), ENGINE_RATE)
-    first = float_to_pcm16(samples[:, 0])
-    return np.concatenate([resampler.process(first), resampler.flush()])
+    return resample_whole(float_to_pcm16(samples[:, 0]), int(rate))
 
 
 # --- asyncio adapters -------------------------------------------------------------------------

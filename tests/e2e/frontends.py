@@ -11,11 +11,10 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import aiohttp
-import numpy as np
 
 from api.app import Service
 from api.transcribe import transcribe_pcm
-from telephony.audio import PcmArray, ResampleStream
+from telephony.audio import PcmArray, resample_whole
 from telephony.audiosocket import AudioSocketCodec
 
 
@@ -74,9 +73,7 @@ async def watch_events(
 
 async def offline_words(service: Service, pcm: PcmArray, rate: int) -> list[dict[str, Any]]:
     """The offline transcript of the same audio at the wire rate, through the same engine."""
-    resampler = ResampleStream(rate)
-    pcm24k = np.concatenate([resampler.process(pcm), resampler.flush()])
-    transcript = await transcribe_pcm(service.bridge.hub, pcm24k, "reference")
+    transcript = await transcribe_pcm(service.bridge.hub, resample_whole(pcm, rate), "reference")
     return [{"text": w.text, "start": w.start_s, "end": w.end_s} for w in transcript.words]
 
 

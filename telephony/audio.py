@@ -123,7 +123,7 @@ def float_to_pcm16(samples: npt.ArrayLike) -> PcmArray:
 
 def pcm16_to_float(pcm: PcmArray) -> npt.NDArray[np.float32]:
     """The inverse of `float_to_pcm16` for every int16 value: x / 32768 (what Mimi takes)."""
-    return (pcm.astype(np.float32) / 32768.0).astype(np.float32)
+    return pcm.astype(np.float32) / np.float32(32768.0)
 
 
 def deinterleave(pcm: PcmArray, channels: int) -> list[PcmArray]:

@@ -30,10 +30,10 @@ from telephony.sip import digest
 from telephony.sip.core import (
     FRONT_END,
     AllowList,
-    Forbidden,
     LegPlan,
     NoRtpPort,
     SipCall,
+    authorized,
     bad_request,
     call_labels,
     local_ip_for,
@@ -465,19 +465,8 @@ class AsyncioBackend:
     def _authorized(self, incoming: IncomingCall) -> bool:
         """Digest check (RFC 3261 §22): True, or False once the 401 challenge is sent; wrong
         credentials raise Forbidden (403)."""
-        request = incoming.invite
-        verdict = digest.check(
-            request.headers.get_first("authorization"),
-            "INVITE",
-            self.config.auth_user,
-            self.config.auth_password,
-            self.config.auth_realm,
-            self.nonces,
-        )
-        if verdict is digest.Verdict.OK:
+        if authorized(incoming.invite.headers.get_first("authorization"), self.config, self.nonces):
             return True
-        if verdict is digest.Verdict.FORBIDDEN:
-            raise Forbidden("digest authentication failed")
         challenge = digest.challenge(self.config.auth_realm, self.nonces.issue())
         incoming._send_response(401, "Unauthorized", extra_headers={"WWW-Authenticate": challenge})
         incoming.dialog.terminate()

@@ -28,6 +28,7 @@ from engine.base import BridgeError
 from telephony.audio import Encoding, PcmArray, ResampleStream
 from telephony.errors import ProtocolError, rejection_for
 from telephony.session import Call, CallHub, Draining
+from telephony.sip import digest
 from telephony.sip.rtp import RTP_RATE, Audio, Dtmf, RtpReceiver
 from telephony.sip.sdp import NoCommonCodec
 
@@ -38,7 +39,7 @@ _LABEL_MAX: Final = 256
 
 
 class Forbidden(ProtocolError):
-    """The source is outside the allow-list (403)."""
+    """The source is outside the allow-list, or its digest credentials are wrong (403)."""
 
 
 class NoRtpPort(BridgeError):
@@ -63,6 +64,22 @@ def sip_rejection(exc: BaseException, config: SipConfig) -> SipReject:
     rejection = rejection_for(exc)
     headers = {"Retry-After": str(config.retry_after_s)} if isinstance(exc, Draining) else {}
     return SipReject(rejection.sip_status, rejection.sip_reason, headers)
+
+
+def authorized(authorization: str | None, config: SipConfig, nonces: digest.NonceBook) -> bool:
+    """An INVITE's digest credentials (RFC 3261 §22): True when right; False when it is to be
+    challenged (401: none yet, or a stale nonce); wrong ones raise Forbidden (403)."""
+    verdict = digest.check(
+        authorization,
+        "INVITE",
+        config.auth_user,
+        config.auth_password,
+        config.auth_realm,
+        nonces,
+    )
+    if verdict is digest.Verdict.FORBIDDEN:
+        raise Forbidden("digest authentication failed")
+    return verdict is digest.Verdict.OK
 
 
 class AllowList:

@@ -182,8 +182,8 @@ class _Call(pj.Call):  # type: ignore[misc]
             self.agent.pipe.send(msg.Ended(self.key, reason))
             # Let go of this object now, in its DISCONNECTED callback, where pjsua2 allows it:
             # its C++ destructor hangs up whatever call holds its pjsua id and takes that
-            # call's callbacks away. Freed later (at the service's Forget), the id could
-            # already belong to the next call, which then ended without a word.
+            # call's callbacks away. Freed later (once the service had answered Ended), the
+            # id could already belong to the next call, which then ended without a word.
             self.agent.forget(self.key)
 
 
@@ -325,8 +325,6 @@ class Agent:
                 case msg.Hangup(key):
                     if (call := self.calls.get(key)) is not None:
                         call.hangup(pj.CallOpParam(True))
-                case msg.Forget(key):
-                    self.forget(key)
                 case msg.Stop():
                     self.running = False
         except Exception as exc:  # the call ended meanwhile, for one

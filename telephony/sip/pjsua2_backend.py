@@ -20,19 +20,18 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
-import numpy as np
-
 from api.config import SipConfig
 from engine.base import BridgeError, EngineFull
+from telephony.audio import pcm16_decode
 from telephony.session import CallHub
 from telephony.sip import digest
 from telephony.sip import pjsua2_messages as msg
 from telephony.sip.backend import PJSUA2_CALL_CAP
 from telephony.sip.core import (
     AllowList,
-    Forbidden,
     LegPlan,
     SipCall,
+    authorized,
     call_labels,
     sip_rejection,
 )
@@ -70,7 +69,6 @@ class Pjsua2Backend:
         self.loop = asyncio.get_running_loop()
         self.sip_calls: dict[str, SipCall] = {}
         self.nonces = digest.NonceBook()
-        self.registered_status = 0  # the registrar's last answer (200 once registered)
         self.port = 0
         self.restarts = 0  # agents started after one died
         self._agent: multiprocessing.process.BaseProcess | None = None
@@ -194,7 +192,7 @@ class Pjsua2Backend:
         match message:
             case msg.Audio(key, pcm):
                 if (sip_call := self.sip_calls.get(key)) is not None:
-                    sip_call.feed_pcm("caller", np.frombuffer(pcm, dtype="<i2").astype(np.int16))
+                    sip_call.feed_pcm("caller", pcm16_decode(pcm))
             case msg.MediaSeen(key):
                 if (sip_call := self.sip_calls.get(key)) is not None:
                     sip_call.media_seen()
@@ -209,7 +207,6 @@ class Pjsua2Backend:
             case msg.Ended(key, reason):
                 self.ended(key, reason)
             case msg.Registered(status, reason):
-                self.registered_status = status
                 log.info("registration: %d %s", status, reason)
             case msg.Started(port):
                 self._started_with(port)
@@ -276,21 +273,10 @@ class Pjsua2Backend:
     def _authorized(self, headers: list[tuple[str, str]]) -> bool:
         """True; or False: challenge (401); wrong credentials raise Forbidden (403)."""
         header = next((v for n, v in headers if n.lower() == "authorization"), None)
-        verdict = digest.check(
-            header,
-            "INVITE",
-            self.config.auth_user,
-            self.config.auth_password,
-            self.config.auth_realm,
-            self.nonces,
-        )
-        if verdict is digest.Verdict.FORBIDDEN:
-            raise Forbidden("digest authentication failed")
-        return verdict is digest.Verdict.OK
+        return authorized(header, self.config, self.nonces)
 
     def ended(self, key: str, reason: str) -> None:
         sip_call = self.sip_calls.pop(key, None)
-        self._send(msg.Forget(key))
         if sip_call is not None:
             self.loop.create_task(sip_call.end(reason))
 

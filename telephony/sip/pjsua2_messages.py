@@ -98,15 +98,8 @@ class Hangup:
 
 
 @dataclass(frozen=True, slots=True)
-class Forget:
-    """The service is done with the call: free its PJSIP objects."""
-
-    key: str
-
-
-@dataclass(frozen=True, slots=True)
 class Stop:
     """Hang up what is left, unregister, free PJSIP and exit."""
 
 
-Command = Answer | Attach | Hangup | Forget | Stop
+Command = Answer | Attach | Hangup | Stop

@@ -161,7 +161,7 @@ def write_checkpoint(
     """Write a checkpoint folder with the hub repo's files; returns the folder.
 
     Without `write_weights` only the small files are written (config, Mimi config, tokenizer):
-    the loader then draws random weights in memory (`load_checkpoint(..., random_weights=True)`).
+    the model then draws random weights in memory (`KyutaiModel(..., random_weights=True)`).
     """
     import torch
     from moshi.models import loaders

@@ -43,8 +43,6 @@ class SinkEngine(Engine):
 
 
 class SinkStream(EngineStream):
-    settles_on_take = True  # no words ever: audio is settled as soon as it is consumed
-
     def __init__(self, engine: SinkEngine, call_id: str, leg: str, max_buffer_s: float) -> None:
         super().__init__(call_id, leg, max_buffer_s)
         self._engine = engine

@@ -29,7 +29,7 @@ import sphn
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from engine.base import BridgeError, EngineEvent, EngineFull, ModelStep, Word
-from telephony.audio import PcmArray, float_to_pcm16, resample_whole
+from telephony.audio import ENGINE_RATE, PcmArray, float_to_pcm16, resample_whole
 from telephony.errors import ProtocolError, rejection_for
 from telephony.session import Call, CallHub, ReplyCallback, Session
 from telephony.websocket import HUB
@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 FRONT_END: Final = "moshi"
 PATH: Final = "/api/asr-streaming"
-SAMPLE_RATE: Final = 24000  # the protocol's only rate for Audio.pcm and decoded Ogg/Opus
+# 24 kHz, the engine's own rate: the protocol's only rate for Audio.pcm and decoded Ogg/Opus.
+SAMPLE_RATE: Final = ENGINE_RATE
 NO_FREE_CHANNELS: Final = "no free channels"  # moshi-server's exact words for a full engine
 
 # moshi-server retries a POST that finds no free slot every 100 ms, 1000 times.
@@ -189,7 +190,7 @@ class MoshiAsrCodec:
             {
                 "type": "Step",
                 "step_idx": step.step_idx,
-                "prs": [float(p) for p in step.pause_probs],
+                "prs": list(step.pause_probs),
                 "buffered_pcm": step.buffered_samples,
             }
         )
@@ -206,9 +207,7 @@ class MoshiAsrCodec:
         a word with both times at once, so the two go together. Segments and end-of-turn have
         no message in this protocol; its `Step` (raw VAD probabilities) is `encode_step`.
         """
-        if isinstance(event, Word):
-            return [cls.encode_word(event.text, event.start_s), cls.encode_end_word(event.end_s)]
-        return []
+        return [cls._pack(message) for message in word_objects(event)]
 
 
 def word_objects(event: EngineEvent) -> list[dict[str, Any]]:

@@ -370,8 +370,8 @@ class KyutaiStream(EngineStream):
         self._prefix_left = engine.timing.prefix_frames
         self._flush_left = engine.timing.flush_frames
         self._steps = 0  # steps this stream took (its own timeline, prefix included)
-        self._taken_at_frame: deque[int] = deque()  # samples taken (with drops) per audio frame
-        self._audio_frames = 0
+        # samples taken (with drops) at each audio frame the model has not settled yet
+        self._taken_at_frame: deque[int] = deque()
         self._audio_samples = 0
         self._settled_frames = 0
         self._turn_words: list[Word] = []
@@ -405,11 +405,11 @@ class KyutaiStream(EngineStream):
             return np.zeros(FRAME_SIZE, dtype=np.float32)
         if self.pending_samples:
             pcm = self._take_pending(FRAME_SIZE)
-            self._audio_frames += 1
             self._audio_samples += len(pcm)
             self._taken_at_frame.append(self._taken)
-            frame = np.zeros(FRAME_SIZE, dtype=np.float32)
-            frame[: len(pcm)] = pcm16_to_float(pcm)
+            frame = pcm16_to_float(pcm)
+            if len(frame) < FRAME_SIZE:  # a closing stream's last, partial frame
+                frame = np.pad(frame, (0, FRAME_SIZE - len(frame)))
             return frame
         self._flush_left -= 1
         return np.zeros(FRAME_SIZE, dtype=np.float32)
@@ -462,7 +462,7 @@ class KyutaiStream(EngineStream):
         open_start = self._decoder.open_word_start
         if open_start is not None:
             done = min(done, open_start - self._timing.delay_frames - self._timing.prefix_frames)
-        while self._settled_frames < min(done, self._audio_frames) and self._taken_at_frame:
+        while self._settled_frames < done and self._taken_at_frame:
             self._settled_frames += 1
             self._settle(self._taken_at_frame.popleft())
 

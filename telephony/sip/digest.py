@@ -74,20 +74,19 @@ def check(
     """What to do with a request's Authorization header (None: it had none)."""
     if header is None:
         return Verdict.CHALLENGE
-    if not nonces.valid(parse_params(header).get("nonce", "")):
+    params = parse_params(header)
+    if not nonces.valid(params.get("nonce", "")):
         return Verdict.CHALLENGE
-    if verify(header, method, user, password, realm, nonces):
+    if _answers(params, method, user, password, realm):
         return Verdict.OK
     return Verdict.FORBIDDEN
 
 
-def verify(
-    header: str, method: str, user: str, password: str, realm: str, nonces: NonceBook
-) -> bool:
-    params = parse_params(header)
+def _answers(params: dict[str, str], method: str, user: str, password: str, realm: str) -> bool:
+    """The credentials are these, and the response is the one the password gives."""
     if params.get("username") != user or params.get("realm") != realm:
         return False
-    if params.get("algorithm", "MD5").upper() != "MD5" or not nonces.valid(params.get("nonce", "")):
+    if params.get("algorithm", "MD5").upper() != "MD5":
         return False
     return hmac.compare_digest(
         params.get("response", ""), expected_response(params, method, password)

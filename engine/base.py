@@ -157,7 +157,6 @@ class EngineStream(abc.ABC):
         self._settled = 0  # as seen by the consumer of events()
         self._settled_reported = 0  # as reported by the engine (any thread)
         self._settled_changed = asyncio.Event()
-        self._taken = 0  # samples taken by the engine or dropped
         self.progress = 0  # counts audio taken and events delivered: a stalled engine stops it
 
     # -- producer side (event loop) --
@@ -172,7 +171,6 @@ class EngineStream(abc.ABC):
         while self._pending_samples > self._max_pending and len(self._pending) > 1:
             dropped = self._pending.popleft()
             self._pending_samples -= len(dropped)
-            self._taken += len(dropped)
             self.stats.samples_dropped += len(dropped)
             log.warning(
                 "audio dropped: engine behind",
@@ -262,7 +260,6 @@ class EngineStream(abc.ABC):
                     need = 0
             out = np.concatenate(parts)
         self._pending_samples -= len(out)
-        self._taken += len(out)
         self.progress += 1
         if self._pending_samples < self._max_pending // 2:
             self._room.set()
@@ -273,6 +270,11 @@ class EngineStream(abc.ABC):
     @property
     def pending_samples(self) -> int:
         return self._pending_samples
+
+    @property
+    def _taken(self) -> int:
+        """Samples the engine has taken or the buffer dropped: all pushed but those pending."""
+        return self.stats.samples_in - self._pending_samples
 
     def _settle(self, samples: int) -> None:
         """Engine side, any thread: every word from input samples [0, samples) is emitted.

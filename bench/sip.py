@@ -33,7 +33,7 @@ from api.app import Service
 from api.config import DataConfig, EngineConfig, ServerConfig, SipConfig, load_config
 from telephony.sip import core
 from tests.e2e.frontends import watch_events
-from tests.e2e.sip_peers import SCENARIOS, free_port
+from tests.e2e.sip_peers import sipp
 from tests.speech import SENTENCES, phone_bytes
 
 LOOPS = 3  # as in uac_stream.xml
@@ -113,23 +113,15 @@ async def run(calls: int, data_dir: str) -> dict[str, Any]:
             async with watch_events(service) as log:
                 start = cpu_s()
                 (Path(tmp) / "speech.ulaw").write_bytes(SPEECH)
-                cmd = [
-                    "sipp", "-sf", str(SCENARIOS / "uac_stream.xml"),
-                    f"127.0.0.1:{service.ports['sip']}",
-                    "-i", "127.0.0.1", "-p", str(free_port()), "-mp", str(free_port()),
-                    "-s", "service", "-m", str(calls), "-l", str(calls), "-r", str(RATE),
-                    "-d", str(int(AUDIO_S * 1000) + 300), "-nostdin",
-                ]  # fmt: skip
-                sipp = await asyncio.create_subprocess_exec(
-                    *cmd,
-                    cwd=tmp,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.DEVNULL,
-                )
-                other = set(os.sched_getaffinity(0)) - {SERVICE_CORE}
-                if other:
-                    os.sched_setaffinity(sipp.pid, other)
-                returncode = await asyncio.wait_for(sipp.wait(), 180)
+                result = await sipp(
+                    service,
+                    Path(tmp),
+                    "-m", str(calls), "-l", str(calls), "-r", str(RATE),
+                    "-d", str(int(AUDIO_S * 1000) + 300),
+                    scenario="uac_stream.xml",
+                    timeout_s=180,
+                    cpus=set(os.sched_getaffinity(0)) - {SERVICE_CORE},
+                )  # fmt: skip
                 ended = await log.wait_ended(calls, timeout=60)
                 used = cpu_s() - start
     finally:
@@ -147,7 +139,7 @@ async def run(calls: int, data_dir: str) -> dict[str, Any]:
         "late_ticks": late_ticks,
         "ticks": ticks,
         "min_audio_s": min(e["audio_s"]["caller"] for e in ended.values()),
-        "failed": calls - len(ended) + (1 if returncode else 0),
+        "failed": calls - len(ended) + (1 if result.returncode else 0),
     }
 
 

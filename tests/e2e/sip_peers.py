@@ -152,8 +152,10 @@ async def sipp(
     scenario: str | None = None,
     timeout_s: float = 60,
     service_name: str = "service",
+    cpus: set[int] | None = None,
 ) -> SippResult:
-    """Run sipp against the service's SIP port; `scenario` is a file under tests/e2e/sipp."""
+    """Run sipp against the service's SIP port; `scenario` is a file under tests/e2e/sipp;
+    `cpus` pins it (a benchmark keeps it off the service's core)."""
     cmd = ["sipp"]
     if scenario is not None:
         source = SCENARIOS / scenario
@@ -172,7 +174,7 @@ async def sipp(
         "-error_file", str(cwd / "errors.log"),
         *args,
     ]  # fmt: skip
-    return await _run_sipp(cmd, cwd, cwd / "errors.log", timeout_s)
+    return await _run_sipp(cmd, cwd, cwd / "errors.log", timeout_s, cpus)
 
 
 async def sipp_server(
@@ -197,12 +199,16 @@ async def sipp_server(
     return await _run_sipp(cmd, cwd, cwd / "server_errors.log", timeout_s)
 
 
-async def _run_sipp(cmd: list[str], cwd: Path, errors: Path, timeout_s: float) -> SippResult:
+async def _run_sipp(
+    cmd: list[str], cwd: Path, errors: Path, timeout_s: float, cpus: set[int] | None = None
+) -> SippResult:
     """Run one sipp to its end (killed, by its own PID, past `timeout_s`); collect its errors."""
     proc = await asyncio.create_subprocess_exec(
         *cmd, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
     try:
+        if cpus:
+            os.sched_setaffinity(proc.pid, cpus)
         stdout, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
     except BaseException:  # past the timeout, or the test cancelled it: never leave it running
         proc.kill()

@@ -285,12 +285,12 @@ class TextDecoder:
 
     def feed(self, step: int, token: int) -> list[Word]:
         if token <= LAST_SPECIAL_ID:  # 0, padding, and -2 for an unstepped slot
-            return self._finish(step) if token >= 0 else []
+            return self.finish(step) if token >= 0 else []
         if token >= self._vocab:  # out of the tokenizer's range: never text
             return []
         words: list[Word] = []
         if self._ids and self._tokenizer.id_to_piece(token).startswith("▁"):
-            words = self._finish(step)
+            words = self.finish(step)
         if not self._ids:
             self._start = step
         self._ids.append(token)
@@ -298,9 +298,7 @@ class TextDecoder:
         return words
 
     def finish(self, step: int) -> list[Word]:
-        return self._finish(step)
-
-    def _finish(self, step: int) -> list[Word]:
+        """The word still open, ended at `step` (a 0 or padding token, a pause, the flush)."""
         if not self._ids:
             return []
         text = str(self._tokenizer.decode(self._ids)).strip()

@@ -50,7 +50,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q -e ".[dev]"
 	# moshi pins torch<2.10 (a multi-GB CUDA build on PyPI): take it without its pins.
 	$(PIP) install -q --no-deps "$(MOSHI)"
-	$(PY) -c "import moshi.models, pocketsphinx, soxr, aiohttp"
+	$(PY) -c "import moshi.models, onnxruntime, moonshine_cpp, silero_vad, soxr, aiohttp"
 	touch $@
 
 lint: setup

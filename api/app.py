@@ -32,7 +32,7 @@ from api.store import Store
 from api.webhooks import WebhookSender
 from engine.base import Engine
 from engine.registry import EngineChoice, build_engine
-from telephony import audio_fork, audiosocket, moshi_asr, twilio, websocket
+from telephony import audio_fork, audiosocket, deepgram, moshi_asr, twilio, websocket
 from telephony.session import CallHub
 from telephony.sip import backend as sip
 
@@ -78,7 +78,8 @@ def build_audio_app(bridge: Bridge) -> web.Application:
     app[websocket.HUB] = bridge.hub
     calls.add_routes(app, bridge.store, bridge.hub)
     app.router.add_get("/", _root)
-    app.router.add_get("/v1/listen", websocket.handle_listen)
+    app.router.add_get("/v1/stream", websocket.handle_stream)
+    deepgram.add_routes(app, bridge.hub)
     app.router.add_get("/v1/events", handle_events)
     twilio.add_routes(app, bridge.hub, bridge.config.twilio)
     audio_fork.add_routes(app, bridge.hub)
@@ -118,7 +119,7 @@ class Service:
 
     def __init__(self, config: Config, engine: Engine | None = None) -> None:
         if engine is None:
-            engine, choice = build_engine(config.engine)
+            engine, choice = build_engine(config.engine, config.data.dir)
         else:
             choice = EngineChoice(engine.name, "engine given by the caller")
         self.config = config

@@ -100,7 +100,7 @@ _EXTENSIONS = {"text": "txt", "json": "json", "vtt": "vtt"}
 
 
 async def _transcribe(config: Config, args: argparse.Namespace) -> int:
-    engine, _ = build_engine(config.engine)
+    engine, _ = build_engine(config.engine, config.data.dir)
     await engine.start()
     hub = CallHub(engine)
     render = FORMATS[args.format]
@@ -108,7 +108,7 @@ async def _transcribe(config: Config, args: argparse.Namespace) -> int:
     try:
         for path in args.files:
             try:
-                pcm = read_audio(path)
+                pcm = read_audio(path, hub.engine.sample_rate)
             except AudioFileError as exc:
                 print(f"stt-bridge: {exc}", file=sys.stderr)
                 failures += 1

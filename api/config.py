@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from engine.config import EngineConfig
+
 ENV_PREFIX: Final = "STT_BRIDGE_"
 REPO_DEFAULT: Final = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
@@ -30,30 +32,12 @@ class ServerConfig:
     web_port: int = 8000  # the browser client
     websocket_url: str = ""  # what the browser client connects to; "" = same host, `port`
     drain_timeout_s: float = 30.0  # on SIGTERM, how long live calls may go on
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    name: str = "auto"  # auto | cpu | kyutai | sink
-    model: str = "kyutai/stt-1b-en_fr"  # kyutai: Hugging Face repo id or local folder
-    capacity: int = 8  # cpu engine: concurrent streams
-    workers: int = 2  # cpu engine: decoding threads
-    max_buffer_s: float = 10.0  # per-stream audio buffer before the oldest audio is dropped
-    vad_window_s: float = 0.3  # cpu engine: endpointer window
-    vad_ratio: float = 0.9  # cpu engine: fraction of the window that flips speech/silence
-    vad_mode: int = 1  # cpu engine: VAD aggressiveness 0-3
-    batch_size: int = 0  # kyutai: slots stepped together; 0 = the model's (1b: 64, 2.6b: 16)
-    device: str = "auto"  # kyutai: auto (cuda when present, bf16) | cuda | cuda:N | cpu (fp32)
-    model_revision: str = ""  # kyutai: a hub revision (branch, tag, commit); "" = main
-    cuda_graphs: bool = True  # kyutai: capture each step as a CUDA graph (CUDA only)
-    torch_compile: bool = False  # kyutai: let moshi torch.compile its small kernels
-    end_of_turn_threshold: float = 0.5  # kyutai: P(pause) of the VAD head that ends a turn
-    end_of_turn_silence_s: float = 1.2  # kyutai, models without a VAD head: text silence
+    node_id: str = ""  # this node's name in a cluster (recorded with each call); "" = host name
 
 
 @dataclass(frozen=True)
 class SipConfig:
-    enabled: bool = False  # off by default: most deployments use one front end, and 5060 is shared
+    enabled: bool = True  # on: answers calls on 5060; a taken port logs one line, SIP stays off
     backend: str = "asyncio"  # asyncio (aiosipua, scales) | pjsua2 (PJSIP, capped per process)
     host: str = "0.0.0.0"
     port: int = 5060  # UDP, and TCP on the same port (sip.tcp)
@@ -95,6 +79,8 @@ class TwilioConfig:
 class DataConfig:
     dir: str = "data"  # the store (SQLite) and the webhook outbox live here
     retention_days: float = 0.0  # delete calls older than this; 0 = keep everything
+    url: str = ""  # "postgresql://user@host/db": a store shared by a cluster; "" = SQLite in dir
+    lease_s: float = 10.0  # PostgreSQL: a node silent this long is dead; its live calls end
 
 
 @dataclass(frozen=True)
@@ -118,6 +104,23 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one client may hold or send; over a limit it gets its protocol's rejection."""
+
+    handshake_timeout_s: float = 10.0  # connected, no request/UUID/SIP message yet: closed
+    idle_timeout_s: float = 60.0  # an open stream that sends nothing (or trickles a frame)
+    http_request_timeout_s: float = 300.0  # one plain HTTP request, body and answer included
+    connections_per_ip: int = 200  # open TCP connections from one address, per listener
+    connections_total: int = 5000  # open TCP connections, per listener
+    websocket_max_message_bytes: int = 4 * 1024 * 1024  # one WebSocket message (close 1009)
+    moshi_max_message_bytes: int = 16 * 1024 * 1024  # one /api/asr-streaming message
+    http_max_body_bytes: int = 1024 * 1024  # a plain request body (413); POST audio has its own
+    audiosocket_max_payload_bytes: int = 32768  # one AudioSocket message
+    sip_requests_per_s: float = 50.0  # SIP messages from one address (beyond: 503)
+    event_subscribers: int = 64  # open /v1/events and /v1/calls/{id}/events streams (1013)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     json: bool = False  # one JSON object per line, with call id
@@ -134,6 +137,7 @@ class Config:
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

@@ -1,7 +1,7 @@
 """Offline transcription of audio files through the same engine and call path as live calls.
 
 Files are read with libsndfile (wav, flac, ogg/vorbis/opus, mp3 and more), mixed down to
-mono, resampled to 24 kHz by `telephony.audio`, and written into an engine stream as fast
+mono, resampled to the engine's rate by `telephony.audio`, and written into an engine stream as fast
 as the engine takes them (waiting instead of dropping). Output: plain text, JSON or WebVTT.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Final
 import soundfile
 
 from engine.base import EndOfTurn, EngineEvent, Segment, Word
-from telephony.audio import ENGINE_RATE, PcmArray, float_to_pcm16, resample_whole
+from telephony.audio import PcmArray, float_to_pcm16, resample_whole
 from telephony.session import CallHub
 
 FRONT_END: Final = "file"
@@ -48,13 +48,13 @@ class Transcript:
             self.turns.append(event)
 
 
-def read_audio(path: Path) -> PcmArray:
-    """Any file libsndfile reads, as 24 kHz mono int16."""
+def read_audio(path: Path, out_rate: int) -> PcmArray:
+    """Any file libsndfile reads, as mono int16 at `out_rate` (the engine's)."""
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, OSError) as exc:
         raise AudioFileError(f"{path}: cannot read audio: {exc}") from exc
-    return resample_whole(float_to_pcm16(data.mean(axis=1)), int(rate))
+    return resample_whole(float_to_pcm16(data.mean(axis=1)), int(rate), out_rate)
 
 
 async def transcribe_pcm(
@@ -63,21 +63,23 @@ async def transcribe_pcm(
     source: str,
     progress: Callable[[float], None] | None = None,
 ) -> Transcript:
-    """Transcribe 24 kHz audio through an engine stream; `progress` gets seconds written."""
-    transcript = Transcript(source, len(pcm) / ENGINE_RATE)
+    """Transcribe audio at the engine's rate through an engine stream; `progress` gets seconds
+    written."""
+    rate = hub.engine.sample_rate
+    transcript = Transcript(source, len(pcm) / rate)
 
     async def collect(leg: str, event: EngineEvent) -> None:
         transcript.add(event)
 
     call = hub.open_call(FRONT_END, labels={"file": source}, reply=collect)
     leg = call.leg("caller")
-    step = int(CHUNK_S * ENGINE_RATE)
+    step = int(CHUNK_S * rate)
     try:
         for start in range(0, len(pcm), step):
             chunk = pcm[start : start + step]
             await leg.write(chunk)
             if progress is not None:
-                progress(len(chunk) / ENGINE_RATE)
+                progress(len(chunk) / rate)
     finally:
         await call.end("end of file")
     return transcript

@@ -30,7 +30,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from api.app import Service
-from api.config import DataConfig, EngineConfig, ServerConfig, SipConfig, load_config
+from api.config import DataConfig, ServerConfig, SipConfig, load_config
+from engine.config import EngineConfig
 from telephony.sip import core
 from tests.e2e.frontends import watch_events
 from tests.e2e.sip_peers import sipp

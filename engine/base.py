@@ -1,8 +1,9 @@
 """The engine contract every speech-to-text engine implements.
 
 `Engine.open(call_id, leg)` gives an `EngineStream` or raises `EngineFull`. The stream takes
-24 kHz mono int16 of any length with `push` (never blocks the event loop; a bounded buffer
-drops the oldest audio on overflow and counts it) or `write` (waits for room: offline use).
+mono int16 at the engine's own rate (`Engine.sample_rate`), any length, with `push` (never
+blocks the event loop; a bounded buffer drops the oldest audio on overflow and counts it) or
+`write` (waits for room: offline use).
 `close()` flushes: the engine finishes every word spoken so far, emits it, then `Closed`.
 Events are frozen dataclasses; times are seconds of that leg's audio.
 `settled_samples` says how much of the pushed audio is finished: every word from it is out
@@ -17,15 +18,13 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar
 
 import numpy as np
 
-from telephony.audio import ENGINE_RATE, PcmArray
+from telephony.audio import PcmArray
 
 log = logging.getLogger(__name__)
-
-SAMPLE_RATE: Final = ENGINE_RATE
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -70,11 +69,24 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Partial:
+    """The current hypothesis of the utterance still being spoken: its words may change.
+
+    A later `Partial` of the same utterance replaces it; the utterance's `Segment` ends it.
+    Live only: the store and webhooks keep finals.
+    """
+
+    text: str
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True)
 class Closed:
     reason: str = "closed"
 
 
-EngineEvent = Word | EndOfTurn | Segment | Closed
+EngineEvent = Word | Partial | EndOfTurn | Segment | Closed
 
 
 @dataclass(frozen=True)
@@ -106,6 +118,8 @@ def event_to_json(event: EngineEvent) -> dict[str, Any]:
             "end": event.end_s,
             "words": [{"text": w.text, "start": w.start_s, "end": w.end_s} for w in event.words],
         }
+    if isinstance(event, Partial):
+        return {"type": "partial", "text": event.text, "start": event.start_s, "end": event.end_s}
     if isinstance(event, EndOfTurn):
         return {"type": "end_of_turn", "at": event.at_s, "probability": event.probability}
     return {"type": "closed", "reason": event.reason}
@@ -141,15 +155,16 @@ class EngineStream(abc.ABC):
     for an engine that gives no words (the sink); any engine with words sets this False and
     reports with `_settle` instead."""
 
-    def __init__(self, call_id: str, leg: str, max_buffer_s: float) -> None:
+    def __init__(self, call_id: str, leg: str, max_buffer_s: float, sample_rate: int) -> None:
         self.call_id = call_id
         self.leg = leg
+        self.sample_rate = sample_rate
         self.stats = StreamStats()
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[EngineEvent | _Settled] = asyncio.Queue()
         self._pending: deque[PcmArray] = deque()
         self._pending_samples = 0
-        self._max_pending = int(max_buffer_s * SAMPLE_RATE)
+        self._max_pending = int(max_buffer_s * sample_rate)
         self._room = asyncio.Event()
         self._room.set()
         self._closing = False
@@ -186,6 +201,14 @@ class EngineStream(abc.ABC):
         for start in range(0, len(pcm), step):
             await self._room.wait()
             self.push(pcm[start : start + step])
+
+    def finalize(self) -> None:  # noqa: B027 (optional hook)
+        """End the utterance in progress now, as a pause would (Deepgram's `Finalize`).
+
+        Its words and `Segment` come out without waiting for the caller to pause; the stream
+        stays open. Audio pushed so far is then settled once they are out (`wait_settled`).
+        Engines whose words need no endpoint (Kyutai) keep the default: nothing to cut.
+        """
 
     def close(self) -> None:
         """Stop taking audio and flush; `Closed` is the last event. Idempotent."""
@@ -336,6 +359,8 @@ class Engine(abc.ABC):
     """Owns the model and the slots; streams are opened on the event loop thread."""
 
     name: str = "engine"
+    sample_rate: int
+    """The rate, in Hz, of the mono int16 audio its streams take: front ends resample to it."""
     on_step: Callable[[float, int], None] | None = None
     """Told (seconds, streams advanced) after each batched model step, e.g. by metrics."""
 

@@ -33,7 +33,6 @@ import numpy as np
 import numpy.typing as npt
 
 from engine.base import (
-    SAMPLE_RATE,
     Closed,
     EndOfTurn,
     Engine,
@@ -53,6 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SAMPLE_RATE: Final = 24000  # Mimi's input rate
 FRAME_RATE: Final = 12.5
 FRAME_SIZE: Final = 1920  # samples at 24 kHz: one Mimi frame, 80 ms
 WORD_START_ID: Final = 0  # "end of padding": a word starts after it
@@ -356,7 +356,7 @@ class KyutaiStream(EngineStream):
     settles_on_take = False
 
     def __init__(self, engine: KyutaiEngine, call_id: str, leg: str, max_buffer_s: float) -> None:
-        super().__init__(call_id, leg, max_buffer_s)
+        super().__init__(call_id, leg, max_buffer_s, SAMPLE_RATE)
         model = engine.model
         assert model is not None
         self._engine = engine
@@ -483,6 +483,7 @@ class KyutaiEngine(Engine):
     """The production engine: one model, `batch_size` slots, stepped every 80 ms."""
 
     name = "kyutai"
+    sample_rate = SAMPLE_RATE
 
     def __init__(
         self,

@@ -1,11 +1,14 @@
-"""Picks the engine the configuration asks for (`auto`: kyutai with CUDA, else cpu)."""
+"""Picks the engine the configuration asks for (`auto`: kyutai with CUDA, else moonshine)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from api.config import EngineConfig
 from engine.base import Engine
+from engine.config import EngineConfig
+
+ALIASES = {"cpu": "moonshine"}  # the CPU engine's name before Moonshine replaced PocketSphinx
 
 
 @dataclass(frozen=True)
@@ -24,26 +27,34 @@ def cuda_available() -> bool:
 
 def choose_engine(config: EngineConfig) -> EngineChoice:
     if config.name != "auto":
-        return EngineChoice(config.name, f"engine = {config.name!r} in config")
+        name = ALIASES.get(config.name, config.name)
+        return EngineChoice(name, f"engine = {config.name!r} in config")
     if cuda_available():
         return EngineChoice("kyutai", "engine = 'auto' and CUDA is available")
-    return EngineChoice("cpu", "engine = 'auto' and no CUDA device: using the CPU engine")
+    return EngineChoice("moonshine", "engine = 'auto' and no CUDA device: Moonshine on the CPU")
 
 
-def build_engine(config: EngineConfig) -> tuple[Engine, EngineChoice]:
+def build_engine(config: EngineConfig, data_dir: str = "data") -> tuple[Engine, EngineChoice]:
+    """The engine, not started; `data_dir` holds the default cache of prepared models."""
     choice = choose_engine(config)
-    if choice.name == "cpu":
-        from engine.cpu import CpuEngine
+    if choice.name == "moonshine":
+        from engine.endpointing import EndpointConfig
+        from engine.moonshine import MoonshineEngine
 
-        engine: Engine = CpuEngine(
+        moonshine = MoonshineEngine(
+            model=config.moonshine_model,
+            cache_dir=Path(config.cache_dir or Path(data_dir) / "cache"),
             capacity=config.capacity,
-            workers=config.workers,
+            threads=config.threads,
             max_buffer_s=config.max_buffer_s,
-            vad_window_s=config.vad_window_s,
-            vad_ratio=config.vad_ratio,
-            vad_mode=config.vad_mode,
+            partial_interval_s=config.partial_interval_s,
+            endpoint=EndpointConfig(
+                threshold=config.vad_threshold,
+                min_silence_s=config.min_silence_s,
+                max_utterance_s=min(config.max_utterance_s, 64.0),
+            ),
         )
-        return engine, choice
+        return moonshine, choice
     if choice.name == "kyutai":
         from engine.kyutai import KyutaiEngine
 
@@ -62,5 +73,6 @@ def build_engine(config: EngineConfig) -> tuple[Engine, EngineChoice]:
     if choice.name == "sink":
         from engine.sink import SinkEngine
 
-        return SinkEngine(capacity=config.capacity, max_buffer_s=config.max_buffer_s), choice
-    raise ValueError(f"unknown engine {choice.name!r} (choose auto, cpu, kyutai or sink)")
+        capacity = config.capacity or 1000
+        return SinkEngine(capacity=capacity, max_buffer_s=config.max_buffer_s), choice
+    raise ValueError(f"unknown engine {choice.name!r} (choose auto, moonshine, kyutai or sink)")

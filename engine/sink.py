@@ -7,11 +7,16 @@ Select it with `engine.name = "sink"` (or STT_BRIDGE_ENGINE_NAME=sink).
 
 from __future__ import annotations
 
+from typing import Final
+
 from engine.base import Closed, Engine, EngineFull, EngineInfo, EngineStream
+
+SINK_RATE: Final = 24000  # Kyutai's, the production path a load test stands in for
 
 
 class SinkEngine(Engine):
     name = "sink"
+    sample_rate = SINK_RATE
 
     def __init__(self, capacity: int = 1000, max_buffer_s: float = 10.0) -> None:
         self._capacity = capacity
@@ -44,7 +49,7 @@ class SinkEngine(Engine):
 
 class SinkStream(EngineStream):
     def __init__(self, engine: SinkEngine, call_id: str, leg: str, max_buffer_s: float) -> None:
-        super().__init__(call_id, leg, max_buffer_s)
+        super().__init__(call_id, leg, max_buffer_s, SINK_RATE)
         self._engine = engine
 
     def _on_audio(self) -> None:

@@ -1,6 +1,7 @@
 """The audio path: G.711 μ-law / A-law, 16-bit linear PCM, and streaming resampling.
 
-Every front end turns its wire audio into 24 kHz mono int16 through this module and nowhere
+Every front end turns its wire audio into mono int16 at the engine's own rate (`Engine.sample_rate`:
+16 kHz for Moonshine, 24 kHz for Kyutai), in one resampling, through this module and nowhere
 else. G.711 is table based (numpy); the tables are built once from the ITU-T reference
 algorithm (the one in Sun's g711.c that CPython's audioop also uses), so results match
 audioop bit for bit. Resampling is soxr's streaming resampler, which keeps only its filter
@@ -17,9 +18,6 @@ import numpy.typing as npt
 import soxr
 
 PcmArray = npt.NDArray[np.int16]
-
-ENGINE_RATE: Final = 24000
-"""Every engine consumes mono int16 at this rate."""
 
 SUPPORTED_RATES: Final = (8000, 16000, 24000, 48000)
 """Rates a client may choose on `/v1/listen`."""
@@ -144,7 +142,7 @@ class ResampleStream:
     here: its int16 mode rounds per chunk and drifts by up to 2 LSB with the chunking.
     """
 
-    def __init__(self, in_rate: int, out_rate: int = ENGINE_RATE) -> None:
+    def __init__(self, in_rate: int, out_rate: int) -> None:
         self.in_rate = in_rate
         self.out_rate = out_rate
         self._stream = (
@@ -164,7 +162,7 @@ class ResampleStream:
         return _to_int16(self._stream.resample_chunk(np.zeros(0, np.float32), last=True))
 
 
-def resample_whole(pcm: PcmArray, in_rate: int, out_rate: int = ENGINE_RATE) -> PcmArray:
+def resample_whole(pcm: PcmArray, in_rate: int, out_rate: int) -> PcmArray:
     """A whole recording resampled at once: the same samples as streaming it chunk by chunk."""
     resampler = ResampleStream(in_rate, out_rate)
     return np.concatenate([resampler.process(pcm), resampler.flush()])
@@ -175,12 +173,12 @@ def _to_int16(samples: npt.NDArray[np.float32]) -> PcmArray:
 
 
 class AudioDecoder:
-    """Wire bytes of one leg in, 24 kHz int16 out.
+    """Wire bytes of one leg in, int16 at the engine's rate out.
 
     Bytes may arrive in any split: a 16-bit sample cut between two packets is carried over.
     """
 
-    def __init__(self, encoding: Encoding, sample_rate: int, out_rate: int = ENGINE_RATE) -> None:
+    def __init__(self, encoding: Encoding, sample_rate: int, out_rate: int) -> None:
         if sample_rate not in WIRE_RATES:
             raise ValueError(f"unsupported sample rate {sample_rate}; use one of {WIRE_RATES}")
         self.encoding = encoding

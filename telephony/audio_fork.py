@@ -26,6 +26,7 @@ from aiohttp import WSMsgType, web
 from engine.base import BridgeError, EngineEvent, event_to_json
 from telephony.audio import PcmArray, ResampleStream, deinterleave, pcm16_decode
 from telephony.errors import ProtocolError, rejection_for
+from telephony.limits import messages, open_websocket, parse_json
 from telephony.session import Call, CallHub
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def stream_format(metadata_text: str | None, query: Mapping[str, str]) -> Stream
     metadata: dict[str, Any] = {}
     if metadata_text:
         try:
-            parsed = json.loads(metadata_text)
+            parsed = parse_json(metadata_text)
         except ValueError:
             parsed = {"text": metadata_text}  # metadata need not be JSON; keep it as a label
         metadata = parsed if isinstance(parsed, dict) else {"metadata": parsed}
@@ -116,7 +117,7 @@ HUB: Final = web.AppKey("audio_fork_hub", CallHub)
 
 
 async def handle_fork(request: web.Request) -> web.StreamResponse:
-    ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), heartbeat=30.0)
+    ws = open_websocket(request, protocols=(SUBPROTOCOL,))
     await ws.prepare(request)
     hub = request.app[HUB]
     path_id = request.match_info.get("call_id")
@@ -140,11 +141,11 @@ async def handle_fork(request: web.Request) -> web.StreamResponse:
             FRONT_END, legs=fmt.legs, call_id=call_id, labels=labels, reply=reply
         )
         for leg in fmt.legs:
-            resamplers[leg] = ResampleStream(fmt.rate)
+            resamplers[leg] = ResampleStream(fmt.rate, opened.sample_rate)
         return opened, AudioForkCodec(fmt)
 
     try:
-        async for msg in ws:
+        async for msg in messages(ws, request):
             if msg.type == WSMsgType.TEXT:
                 if call is None:
                     call, codec = open_call(msg.data)

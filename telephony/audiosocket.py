@@ -173,7 +173,7 @@ class AudioSocketCodec:
 
 
 class _Leg:
-    """The call's one leg: audio at whatever rate the kind byte says, 24 kHz out."""
+    """The call's one leg: audio at whatever rate the kind byte says, the engine's rate out."""
 
     def __init__(self, call: Call) -> None:
         self.session = call.leg("caller")
@@ -182,7 +182,9 @@ class _Leg:
     def audio(self, event: Audio) -> None:
         if self._decoder is None or self._decoder.sample_rate != event.sample_rate:
             self.flush()  # a rate change mid-call: finish the old resampler's tail first
-            self._decoder = AudioDecoder(Encoding.PCM16, event.sample_rate)
+            self._decoder = AudioDecoder(
+                Encoding.PCM16, event.sample_rate, self.session.call.sample_rate
+            )
         self.session.push(self._decoder.feed(event.payload))
 
     def flush(self) -> None:

@@ -27,10 +27,13 @@ import numpy as np
 import soundfile
 import sphn
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from engine.base import BridgeError, EngineEvent, EngineFull, ModelStep, Word
-from telephony.audio import ENGINE_RATE, PcmArray, float_to_pcm16, resample_whole
+from telephony.audio import PcmArray, ResampleStream, float_to_pcm16, resample_whole
 from telephony.errors import ProtocolError, rejection_for
+from telephony.limits import limits_of, open_websocket
+from telephony.limits import messages as ws_messages
 from telephony.session import Call, CallHub, ReplyCallback, Session
 from telephony.websocket import HUB
 
@@ -38,8 +41,9 @@ log = logging.getLogger(__name__)
 
 FRONT_END: Final = "moshi"
 PATH: Final = "/api/asr-streaming"
-# 24 kHz, the engine's own rate: the protocol's only rate for Audio.pcm and decoded Ogg/Opus.
-SAMPLE_RATE: Final = ENGINE_RATE
+# The protocol's only rate for Audio.pcm and decoded Ogg/Opus (Kyutai's engine rate); the
+# adapter resamples it once to the engine's own.
+SAMPLE_RATE: Final = 24000
 NO_FREE_CHANNELS: Final = "no free channels"  # moshi-server's exact words for a full engine
 
 # moshi-server retries a POST that finds no free slot every 100 ms, 1000 times.
@@ -98,7 +102,10 @@ def _as_bytes(value: Any) -> bytes:
 
 def _as_pcm(value: Any) -> PcmArray:
     """`Vec<f32>`: an array of numbers (integers are accepted, as serde accepts them)."""
-    samples = np.asarray(value) if isinstance(value, list) else None
+    try:
+        samples = np.asarray(value) if isinstance(value, list) else None
+    except (ValueError, TypeError, OverflowError):  # ragged: [[1, 2], [3]]
+        samples = None
     if samples is None or samples.ndim != 1 or (len(samples) and samples.dtype.kind not in "iuf"):
         raise MoshiProtocolError("Audio.pcm must be an array of numbers")
     return float_to_pcm16(samples)
@@ -224,15 +231,16 @@ class AudioFileError(MoshiProtocolError):
     """A POST body that is not an audio file."""
 
 
-def decode_audio_file(data: bytes) -> PcmArray:
-    """A whole file (anything libsndfile reads) as 24 kHz int16: its first channel, as upstream."""
+def decode_audio_file(data: bytes, out_rate: int) -> PcmArray:
+    """A whole file (anything libsndfile reads) as int16 at `out_rate`: its first channel, as
+    upstream."""
     if not data:
         raise AudioFileError("the body is empty: POST a whole audio file")
     try:
         samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise AudioFileError(f"cannot read the body as audio: {exc}") from None
-    return resample_whole(float_to_pcm16(samples[:, 0]), int(rate))
+    return resample_whole(float_to_pcm16(samples[:, 0]), int(rate), out_rate)
 
 
 # --- asyncio adapters -------------------------------------------------------------------------
@@ -253,7 +261,7 @@ async def handle_streaming(request: web.Request) -> web.StreamResponse:
     """GET: the WebSocket protocol (auth, 401 before the upgrade, is the API-key middleware's)."""
     hub = request.app[HUB]
     codec = MoshiAsrCodec()
-    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=MAX_FRAME_BYTES)
+    ws = open_websocket(request, max_msg_size=limits_of(request).moshi_max_message_bytes)
     await ws.prepare(request)
 
     async def reply(leg: str, event: EngineEvent) -> None:
@@ -287,9 +295,10 @@ async def handle_streaming(request: web.Request) -> web.StreamResponse:
     leg.stream.on_model_step = send_step
     markers: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
     echo = asyncio.get_running_loop().create_task(_echo_markers(ws, codec, leg, markers))
+    resampler = ResampleStream(SAMPLE_RATE, call.sample_rate)
     reason, close_code = "client closed", int(WSCloseCode.OK)
     try:
-        async for msg in ws:
+        async for msg in ws_messages(ws, request):
             if msg.type == WSMsgType.BINARY:
                 try:
                     messages = codec.receive(msg.data)
@@ -299,7 +308,7 @@ async def handle_streaming(request: web.Request) -> web.StreamResponse:
                     await ws.send_bytes(codec.encode_error(str(exc)))
                     reason, close_code = f"protocol error: {exc}", rejection_for(exc).ws_close
                     break
-                await _apply(messages, leg, markers)
+                await _apply(messages, leg, resampler, markers)
                 if call.ended:  # ended by the service (drain deadline): nothing more is heard
                     reason = "ended by the service"
                     break
@@ -308,6 +317,7 @@ async def handle_streaming(request: web.Request) -> web.StreamResponse:
                 break
             # Text frames are ignored, as moshi-server ignores them.
     finally:
+        leg.push(resampler.flush())
         # Shielded: a cancelled handler (server shutdown) must still flush the transcript.
         await asyncio.shield(call.end(reason))
         echo.cancel()
@@ -326,13 +336,16 @@ def _forget_step(steps: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]
 
 
 async def _apply(
-    messages: Sequence[ClientMessage], leg: Session, markers: asyncio.Queue[tuple[int, int]]
+    messages: Sequence[ClientMessage],
+    leg: Session,
+    resampler: ResampleStream,
+    markers: asyncio.Queue[tuple[int, int]],
 ) -> None:
     for message in messages:
         if isinstance(message, Audio):
             # Waits while the engine is behind instead of dropping: moshi-server buffers
             # without bound, and its clients send 40 s of silence at once after the audio.
-            await leg.write(message.pcm)
+            await leg.write(resampler.process(message.pcm))
         elif isinstance(message, Marker):
             markers.put_nowait((leg.stream.stats.samples_in, message.id))
 
@@ -363,13 +376,17 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
     """POST: a whole file in, `[{"type":"Word",...},{"type":"EndWord",...},...]` out."""
     hub = request.app[HUB]
     body = bytearray()
-    async for chunk in request.content.iter_chunked(1 << 16):
-        body += chunk
-        if len(body) > POST_MAX_BYTES:
-            reason = f"the body is over {POST_MAX_BYTES} bytes"
-            return web.json_response({"error": "too_large", "reason": reason}, status=413)
     try:
-        pcm = decode_audio_file(bytes(body))
+        async for chunk in request.content.iter_chunked(1 << 16):
+            body += chunk
+            if len(body) > POST_MAX_BYTES:
+                reason = f"the body is over {POST_MAX_BYTES} bytes"
+                return web.json_response({"error": "too_large", "reason": reason}, status=413)
+    except (ConnectionError, HttpProcessingError) as exc:  # the client gave up mid-upload
+        log.info("upload aborted: %s", type(exc).__name__, extra={"front_end": FRONT_END})
+        return web.json_response({"error": "aborted", "reason": "upload aborted"}, status=400)
+    try:
+        pcm = decode_audio_file(bytes(body), hub.engine.sample_rate)
     except AudioFileError as exc:
         status = rejection_for(exc).http_status
         return web.json_response({"error": "bad_audio", "reason": str(exc)}, status=status)

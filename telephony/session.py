@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.base import BridgeError, Engine, EngineEvent, EngineStream, event_to_json
-from telephony.audio import ENGINE_RATE, PcmArray
+from telephony.audio import PcmArray
+from telephony.limits import CALL_ID_MAX_CHARS, clean_label, clean_labels
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +187,11 @@ class Session:
 
     @property
     def audio_s(self) -> float:
-        return self.samples_in / ENGINE_RATE
+        return self.samples_in / self.stream.sample_rate
 
     def push(self, pcm: PcmArray) -> None:
-        """24 kHz int16 audio of this leg, any length; never blocks."""
+        """int16 audio of this leg at the engine's rate (`Call.sample_rate`), any length; never
+        blocks."""
         self.samples_in += len(pcm)
         self.stream.push(pcm)
 
@@ -256,6 +258,11 @@ class Call:
     def leg(self, name: str) -> Session:
         return self.legs[name]
 
+    @property
+    def sample_rate(self) -> int:
+        """The rate every leg's audio is pushed at: the engine's own, reached in one resampling."""
+        return self.hub.engine.sample_rate
+
     async def end(self, reason: str = "hangup") -> None:
         """Flush every leg, then announce the end.
 
@@ -278,8 +285,10 @@ class Call:
                     reason,
                     time.time(),
                     {name: round(leg.audio_s, 3) for name, leg in self.legs.items()},
-                    sum(leg.stream.stats.samples_dropped for leg in self.legs.values())
-                    / ENGINE_RATE,
+                    sum(
+                        leg.stream.stats.samples_dropped / leg.stream.sample_rate
+                        for leg in self.legs.values()
+                    ),
                 )
             )
             self._announced.set()
@@ -309,7 +318,9 @@ class CallHub:
         try:
             if self.draining:
                 raise Draining("the service is draining")
-            call_id = call_id or uuid.uuid4().hex
+            # The one place labels and ids from the wire enter: made safe for the store (no
+            # lone surrogate, no NUL), the logs and every later reader.
+            call_id = clean_label(call_id, CALL_ID_MAX_CHARS) if call_id else uuid.uuid4().hex
             if call_id in self.calls:
                 raise DuplicateCall(f"call {call_id} is already live")
             streams: list[EngineStream] = []
@@ -324,7 +335,7 @@ class CallHub:
             if self.on_reject is not None:
                 self.on_reject(front_end, type(exc).__name__)
             raise
-        call = Call(call_id, front_end, dict(labels or {}), self, reply)
+        call = Call(call_id, front_end, clean_labels(labels or {}), self, reply)
         for leg, stream in zip(legs, streams, strict=True):
             call.legs[leg] = Session(call, leg, stream)
         self.calls[call_id] = call

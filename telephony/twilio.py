@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from api.config import TwilioConfig
 from engine.base import BridgeError
 from telephony.audio import ResampleStream, ulaw_decode
 from telephony.errors import ProtocolError, rejection_for
+from telephony.limits import messages, open_websocket, parse_json
 from telephony.session import Call, CallHub
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,10 @@ RATE: Final = 8000
 # A jump in media.timestamp beyond this is a gap (silence suppression, loss): filled with silence
 # so later words keep their place on the call's timeline.
 GAP_TOLERANCE_SAMPLES: Final = 160
+# A jump beyond this (10 s, as RTP's) is a clock reset or a hostile timestamp, not loss: the
+# timeline resynchronises instead of allocating the gap as silence.
+MAX_GAP_SAMPLES: Final = 10 * RATE
+DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 
 
 class TwilioStreamError(ProtocolError):
@@ -109,8 +113,8 @@ class TwilioMediaCodec:
 
     def receive(self, text: str) -> TwilioEvent:
         try:
-            message = json.loads(text)
-        except ValueError:
+            message = parse_json(text)
+        except ValueError:  # NaN/Infinity and 100 000 nested brackets included
             return Skipped("not JSON")
         if not isinstance(message, dict):
             return Skipped("not a JSON object")
@@ -123,14 +127,17 @@ class TwilioMediaCodec:
             if kind == "stop":
                 return StreamStopped()
             if kind == "mark":
-                return MarkEcho(str(message["mark"]["name"]))
+                return MarkEcho(str(_object(message, "mark")["name"]))
             if self.started is None and kind in ("media", "dtmf"):
                 raise TwilioStreamError(f"{kind} before start")
             if kind == "media":
-                return self._media(message["media"])
+                return self._media(_object(message, "media"))
             if kind == "dtmf":
-                return DtmfDigit(str(message["dtmf"]["digit"]))
-        except (KeyError, TypeError, ValueError) as exc:
+                digit = str(_object(message, "dtmf")["digit"])
+                if digit not in DTMF_DIGITS:
+                    return Skipped(f"unknown DTMF digit {digit[:8]!r}")
+                return DtmfDigit(digit)
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             if isinstance(exc, TwilioStreamError):
                 raise
             return Skipped(f"malformed {kind} message: {exc!r}")
@@ -139,12 +146,15 @@ class TwilioMediaCodec:
     def _start(self, message: dict[str, Any]) -> StreamStarted:
         if self.started is not None:
             raise TwilioStreamError("a second start message")
-        start = message["start"]
-        tracks = tuple(t for t in start.get("tracks", ["inbound"]) if t in LEG_OF_TRACK)
-        encoding = start.get("mediaFormat", {}).get("encoding", "audio/x-mulaw")
+        start = _object(message, "start")
+        announced = start.get("tracks", ["inbound"])
+        if not isinstance(announced, list):
+            raise TypeError("start.tracks is not a list")
+        tracks = tuple(t for t in announced if isinstance(t, str) and t in LEG_OF_TRACK)
+        encoding = (_object(start, "mediaFormat", {}) or {}).get("encoding", "audio/x-mulaw")
         if encoding != "audio/x-mulaw":
-            raise TwilioStreamError(f"unsupported media encoding {encoding!r}")
-        params = start.get("customParameters") or {}
+            raise TwilioStreamError(f"unsupported media encoding {str(encoding)[:40]!r}")
+        params = _object(start, "customParameters", {}) or {}
         self.started = StreamStarted(
             stream_sid=str(start.get("streamSid") or message.get("streamSid", "")),
             call_sid=str(start["callSid"]),
@@ -163,7 +173,20 @@ class TwilioMediaCodec:
             payload = base64.b64decode(media["payload"], validate=True)
         except (binascii.Error, ValueError):
             return Skipped("media payload is not base64")
-        return Media(track, int(media.get("timestamp", 0)), payload)
+        timestamp = media.get("timestamp", 0)
+        if isinstance(timestamp, bool) or not isinstance(timestamp, int | float | str):
+            raise TypeError("media.timestamp is not a number")
+        return Media(track, int(float(timestamp)), payload)
+
+
+def _object(message: Mapping[str, Any], name: str, default: Any = None) -> dict[str, Any]:
+    """A member that must be a JSON object (or absent/null, when a default is given)."""
+    value = message.get(name, default) if default is not None else message[name]
+    if value is None and default is not None:
+        return dict(default)
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} is not a JSON object")
+    return value
 
 
 # --- TwiML and signatures ---------------------------------------------------------------------
@@ -199,7 +222,10 @@ def voice_twiml(base: str, form: Mapping[str, str], config: TwilioConfig) -> str
 
 
 def _signature_ok(config: TwilioConfig, url: str, params: Mapping[str, str], header: str) -> bool:
-    return bool(RequestValidator(config.auth_token).validate(url, dict(params), header))
+    try:
+        return bool(RequestValidator(config.auth_token).validate(url, dict(params), header))
+    except (ValueError, TypeError):  # a signature or URL that is not even text: not valid
+        return False
 
 
 # --- aiohttp adapter --------------------------------------------------------------------------
@@ -210,11 +236,20 @@ CONFIG: Final = web.AppKey("twilio_config", TwilioConfig)
 
 async def handle_voice(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
-    form = {k: str(v) for k, v in (await request.post()).items()}
+    signature = request.headers.get("X-Twilio-Signature", "")
+    if config.auth_token and not signature:  # refused before a byte of the body is parsed
+        log.warning(
+            "twilio webhook: missing signature",
+            extra={"front_end": FRONT_END, "remote": request.remote},
+        )
+        return web.Response(status=403, text="invalid X-Twilio-Signature")
+    try:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+    except (ValueError, LookupError, AssertionError) as exc:  # bad charset, UTF-8, boundary
+        return web.Response(status=400, text=f"unreadable form: {type(exc).__name__}")
     base = public_base(request, config)
     if config.auth_token:
-        signature = request.headers.get("X-Twilio-Signature", "")
-        if not signature or not _signature_ok(config, base + request.path_qs, form, signature):
+        if not _signature_ok(config, base + request.path_qs, form, signature):
             log.warning(
                 "twilio webhook: %s signature",
                 "missing" if not signature else "invalid",
@@ -225,11 +260,11 @@ async def handle_voice(request: web.Request) -> web.Response:
 
 
 class _Legs:
-    """μ-law 8 kHz per track → 24 kHz per leg, gaps in media.timestamp kept as silence."""
+    """μ-law 8 kHz per track → the engine's rate per leg, gaps in media.timestamp kept as silence."""
 
     def __init__(self, call: Call) -> None:
         self.call = call
-        self._resamplers = {leg: ResampleStream(RATE) for leg in call.legs}
+        self._resamplers = {leg: ResampleStream(RATE, call.sample_rate) for leg in call.legs}
         self._samples = dict.fromkeys(call.legs, 0)
 
     def media(self, event: Media) -> None:
@@ -237,8 +272,11 @@ class _Legs:
         if leg not in self._resamplers:
             return  # a track the start message did not announce
         pcm = ulaw_decode(event.payload)
-        gap = event.timestamp_ms * RATE // 1000 - self._samples[leg]
-        if gap > GAP_TOLERANCE_SAMPLES:
+        at = event.timestamp_ms * RATE // 1000
+        gap = at - self._samples[leg]
+        if gap > MAX_GAP_SAMPLES:
+            self._samples[leg] = at  # a clock jump: resynchronise, allocate nothing
+        elif gap > GAP_TOLERANCE_SAMPLES:
             pcm = np.concatenate([np.zeros(gap, dtype=np.int16), pcm])
         self._samples[leg] += len(pcm)
         self.call.leg(leg).push(self._resamplers[leg].process(pcm))
@@ -260,14 +298,14 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
                 extra={"front_end": FRONT_END, "remote": request.remote},
             )
             return web.Response(status=403, text="invalid X-Twilio-Signature")
-    ws = web.WebSocketResponse(heartbeat=30.0)
+    ws = open_websocket(request)
     await ws.prepare(request)
     codec = TwilioMediaCodec()
     call: Call | None = None
     legs: _Legs | None = None
     reason = "socket closed without stop"
     try:
-        async for msg in ws:
+        async for msg in messages(ws, request):
             if msg.type != WSMsgType.TEXT:
                 continue
             event = codec.receive(msg.data)
@@ -282,7 +320,10 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
             elif isinstance(event, Media) and legs is not None:
                 legs.media(event)
             elif isinstance(event, DtmfDigit) and call is not None:
-                call.leg("caller").dtmf(event.digit)
+                # Twilio reports keys on the inbound track; an outbound-only stream has only
+                # the agent's leg, which then carries them.
+                leg_name = "caller" if "caller" in call.legs else next(iter(call.legs))
+                call.leg(leg_name).dtmf(event.digit)
             elif isinstance(event, StreamStopped):
                 reason = "stop"
                 break

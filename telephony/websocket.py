@@ -3,11 +3,15 @@
 Two routes on the audio port:
 - `/`: the original protocol. Binary frames of raw int16 little-endian 24 kHz mono, any size
   (a sample split across frames is carried over).
-- `/v1/listen?encoding=pcm16|mulaw|alaw&sample_rate=8000|16000|24000|48000&call_id=..`:
-  the same with telephone encodings.
+- `/v1/stream?encoding=pcm16|mulaw|alaw&sample_rate=8000|16000|24000|48000&call_id=..`:
+  the same with telephone encodings (it was `/v1/listen`, which now speaks Deepgram's protocol:
+  telephony/deepgram.py).
 Both answer with text frames, one JSON object each (`word`, `segment`, `end_of_turn`, then
-`closed` after the flush). The client ends with `{"type":"stop"}` or by closing; either way
-every word is flushed. Malformed text frames get an `error` message and the stream goes on.
+`closed` after the flush). The client ends with `{"type":"stop"}` (or Deepgram's
+`{"type":"CloseStream"}`) or by closing; either way every word is flushed. `{"type":"KeepAlive"}`
+is accepted and needs no answer; `{"type":"Finalize"}` ends the utterance in progress and is
+answered with `{"type":"finalized","at":S}` once every word of the audio so far is out.
+Malformed text frames get an `error` message and the stream goes on.
 
 `ListenCodec` is the protocol without I/O; `handle_*` are the aiohttp adapters.
 """
@@ -15,6 +19,7 @@ every word is flushed. Malformed text frames get an `error` message and the stre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Mapping
@@ -26,7 +31,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from engine.base import BridgeError, EngineEvent, event_to_json
 from telephony.audio import SUPPORTED_RATES, AudioDecoder, Encoding, PcmArray
 from telephony.errors import ProtocolError, rejection_for
-from telephony.session import CallHub
+from telephony.limits import messages, open_websocket, parse_json
+from telephony.session import CallHub, Session
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +59,30 @@ class Stop:
 
 
 @dataclass(frozen=True)
+class KeepAlive:
+    """The client has no audio now and keeps the stream open: nothing to answer."""
+
+
+@dataclass(frozen=True)
+class Finalize:
+    """End the utterance in progress now; answered with `finalized` once its words are out."""
+
+
+@dataclass(frozen=True)
 class BadMessage:
     """A text frame the protocol does not know; reported to the client, the stream goes on."""
 
     reason: str
 
 
-ControlMessage = Stop | BadMessage
+ControlMessage = Stop | KeepAlive | Finalize | BadMessage
+_CONTROL: Final[dict[str, ControlMessage]] = {
+    "stop": Stop(),
+    "CloseStream": Stop(),
+    "KeepAlive": KeepAlive(),
+    "Finalize": Finalize(),
+}
+FINALIZE_WAIT_S: Final = 5.0
 
 _CALL_ID_MAX: Final = 128
 
@@ -86,25 +109,28 @@ def parse_listen_params(query: Mapping[str, str]) -> ListenParams:
 
 
 class ListenCodec:
-    """Frames in, 24 kHz audio and control messages out; engine events to JSON text."""
+    """Frames in, audio at the engine's rate and control messages out; engine events to JSON."""
 
-    def __init__(self, params: ListenParams) -> None:
+    def __init__(self, params: ListenParams, engine_rate: int) -> None:
         self.params = params
-        self._decoder = AudioDecoder(params.encoding, params.sample_rate)
+        self._decoder = AudioDecoder(params.encoding, params.sample_rate, engine_rate)
 
     def receive_bytes(self, data: bytes) -> PcmArray:
         return self._decoder.feed(data)
 
     def receive_text(self, text: str) -> ControlMessage:
         try:
-            message = json.loads(text)
+            message = parse_json(text)
         except ValueError:
             return BadMessage("text frames must be JSON objects")
         if not isinstance(message, dict):
             return BadMessage("text frames must be JSON objects")
-        if message.get("type") == "stop":
-            return Stop()
-        return BadMessage(f"unknown message type {message.get('type')!r}; expected 'stop'")
+        kind = message.get("type")
+        control = _CONTROL.get(kind) if isinstance(kind, str) else None
+        if control is None:
+            expected = ", ".join(repr(k) for k in _CONTROL)
+            return BadMessage(f"unknown message type {kind!r}; expected one of {expected}")
+        return control
 
     def end_of_audio(self) -> PcmArray:
         """What the resampler still holds once the client has no more audio."""
@@ -113,6 +139,10 @@ class ListenCodec:
     @staticmethod
     def encode_event(event: EngineEvent) -> str:
         return json.dumps(event_to_json(event))
+
+    @staticmethod
+    def encode_finalized(at_s: float) -> str:
+        return json.dumps({"type": "finalized", "at": round(at_s, 3)})
 
     @staticmethod
     def encode_error(reason: str) -> str:
@@ -133,7 +163,8 @@ async def handle_root(request: web.Request) -> web.StreamResponse:
     return await _serve(request, ListenParams())
 
 
-async def handle_listen(request: web.Request) -> web.StreamResponse:
+async def handle_stream(request: web.Request) -> web.StreamResponse:
+    """`/v1/stream`: the same protocol with telephone encodings."""
     try:
         params = parse_listen_params(request.query)
     except BadParameters as exc:
@@ -147,8 +178,8 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
 
 async def _serve(request: web.Request, params: ListenParams) -> web.StreamResponse:
     hub = request.app[HUB]
-    codec = ListenCodec(params)
-    ws = web.WebSocketResponse(heartbeat=30.0)
+    codec = ListenCodec(params, hub.engine.sample_rate)
+    ws = open_websocket(request)
     await ws.prepare(request)
 
     async def reply(leg: str, event: EngineEvent) -> None:
@@ -167,7 +198,7 @@ async def _serve(request: web.Request, params: ListenParams) -> web.StreamRespon
     leg = call.leg("caller")
     reason = "client closed"
     try:
-        async for msg in ws:
+        async for msg in messages(ws, request):
             if msg.type == WSMsgType.BINARY:
                 leg.push(codec.receive_bytes(msg.data))
             elif msg.type == WSMsgType.TEXT:
@@ -175,7 +206,10 @@ async def _serve(request: web.Request, params: ListenParams) -> web.StreamRespon
                 if isinstance(control, Stop):
                     reason = "client stop"
                     break
-                await ws.send_str(codec.encode_error(control.reason))
+                if isinstance(control, Finalize):
+                    await ws.send_str(codec.encode_finalized(await _finalize(leg)))
+                elif isinstance(control, BadMessage):
+                    await ws.send_str(codec.encode_error(control.reason))
             elif msg.type == WSMsgType.ERROR:
                 reason = f"connection error: {ws.exception()}"
                 break
@@ -186,3 +220,14 @@ async def _serve(request: web.Request, params: ListenParams) -> web.StreamRespon
         if not ws.closed:
             await ws.close(code=WSCloseCode.OK)
     return ws
+
+
+async def _finalize(leg: Session) -> float:
+    """Cut the utterance in progress; wait (bounded) until every word so far is out.
+
+    Returns the seconds of this leg's audio that are settled (all their words sent)."""
+    stream = leg.stream
+    stream.finalize()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stream.wait_settled(stream.stats.samples_in), FINALIZE_WAIT_S)
+    return stream.settled_samples / stream.sample_rate

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from aiosipua.message import SipMessage, SipRequest
+from aiosipua.sdp import parse_sdp as aiosipua_sdp
 
 from api.config import SipConfig
 from engine.base import BridgeError
@@ -148,6 +149,11 @@ def request_problem(data: bytes) -> str | None:
             _ = message.via
             if message.content_length != len(message.body):
                 return "Content-Length does not match the body"
+            content_type = (message.content_type or "").lower()
+            if message.body and content_type.startswith("application/sdp"):
+                # aiosipua parses the offer before any of our code runs; what it cannot parse
+                # would get no answer at all.
+                aiosipua_sdp(message.text)
     except Exception as exc:  # the parser's errors are ValueError/IndexError/...: all mean 400
         return f"unparseable: {exc}"
     return None
@@ -208,7 +214,9 @@ class SipCall:
         self.receivers = {
             leg.name: RtpReceiver(leg.payload_types, leg.dtmf_payload_type) for leg in legs
         }
-        self.resamplers = {leg.name: ResampleStream(RTP_RATE) for leg in legs}
+        self.resamplers = {
+            leg.name: ResampleStream(RTP_RATE, self.call.sample_rate) for leg in legs
+        }
         self.digits: list[str] = []
         self.on_hold = False
         self.ended = False
@@ -283,7 +291,10 @@ class SipCall:
             else:
                 continue
             log.info("hanging up: %s", reason, extra={"call_id": self.id})
-            self.hangup()
+            try:
+                self.hangup()
+            except Exception:  # the BYE failed: the call still ends, its slot and port freed
+                log.warning("hang-up failed", exc_info=True, extra={"call_id": self.id})
             self._ending = asyncio.get_running_loop().create_task(self.end(reason))
             return
 

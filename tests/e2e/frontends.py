@@ -73,7 +73,10 @@ async def watch_events(
 
 async def offline_words(service: Service, pcm: PcmArray, rate: int) -> list[dict[str, Any]]:
     """The offline transcript of the same audio at the wire rate, through the same engine."""
-    transcript = await transcribe_pcm(service.bridge.hub, resample_whole(pcm, rate), "reference")
+    hub = service.bridge.hub
+    transcript = await transcribe_pcm(
+        hub, resample_whole(pcm, rate, hub.engine.sample_rate), "reference"
+    )
     return [{"text": w.text, "start": w.start_s, "end": w.end_s} for w in transcript.words]
 
 

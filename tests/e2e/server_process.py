@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import MODEL_CACHE
+
 CLI = [sys.executable, "-m", "api.cli"]
 
 
@@ -53,8 +55,10 @@ class ServerProcess:
             "STT_BRIDGE_SERVER_WEB_PORT": str(self.ports["web"]),
             "STT_BRIDGE_AUDIOSOCKET_HOST": "127.0.0.1",
             "STT_BRIDGE_AUDIOSOCKET_PORT": str(self.ports["audiosocket"]),
-            "STT_BRIDGE_ENGINE_NAME": "cpu",
+            "STT_BRIDGE_ENGINE_NAME": "moonshine",
+            "STT_BRIDGE_ENGINE_CACHE_DIR": str(MODEL_CACHE),
             "STT_BRIDGE_DATA_DIR": str(data_dir),
+            "STT_BRIDGE_SIP_ENABLED": "false",  # on by default on 5060; a test turns it on itself
             **env,
         }
         self.process: subprocess.Popen[str] | None = None

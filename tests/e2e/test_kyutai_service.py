@@ -74,7 +74,7 @@ async def test_a_phone_call_gets_the_words_the_same_audio_gets_offline(service: 
     assert live, messages
     assert messages[-1] == {"type": "closed", "reason": "flushed"}
 
-    decoder = AudioDecoder(Encoding.MULAW, 8000)
+    decoder = AudioDecoder(Encoding.MULAW, 8000, service.bridge.hub.engine.sample_rate)
     pcm24k = np.concatenate([decoder.feed(ulaw), decoder.flush()])
     offline = await transcribe_pcm(service.bridge.hub, pcm24k, "reference")
     assert live == [(w.text, w.start_s, w.end_s) for w in offline.words]

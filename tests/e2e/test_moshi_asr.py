@@ -24,7 +24,7 @@ from websockets.asyncio.client import ClientConnection
 
 from api.app import Service
 from api.config import ApiConfig
-from telephony.audio import ENGINE_RATE, PcmArray, float_to_pcm16, pcm16_to_float
+from telephony.audio import PcmArray, float_to_pcm16, pcm16_to_float
 from tests.conftest import ServiceFactory, make_config
 from tests.e2e import frontends
 from tests.e2e.frontends import EventLog, offline_words
@@ -153,7 +153,7 @@ async def test_kyutai_file_client_gets_the_sentence_back(keyed: Service) -> None
     words = transcript(messages)
     assert all(w["timestamp"][0] < w["timestamp"][1] for w in words)
     # The same words, at the same times, as the same audio transcribed offline.
-    expected = await offline_words(service, as_engine_audio(audio), ENGINE_RATE)
+    expected = await offline_words(service, as_engine_audio(audio), SAMPLE_RATE)
     assert expected and as_offline(words) == expected
     text = " ".join(w["text"] for w in words)
     assert word_error_rate(SENTENCES[0], text) <= CLEAN_WER_BOUND, text
@@ -213,7 +213,7 @@ async def test_malformed_msgpack_gets_an_error_and_other_calls_go_on(keyed: Serv
     assert bad[0] == {"type": "Ready"}
     assert bad[1]["type"] == "Error" and "MessagePack" in bad[1]["message"]
     assert len(bad) == 2 and code == 1007
-    expected = await offline_words(service, as_engine_audio(audio), ENGINE_RATE)
+    expected = await offline_words(service, as_engine_audio(audio), SAMPLE_RATE)
     assert expected and as_offline(transcript(messages)) == expected
 
 
@@ -261,7 +261,7 @@ async def test_markers_come_back_in_order_after_their_audio(start_service: Servi
     assert [messages[i]["id"] for i in markers] == [1, 2]
     # Marker 1 follows only silence: it comes back before any word; every word before marker 2.
     assert markers[0] == 0
-    expected = await offline_words(service, as_engine_audio(audio), ENGINE_RATE)
+    expected = await offline_words(service, as_engine_audio(audio), SAMPLE_RATE)
     assert expected and as_offline(transcript(messages)) == expected
 
 
@@ -284,7 +284,7 @@ async def test_ogg_opus_stream(start_service: ServiceFactory) -> None:
         messages = await asyncio.wait_for(receive_until_marker(ws), 60)
     words = transcript(messages)
     silence = np.zeros(5 * SAMPLE_RATE, np.int16)
-    expected = await offline_words(service, np.concatenate([decoded, silence]), ENGINE_RATE)
+    expected = await offline_words(service, np.concatenate([decoded, silence]), SAMPLE_RATE)
     assert expected and as_offline(words) == expected
     text = " ".join(w["text"] for w in words)
     assert word_error_rate(SENTENCES[4], text) <= CLEAN_WER_BOUND, text
@@ -310,7 +310,7 @@ async def test_post_a_file_gives_word_and_end_word_objects(keyed: Service) -> No
         {"text": w["text"], "start": w["start_time"], "end": e["stop_time"]}
         for w, e in zip(answer[::2], answer[1::2], strict=True)
     ]
-    expected = await offline_words(service, pcm, ENGINE_RATE)
+    expected = await offline_words(service, pcm, SAMPLE_RATE)
     assert expected and words == expected
     text = " ".join(w["text"] for w in words)
     assert word_error_rate(SENTENCES[2], text) <= CLEAN_WER_BOUND, text

@@ -7,13 +7,12 @@ import json
 from typing import Any
 
 import aiohttp
-import numpy as np
 import pytest
 
 from api.app import Service
-from api.transcribe import transcribe_pcm
-from telephony.audio import AudioDecoder, Encoding, PcmArray, resample_whole, ulaw_decode
+from telephony.audio import AudioDecoder, Encoding, PcmArray, ulaw_decode
 from tests.conftest import ServiceFactory
+from tests.e2e import frontends
 from tests.speech import SENTENCES, phone_bytes, read_pcm, speech_wav, word_error_rate
 
 # Measured: μ-law 8 kHz hibari sentences through the CPU engine, mean WER 0.36 (worst 0.53).
@@ -24,10 +23,9 @@ def url(service: Service, path: str) -> str:
     return f"ws://127.0.0.1:{service.ports['audio']}{path}"
 
 
-async def offline_words(service: Service, pcm24k: PcmArray) -> list[dict[str, Any]]:
-    """The same audio transcribed offline through the same engine."""
-    transcript = await transcribe_pcm(service.bridge.hub, pcm24k, "reference")
-    return [{"text": w.text, "start": w.start_s, "end": w.end_s} for w in transcript.words]
+async def offline_words(service: Service, pcm: PcmArray, rate: int = 24000) -> list[dict[str, Any]]:
+    """The same audio (24 kHz unless said) transcribed offline through the same engine."""
+    return await frontends.offline_words(service, pcm, rate)
 
 
 async def stream_and_collect(
@@ -80,7 +78,7 @@ async def test_listen_mulaw_8k_equals_offline_transcript_of_same_audio(
 ) -> None:
     service = await start_service()
     wire = phone_bytes(SENTENCES[1], "mulaw", 8000)
-    same_audio = resample_whole(ulaw_decode(wire), 8000)
+    same_audio = ulaw_decode(wire)
     path = "/v1/listen?encoding=mulaw&sample_rate=8000&call_id=ulaw-test"
     async with aiohttp.ClientSession() as http:
         async with http.ws_connect(url(service, "/v1/events")) as events:
@@ -91,7 +89,7 @@ async def test_listen_mulaw_8k_equals_offline_transcript_of_same_audio(
             while not seen or seen[-1]["type"] != "call_ended":
                 seen.append(await asyncio.wait_for(events.receive_json(), 10))
     got = only_words(messages)
-    assert got == await offline_words(service, same_audio)
+    assert got == await offline_words(service, same_audio, 8000)
     text = " ".join(w["text"] for w in got)
     assert word_error_rate(SENTENCES[1], text) <= PHONE_WER_BOUND, text
     # The live events feed saw the same call, labelled, with the same words.
@@ -110,13 +108,12 @@ async def test_listen_other_encodings(
 ) -> None:
     service = await start_service()
     wire = phone_bytes(SENTENCES[2], encoding, rate)
-    decoder = AudioDecoder(Encoding(encoding), rate)
-    same_audio = np.concatenate([decoder.feed(wire), decoder.flush()])
+    same_audio = AudioDecoder(Encoding(encoding), rate, rate).decode(wire)
     path = f"/v1/listen?encoding={encoding}&sample_rate={rate}"
     async with aiohttp.ClientSession() as http, http.ws_connect(url(service, path)) as ws:
         messages = await stream_and_collect(ws, split(wire, rate // 25))
     got = only_words(messages)
-    assert got and got == await offline_words(service, same_audio)
+    assert got and got == await offline_words(service, same_audio, rate)
 
 
 @pytest.mark.parametrize(

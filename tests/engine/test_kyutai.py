@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from api.config import EngineConfig
+from engine.config import EngineConfig
 from engine.base import (
     Closed,
     EndOfTurn,

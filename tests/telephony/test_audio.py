@@ -61,10 +61,12 @@ def test_resampler_output_does_not_depend_on_chunking(rate: int) -> None:
     pcm = (np.sin(np.arange(rate * 2) * 0.05) * 12000 + rng.normal(0, 2000, rate * 2)).astype(
         np.int16
     )
-    whole = _chunked(ResampleStream(rate), pcm, [])
+    whole = _chunked(ResampleStream(rate, 24000), pcm, [])
     random_sizes = [int(n) for n in rng.integers(1, 700, size=400)]
-    pieces = _chunked(ResampleStream(rate), pcm, random_sizes)
-    frames = _chunked(ResampleStream(rate), pcm, [rate // 50] * 100)  # 20 ms telephone frames
+    pieces = _chunked(ResampleStream(rate, 24000), pcm, random_sizes)
+    frames = _chunked(
+        ResampleStream(rate, 24000), pcm, [rate // 50] * 100
+    )  # 20 ms telephone frames
     assert len(whole) == len(pieces) == len(frames) == len(pcm) * 24000 // rate
     assert np.abs(whole.astype(int) - pieces).max() <= 1
     assert np.abs(whole.astype(int) - frames).max() <= 1
@@ -73,14 +75,14 @@ def test_resampler_output_does_not_depend_on_chunking(rate: int) -> None:
 def test_resampler_keeps_a_tone_at_its_frequency() -> None:
     t = np.arange(8000) / 8000
     tone = (np.sin(2 * np.pi * 440 * t) * 10000).astype(np.int16)
-    stream = ResampleStream(8000)
+    stream = ResampleStream(8000, 24000)
     out = np.concatenate([stream.process(tone), stream.flush()])
     spectrum = np.abs(np.fft.rfft(out.astype(float)))
     assert abs(np.argmax(spectrum) * 24000 / len(out) - 440) < 2
 
 
 def test_resampler_memory_stays_flat_over_a_long_call() -> None:
-    stream = ResampleStream(8000)
+    stream = ResampleStream(8000, 24000)
     frame = (np.sin(np.arange(160) * 0.3) * 8000).astype(np.int16)
     for _ in range(500):  # warm up
         stream.process(frame)
@@ -96,14 +98,14 @@ def test_resampler_memory_stays_flat_over_a_long_call() -> None:
 def test_decoder_carries_a_sample_split_across_frames() -> None:
     pcm = np.arange(-500, 500, 7, dtype=np.int16)
     data = pcm.tobytes()
-    whole = AudioDecoder(Encoding.PCM16, 24000).feed(data)
-    split = AudioDecoder(Encoding.PCM16, 24000)
+    whole = AudioDecoder(Encoding.PCM16, 24000, 24000).feed(data)
+    split = AudioDecoder(Encoding.PCM16, 24000, 24000)
     parts = [split.feed(data[i : i + 3]) for i in range(0, len(data), 3)]
     assert np.concatenate(parts).tolist() == whole.tolist() == pcm.tolist()
 
 
 def test_decoder_turns_8k_ulaw_into_24k() -> None:
-    decoder = AudioDecoder(Encoding.MULAW, 8000)
+    decoder = AudioDecoder(Encoding.MULAW, 8000, 24000)
     tone = (np.sin(np.arange(1600) * 2 * np.pi * 1000 / 8000) * 8000).astype(np.int16)
     out = np.concatenate([decoder.feed(audio.ulaw_encode(tone)), decoder.flush()])
     assert len(out) == 4800
@@ -112,4 +114,4 @@ def test_decoder_turns_8k_ulaw_into_24k() -> None:
 
 def test_decoder_rejects_unsupported_rate() -> None:
     with pytest.raises(ValueError, match="sample rate"):
-        AudioDecoder(Encoding.PCM16, 11025)
+        AudioDecoder(Encoding.PCM16, 11025, 24000)

@@ -178,9 +178,9 @@ def test_post_body_decoding() -> None:
     stereo[:, 1] = -20000
     buf = io.BytesIO()
     soundfile.write(buf, stereo, 8000, format="WAV", subtype="PCM_16")
-    pcm = decode_audio_file(buf.getvalue())
+    pcm = decode_audio_file(buf.getvalue(), 24000)
     assert abs(len(pcm) - 24000) <= 1
     assert abs(int(np.median(pcm)) - 1000) <= 2
     for body in (b"", b"not audio at all" * 100):
         with pytest.raises(AudioFileError):
-            decode_audio_file(body)
+            decode_audio_file(body, 24000)

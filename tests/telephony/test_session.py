@@ -21,7 +21,7 @@ class ScriptedStream(EngineStream):
     """On close, emits `words` words `interval_s` apart, then `Closed` (unless `stuck`)."""
 
     def __init__(self, call_id: str, leg: str, words: int, interval_s: float, stuck: bool) -> None:
-        super().__init__(call_id, leg, max_buffer_s=10.0)
+        super().__init__(call_id, leg, max_buffer_s=10.0, sample_rate=24000)
         self.words, self.interval_s, self.stuck = words, interval_s, stuck
         self.flusher: asyncio.Task[None] | None = None
 
@@ -41,6 +41,7 @@ class ScriptedStream(EngineStream):
 
 
 class ScriptedEngine(Engine):
+    sample_rate = 24000
     name = "scripted"
 
     def __init__(self, words: int, interval_s: float, stuck: bool = False) -> None:

@@ -1,0 +1,80 @@
+"""Decoding threads shared by every stream, finals first.
+
+onnxruntime releases the GIL for each model run, so N threads decode N utterances at once on N
+cores with one copy of the model. Work is taken by priority, then in order of arrival: a
+stream's audio and its final decodes (`FINAL`) always go before anyone's partial hypothesis
+(`PARTIAL`), so under load partials come later or not at all, while finals keep their pace.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Final, TypeVar
+
+T = TypeVar("T")
+
+FINAL: Final = 0
+PARTIAL: Final = 1
+
+
+class DecodePool:
+    def __init__(self, threads: int, name: str = "decode") -> None:
+        self._queue: list[tuple[int, int, Future[Any], Callable[[], Any]]] = []
+        self._order = itertools.count()
+        self._ready = threading.Condition()
+        self._stopping = False
+        self.busy = 0  # threads running a job now
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def threads(self) -> int:
+        return len(self._threads)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def submit(self, priority: int, fn: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+        with self._ready:
+            if self._stopping:
+                raise RuntimeError("the decode pool is shut down")
+            heapq.heappush(self._queue, (priority, next(self._order), future, fn))
+            self._ready.notify()
+        return future
+
+    def shutdown(self) -> None:
+        """Finish the queued work, then stop the threads."""
+        with self._ready:
+            self._stopping = True
+            self._ready.notify_all()
+        for thread in self._threads:
+            thread.join()
+
+    def _serve(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._stopping:
+                    self._ready.wait()
+                if not self._queue:
+                    return
+                _, _, future, fn = heapq.heappop(self._queue)
+                self.busy += 1
+            try:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:  # handed to whoever awaits the future
+                        future.set_exception(exc)
+            finally:
+                with self._ready:
+                    self.busy -= 1

@@ -1,0 +1,264 @@
+"""The CPU engine: Moonshine base (English) on onnxruntime, cut into utterances by Silero VAD.
+
+Each stream takes 16 kHz audio (the front ends resample once, straight to it). A VAD cuts it
+into utterances at pauses (engine/endpointing.py); each utterance is decoded whole when it
+ends, giving its words (times from the audio: engine/word_timing.py), a `Segment` with the
+model's cased, punctuated text, and an `EndOfTurn`. While the caller speaks, the open utterance
+is decoded again every `partial_interval_s` of its audio, as a `Partial` that the next one or
+the `Segment` replaces.
+
+One model and one VAD session per process, shared by a pool of decoding threads (one per core
+by default): finals go before partials, so a busy machine gives fewer partials, not late
+finals. `capacity` is how many streams the machine keeps real time, measured at start unless
+set: admission, `/ready` and `/info` use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from engine.base import (
+    Closed,
+    EndOfTurn,
+    Engine,
+    EngineFull,
+    EngineInfo,
+    EngineStream,
+    EngineUnavailable,
+    Partial,
+    Segment,
+    Word,
+)
+from engine.decode_pool import FINAL, PARTIAL, DecodePool
+from engine.endpointing import Cut, EndpointConfig, Utterances
+from engine.moonshine_model import SAMPLE_RATE, MoonshineModel, load
+from engine.vad import SileroVad
+from engine.vad import load as load_vad
+from engine.word_timing import word_times
+from telephony.audio import PcmArray
+
+log = logging.getLogger(__name__)
+
+VAD_COST: Final = 0.005  # share of a core the VAD takes per stream (measured: 0.16 ms / 32 ms)
+TARGET_LOAD: Final = 0.7  # admit streams up to this share of the decoding threads' time
+CALIBRATION_S: Final = 5.0
+CALIBRATION_TOKENS: Final = 15  # what 5 s of speech decodes to, about
+
+
+class MoonshineEngine(Engine):
+    name = "moonshine"
+    sample_rate = SAMPLE_RATE
+
+    def __init__(
+        self,
+        model: str = "",
+        cache_dir: Path = Path("data/cache"),
+        capacity: int = 0,
+        threads: int = 0,
+        max_buffer_s: float = 10.0,
+        partial_interval_s: float = 1.0,
+        endpoint: EndpointConfig | None = None,
+    ) -> None:
+        self._model_name = model
+        self._cache_dir = cache_dir
+        self._capacity = capacity
+        self._threads = threads or os.cpu_count() or 1
+        self._max_buffer_s = max_buffer_s
+        self.partial_interval_s = partial_interval_s
+        self.endpoint = endpoint or EndpointConfig()
+        self.model: MoonshineModel | None = None
+        self.pool: DecodePool | None = None
+        self._streams: set[MoonshineStream] = set()
+        self._rtf = 0.0
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self._capacity - len(self._streams))
+
+    async def start(self) -> None:
+        """Prepare (first start only) and load the model, then decode once so that a broken
+        model fails here and not in a call; measure the capacity unless it is set."""
+        loop = asyncio.get_running_loop()
+        self.model = await loop.run_in_executor(None, load, self._model_name, self._cache_dir)
+        await loop.run_in_executor(None, load_vad)
+        self._rtf = await loop.run_in_executor(None, self._calibrate, self.model)
+        if self._capacity <= 0:
+            self._capacity = max(1, int(self._threads * TARGET_LOAD / (self._rtf + VAD_COST)))
+        self.pool = DecodePool(self._threads, "moonshine")
+        log.info(
+            "moonshine engine: real-time factor %.3f per core, %d threads, capacity %d streams",
+            self._rtf,
+            self._threads,
+            self._capacity,
+        )
+
+    @staticmethod
+    def _calibrate(model: MoonshineModel) -> float:
+        """Seconds of one core per second of speech: encoder + a typical number of tokens."""
+        began = time.perf_counter()
+        model.cost_probe(CALIBRATION_S, CALIBRATION_TOKENS)
+        return (time.perf_counter() - began) / CALIBRATION_S
+
+    async def stop(self) -> None:
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
+
+    def open(self, call_id: str, leg: str = "caller") -> MoonshineStream:
+        if self.pool is None or self.model is None:
+            raise EngineUnavailable("the moonshine engine is not running")
+        if len(self._streams) >= self._capacity:
+            raise EngineFull(f"all {self._capacity} moonshine engine streams are busy")
+        stream = MoonshineStream(self, call_id, leg)
+        self._streams.add(stream)
+        return stream
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            name=self.name,
+            model=self.model.name if self.model else "moonshine (not loaded)",
+            capacity=self._capacity,
+            device="cpu",
+            extra={
+                "sample_rate": self.sample_rate,
+                "threads": self._threads,
+                "real_time_factor": round(self._rtf, 4),
+                "partial_interval_s": self.partial_interval_s,
+                "vad": "silero-vad (shipped in the silero-vad wheel)",
+                "max_utterance_s": self.endpoint.max_utterance_s,
+            },
+        )
+
+    def _release(self, stream: MoonshineStream) -> None:
+        self._streams.discard(stream)
+
+
+class MoonshineStream(EngineStream):
+    """One leg: its VAD state and open utterance, advanced by one pool job at a time."""
+
+    settles_on_take = False  # words come out per utterance: `_settle` says how far
+
+    def __init__(self, engine: MoonshineEngine, call_id: str, leg: str) -> None:
+        super().__init__(call_id, leg, engine._max_buffer_s, engine.sample_rate)
+        assert engine.model is not None and engine.pool is not None
+        self._engine = engine
+        self._model = engine.model
+        self._pool = engine.pool
+        self._utterances = Utterances(SileroVad(), engine.endpoint)
+        self._partial_every = int(engine.partial_interval_s * SAMPLE_RATE)
+        self._partial_at = (0, 0)  # (utterance number, its length) at the last partial
+        self._partial_running = False
+        self._emitting = threading.Lock()  # partial vs. final of one utterance: final wins
+        self._finalize = False
+        self._worker: asyncio.Task[None] | None = None
+
+    def _on_audio(self) -> None:
+        self._ensure_worker()
+
+    def _on_close(self) -> None:
+        self._ensure_worker()
+
+    def finalize(self) -> None:
+        if not self.closing:
+            self._finalize = True
+            self._ensure_worker()
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def _work(self) -> None:
+        try:
+            while self.pending_samples or self._finalize:
+                if self.pending_samples:
+                    pcm = self._take_pending(SAMPLE_RATE)  # a second at a time: partials keep up
+                    await self._run(functools.partial(self._advance, pcm))
+                else:  # Finalize: once the audio before it is in
+                    self._finalize = False
+                    await self._run(self._cut_now)
+                self._maybe_partial()
+            if self.closing:
+                await self._run(self._cut_now)
+                self._engine._release(self)
+                self._emit(Closed("flushed"))
+        except Exception:
+            log.exception("moonshine engine failed", extra={"call_id": self.call_id})
+            self._engine._release(self)
+            self._emit(Closed("engine error"))
+
+    async def _run(self, job: Callable[[], None]) -> None:
+        await asyncio.wrap_future(self._pool.submit(FINAL, job))
+
+    # -- on a pool thread --
+
+    def _advance(self, pcm: PcmArray) -> None:
+        for cut in self._utterances.feed(pcm):
+            self._decode_final(cut)
+        self._settle(self._utterances.settled)
+
+    def _cut_now(self) -> None:
+        for cut in self._utterances.cut_now():
+            self._decode_final(cut)
+        self._settle(self._utterances.settled)
+
+    def _decode_final(self, cut: Cut) -> None:
+        text = self._model.transcribe(cut.audio)
+        written = text.split()
+        offset = cut.start / SAMPLE_RATE
+        words = tuple(
+            Word(w, round(offset + start, 3), round(offset + end, 3))
+            for w, (start, end) in zip(
+                written, word_times(written, cut.audio, SAMPLE_RATE), strict=True
+            )
+        )
+        with self._emitting:
+            for word in words:
+                self._emit(word)
+            if words:  # noise that decodes to nothing is no turn
+                self._emit(Segment(text, words[0].start_s, words[-1].end_s, words))
+                if cut.ends_turn:
+                    self._emit(EndOfTurn(round(cut.end / SAMPLE_RATE, 3)))
+
+    def _maybe_partial(self) -> None:
+        """Decode the open utterance again once it has grown by `partial_interval_s`, unless a
+        partial of this stream is still running or its audio is already waiting (behind)."""
+        if self._partial_every <= 0 or self._partial_running or self.closing:
+            return
+        if self.pending_samples > SAMPLE_RATE // 2:
+            return
+        utterance = self._utterances.open_utterance()
+        if utterance is None:
+            return
+        number, length = self._partial_at
+        if number == utterance.number and len(utterance.audio) - length < self._partial_every:
+            return
+        if number != utterance.number and len(utterance.audio) < self._partial_every:
+            return
+        self._partial_at = (utterance.number, len(utterance.audio))
+        self._partial_running = True
+
+        def decode() -> None:
+            try:
+                text = self._model.transcribe(utterance.audio)
+                with self._emitting:  # the final of this utterance has not come out yet:
+                    state = self._utterances
+                    if text and state.in_speech and state.number == utterance.number:
+                        start = utterance.start / SAMPLE_RATE
+                        end = start + len(utterance.audio) / SAMPLE_RATE
+                        self._emit(Partial(text, round(start, 3), round(end, 3)))
+            finally:
+                self._partial_running = False
+
+        self._pool.submit(PARTIAL, decode)

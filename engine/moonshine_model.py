@@ -1,0 +1,270 @@
+"""Moonshine base (English) on onnxruntime: the model files, their one-time preparation, decoding.
+
+The weights ship inside the `moonshine-cpp` wheel (MIT) as `.ort` files; its own native library
+is not used (../shared/protocols/moonshine.md: slow, 2.5 GB, leaks). On first start the `.ort`
+files are converted once to `.onnx` in a cache folder (`engine.cache_dir`), which makes decoding
+5.6x faster; later starts reuse them. A folder of the same layout (`encoder_model.ort|.onnx`,
+`decoder_model_merged.ort|.onnx`, `tokenizer.bin`) can be given instead of the wheel's.
+
+The model takes raw 16 kHz float audio (no mel front end), encodes it, then a decoder with a
+KV cache writes tokens greedily until the end token: cased, punctuated text, numbers as digits,
+no timestamps. One `MoonshineModel` per process: onnxruntime sessions run concurrently from
+many threads, each `run` releasing the GIL, so every stream shares one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE: Final = 16000
+MAX_AUDIO_S: Final = 64.0  # the longest input the model was trained for
+START_TOKEN: Final = 1
+END_TOKEN: Final = 2
+TOKENS_PER_S: Final = 6.5  # at most this many tokens per second of audio (+ 10), as upstream
+SPACE: Final = "\u2581"
+LAYERS: Final = 8
+HEADS: Final = 8
+HEAD_DIM: Final = 52
+PARTS: Final = ("encoder_model", "decoder_model_merged")
+
+FloatAudio = npt.NDArray[np.float32]
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be prepared or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where the model's files are, and what they are called in `/info`."""
+
+    folder: Path
+    name: str
+
+    @classmethod
+    def locate(cls, model: str) -> ModelFiles:
+        """`model`: "" (or "moonshine/base-en") for the wheel's base-en, else a local folder."""
+        if model and model not in ("moonshine/base-en", "base-en"):
+            folder = Path(model).expanduser()
+            if not folder.is_dir():
+                raise ModelLoadError(f"engine.model {model!r}: no such folder")
+            return cls(folder, str(folder))
+        try:
+            root = importlib.resources.files("moonshine_cpp")
+        except ModuleNotFoundError:
+            raise ModelLoadError(
+                "the Moonshine model ships in the moonshine-cpp wheel, which is not installed: "
+                "pip install moonshine-cpp==0.1.4"
+            ) from None
+        folder = Path(str(root)) / "models" / "base-en"
+        return cls(folder, "moonshine base-en (moonshine-cpp wheel)")
+
+    def source(self, part: str) -> Path:
+        for suffix in (".onnx", ".ort"):
+            path = self.folder / f"{part}{suffix}"
+            if path.is_file():
+                return path
+        raise ModelLoadError(f"{self.folder}: {part}.ort or {part}.onnx is missing")
+
+
+def prepare(files: ModelFiles, cache_dir: Path) -> dict[str, Path]:
+    """The `.onnx` file of each part: as given, or converted once into `cache_dir`.
+
+    A manifest beside the converted files holds their digests: a file that was cut short or
+    altered is converted again, never loaded.
+    """
+    sources = {part: files.source(part) for part in PARTS}
+    if all(path.suffix == ".onnx" for path in sources.values()):
+        return sources
+    key = hashlib.sha256(
+        "|".join(
+            f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources.values()
+        ).encode()
+    ).hexdigest()[:16]
+    target = cache_dir / f"moonshine-{key}"
+    manifest = target / "manifest.json"
+    out = {part: target / f"{part}.onnx" for part in PARTS}
+    if _manifest_holds(manifest, out):
+        return out
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / ".writable"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ModelLoadError(
+            f"engine.cache_dir {cache_dir}: cannot write the prepared model there ({exc}); "
+            "set engine.cache_dir (STT_BRIDGE_ENGINE_CACHE_DIR) to a writable folder"
+        ) from None
+    from engine.ort_to_onnx import OrtFormatError, convert
+
+    log.info("preparing the Moonshine model once (ORT → ONNX) in %s", target)
+    for n, part in enumerate(PARTS, start=1):
+        began = time.monotonic()
+        src = sources[part]
+        try:
+            if src.suffix == ".onnx":
+                out[part] = src
+            else:
+                convert(src, out[part])
+        except (OrtFormatError, ValueError, OSError) as exc:
+            raise ModelLoadError(f"{src}: not a usable model file ({exc})") from None
+        log.info("  [%d/%d] %s ready in %.1f s", n, len(PARTS), part, time.monotonic() - began)
+    manifest.write_text(json.dumps({str(p): _digest(p) for p in out.values()}))
+    return out
+
+
+def _manifest_holds(manifest: Path, out: dict[str, Path]) -> bool:
+    try:
+        digests = json.loads(manifest.read_text())
+        return all(digests.get(str(p)) == _digest(p) for p in out.values())
+    except (OSError, ValueError):
+        return False
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_tokenizer(path: Path) -> list[str]:
+    """`tokenizer.bin`: one length-prefixed byte string per token id (a 7-bit varint length)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read the tokenizer ({exc})") from None
+    tokens: list[str] = []
+    i = 0
+    while i < len(data):
+        length, shift = 0, 0
+        while True:
+            if i >= len(data):
+                raise ModelLoadError(f"{path}: the tokenizer is cut short")
+            byte = data[i]
+            i += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        tokens.append(data[i : i + length].decode("utf-8", "replace").replace(SPACE, " "))
+        i += length
+    if len(tokens) < 1000:
+        raise ModelLoadError(f"{path}: not a Moonshine tokenizer ({len(tokens)} tokens)")
+    return tokens
+
+
+class MoonshineModel:
+    """The loaded model: `transcribe(audio)` from any thread, concurrently."""
+
+    def __init__(self, paths: dict[str, Path], tokenizer: list[str], name: str) -> None:
+        import onnxruntime as ort
+
+        self.name = name
+        self._tokens = tokenizer
+        options = ort.SessionOptions()
+        # One core per decode: concurrency comes from decoding several utterances at once.
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        # Prepacked weights are a second copy in memory; measured: the same speed without.
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        try:
+            self._encoder = ort.InferenceSession(
+                str(paths["encoder_model"]), options, providers=["CPUExecutionProvider"]
+            )
+            self._decoder = ort.InferenceSession(
+                str(paths["decoder_model_merged"]), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own types for a bad file
+            raise ModelLoadError(f"cannot load the Moonshine model: {exc}") from None
+        self._past_names = [
+            i.name for i in self._decoder.get_inputs() if i.name.startswith("past_key_values.")
+        ]
+        self._present_names = [o.name for o in self._decoder.get_outputs()][1:]
+
+    def transcribe(self, audio: FloatAudio) -> str:
+        """Text of 16 kHz float audio in [-1, 1] (at most `MAX_AUDIO_S`); "" for no speech."""
+        if len(audio) < SAMPLE_RATE // 10:
+            audio = np.pad(audio, (0, SAMPLE_RATE // 10 - len(audio)))
+        hidden = self._encoder.run(None, {"input_values": audio[None, :]})[0]
+        feeds: dict[str, npt.NDArray[np.generic]] = {"encoder_hidden_states": hidden}
+        empty = np.zeros((1, HEADS, 0, HEAD_DIM), dtype=np.float32)
+        for name in self._past_names:
+            feeds[name] = empty
+        feeds["use_cache_branch"] = np.array([False])
+        tokens: list[int] = []
+        last = START_TOKEN
+        for step in range(int(len(audio) / SAMPLE_RATE * TOKENS_PER_S) + 10):
+            feeds["input_ids"] = np.array([[last]], dtype=np.int64)
+            logits, *present = self._decoder.run(None, feeds)
+            last = int(np.argmax(logits[0, -1]))
+            if last == END_TOKEN:
+                break
+            tokens.append(last)
+            self._keep(feeds, present, step)
+            feeds["use_cache_branch"] = np.array([True])
+        return self.detokenize(tokens)
+
+    def cost_probe(self, seconds: float, tokens: int) -> None:
+        """Encode `seconds` of audio and run `tokens` decoder steps: the work of a typical
+        utterance of that length, whatever the audio says (for measuring speed)."""
+        rng = np.random.default_rng(0)
+        audio = (rng.standard_normal(int(seconds * SAMPLE_RATE)) * 0.05).astype(np.float32)
+        hidden = self._encoder.run(None, {"input_values": audio[None, :]})[0]
+        feeds: dict[str, npt.NDArray[np.generic]] = {"encoder_hidden_states": hidden}
+        empty = np.zeros((1, HEADS, 0, HEAD_DIM), dtype=np.float32)
+        for name in self._past_names:
+            feeds[name] = empty
+        feeds["use_cache_branch"] = np.array([False])
+        for step in range(tokens):
+            feeds["input_ids"] = np.array([[START_TOKEN + 10 + step]], dtype=np.int64)
+            _, *present = self._decoder.run(None, feeds)
+            self._keep(feeds, present, step)
+            feeds["use_cache_branch"] = np.array([True])
+
+    def _keep(
+        self, feeds: dict[str, npt.NDArray[np.generic]], present: list[Any], step: int
+    ) -> None:
+        """Next step's KV cache from this step's outputs."""
+        for name, value in zip(self._present_names, present, strict=True):
+            past = name.replace("present.", "past_key_values.")
+            # The cross-attention cache is computed at the first step and then kept.
+            if step == 0 or ".decoder." in past:
+                feeds[past] = value
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return "".join(self._tokens[t] for t in tokens if 2 < t < len(self._tokens)).strip()
+
+
+_loaded: dict[str, MoonshineModel] = {}
+_loading = threading.Lock()
+
+
+def load(model: str, cache_dir: Path) -> MoonshineModel:
+    """The process's one copy of the model (prepared on first use); safe from any thread."""
+    with _loading:
+        files = ModelFiles.locate(model)
+        key = str(files.folder)
+        if key not in _loaded:
+            paths = prepare(files, cache_dir)
+            tokenizer = read_tokenizer(files.folder / "tokenizer.bin")
+            began = time.monotonic()
+            _loaded[key] = MoonshineModel(paths, tokenizer, files.name)
+            log.info("Moonshine model loaded in %.1f s", time.monotonic() - began)
+        return _loaded[key]

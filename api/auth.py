@@ -14,7 +14,6 @@ instead) stay open. Keys are compared in constant time and never logged.
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import logging
 import time
@@ -39,7 +38,7 @@ def presented_key(request: web.Request) -> str | None:
     if header.lower().startswith("basic "):
         try:
             _, _, password = base64.b64decode(header[6:]).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # binascii.Error, UnicodeDecodeError, a non-ASCII header
             return None
         return password
     return (
@@ -67,8 +66,10 @@ class ApiKeys:
         if key is None:
             return None
         found = None
+        # A header that is not UTF-8 reaches us with surrogate escapes: still bytes to compare.
+        presented = key.encode("utf-8", "surrogatepass")
         for candidate in self._keys:  # no early exit: the time does not tell which key is close
-            if hmac.compare_digest(candidate.encode(), key.encode()):
+            if hmac.compare_digest(candidate.encode(), presented):
                 found = candidate
         return found
 

@@ -248,19 +248,17 @@ async def handle_voice(request: web.Request) -> web.Response:
     except (ValueError, LookupError, AssertionError) as exc:  # bad charset, UTF-8, boundary
         return web.Response(status=400, text=f"unreadable form: {type(exc).__name__}")
     base = public_base(request, config)
-    if config.auth_token:
-        if not _signature_ok(config, base + request.path_qs, form, signature):
-            log.warning(
-                "twilio webhook: %s signature",
-                "missing" if not signature else "invalid",
-                extra={"front_end": FRONT_END, "remote": request.remote},
-            )
-            return web.Response(status=403, text="invalid X-Twilio-Signature")
+    if config.auth_token and not _signature_ok(config, base + request.path_qs, form, signature):
+        log.warning(
+            "twilio webhook: invalid signature",
+            extra={"front_end": FRONT_END, "remote": request.remote},
+        )
+        return web.Response(status=403, text="invalid X-Twilio-Signature")
     return web.Response(text=voice_twiml(base, form, config), content_type="application/xml")
 
 
 class _Legs:
-    """μ-law 8 kHz per track → the engine's rate per leg, gaps in media.timestamp kept as silence."""
+    """μ-law 8 kHz per track → the engine's rate per leg, gaps in media.timestamp as silence."""
 
     def __init__(self, call: Call) -> None:
         self.call = call

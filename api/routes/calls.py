@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any, Final
 
 from aiohttp import web
@@ -40,11 +41,15 @@ def render(lines: list[Line], fmt: str) -> str:
 
 
 def _number(request: web.Request, name: str, default: float | None) -> float | None:
+    """A finite number within SQLite's 64-bit range (nan, inf, 1e309, 1e30 are 400)."""
     value = request.query.get(name)
     if value is None:
         return default
     try:
-        return float(value)
+        number = float(value)
+        if not math.isfinite(number) or abs(number) >= 2**63:
+            raise ValueError(value)
+        return number
     except ValueError:
         raise web.HTTPBadRequest(
             text=f'{{"error": "bad_parameters", "reason": "{name} must be a number"}}',

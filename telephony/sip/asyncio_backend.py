@@ -183,14 +183,21 @@ class _Dialog:
         self.backend.dialogs.pop(self.call_id, None)
 
     def hangup(self) -> None:
-        """Our side ends the call: BYE, then release (the SipCall flushes on its own)."""
-        self.incoming.hangup()
-        # Forgotten by the UAS below, so its stop() would not end a 2xx retransmission still
-        # running (a re-INVITE never ACKed): end it here.
-        self.incoming._stop_retransmissions()
-        for uas in self.backend.uases:
-            uas._calls.pop(self.call_id, None)
-        self.release()
+        """Our side ends the call: BYE, then release (the SipCall flushes on its own).
+
+        The BYE may have nowhere to go (a TCP caller that dropped its connection without one):
+        the call is released all the same."""
+        try:
+            self.incoming.hangup()
+        except Exception as exc:  # aiosipua: RuntimeError "No TCP connection", OSError
+            log.info("BYE not sent: %s", exc, extra={"call_id": self.call_id})
+        finally:
+            # Forgotten by the UAS below, so its stop() would not end a 2xx retransmission
+            # still running (a re-INVITE never ACKed): end it here.
+            self.incoming._stop_retransmissions()
+            for uas in self.backend.uases:
+                uas._calls.pop(self.call_id, None)
+            self.release()
 
     async def finish(self, reason: str) -> None:
         self.release()

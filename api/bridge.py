@@ -33,9 +33,11 @@ class Bridge:
     accepting: bool = False  # true between start-up and the beginning of a drain
     ports: dict[str, int] = field(default_factory=dict)  # what each listener is bound to
     sip: SipBackend | None = None  # the running SIP user agent, where SIP is enabled
+    sip_problem: str = ""  # why SIP is enabled but not listening (its port is taken)
 
-    def keep_sip(self, backend: SipBackend | None) -> None:
+    def keep_sip(self, backend: SipBackend | None, problem: str = "") -> None:
         self.sip = backend
+        self.sip_problem = problem
 
 
 BRIDGE: Final = web.AppKey("bridge", Bridge)

@@ -7,7 +7,7 @@ import time
 
 from aiohttp import web
 
-from api.bridge import BRIDGE
+from api.bridge import BRIDGE, Bridge
 from telephony.sip import backend as sip
 
 SERVICE_NAME = "stt-bridge"
@@ -25,16 +25,30 @@ async def handle_health(request: web.Request) -> web.Response:
     )
 
 
+def _sip_line(bridge: Bridge) -> str:
+    """SIP in one line for `/ready`'s body; readiness itself does not depend on it."""
+    config = bridge.config.sip
+    if not config.enabled:
+        return "disabled"
+    if bridge.sip_problem:
+        return f"not listening: {bridge.sip_problem}"
+    return f"listening on {bridge.ports.get('sip', config.port)}"
+
+
 async def handle_ready(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     free = bridge.engine.free_slots
+    sip_line = _sip_line(bridge)
     if not bridge.accepting or bridge.hub.draining:
-        return web.json_response({"ready": False, "reason": "draining"}, status=503)
+        return web.json_response(
+            {"ready": False, "reason": "draining", "sip": sip_line}, status=503
+        )
     if free <= 0:
         return web.json_response(
-            {"ready": False, "reason": "no free engine slot", "free_slots": 0}, status=503
+            {"ready": False, "reason": "no free engine slot", "free_slots": 0, "sip": sip_line},
+            status=503,
         )
-    return web.json_response({"ready": True, "free_slots": free})
+    return web.json_response({"ready": True, "free_slots": free, "sip": sip_line})
 
 
 async def handle_info(request: web.Request) -> web.Response:
@@ -53,7 +67,7 @@ async def handle_info(request: web.Request) -> web.Response:
                 "free_slots": bridge.engine.free_slots,
                 **info.extra,
             },
-            "sip": sip.describe(bridge.config.sip, bridge.sip),
+            "sip": sip.describe(bridge.config.sip, bridge.sip, bridge.sip_problem),
             "calls_live": len(bridge.hub.calls),
             "uptime_s": round(time.time() - bridge.started_at, 3),
         }

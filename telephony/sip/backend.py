@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -9,6 +12,8 @@ from aiohttp import web
 
 from api.config import SipConfig
 from telephony.session import CallHub
+
+log = logging.getLogger(__name__)
 
 PJSUA2_CALL_CAP = 4  # the pjsua2-python wheel's compiled-in PJSUA_MAX_CALLS (see the note)
 
@@ -43,13 +48,15 @@ def build_backend(config: SipConfig, hub: CallHub) -> SipBackend:
     raise ValueError(f"unknown sip.backend {config.backend!r} (choose asyncio or pjsua2)")
 
 
-def describe(config: SipConfig, backend: SipBackend | None) -> dict[str, Any]:
-    """What `/info` says about SIP."""
+def describe(config: SipConfig, backend: SipBackend | None, problem: str = "") -> dict[str, Any]:
+    """What `/info` says about SIP; `problem`: why it is not listening though enabled."""
     if not config.enabled:
         return {"enabled": False}
     pjsua2 = config.backend == "pjsua2"
     return {
         "enabled": True,
+        "listening": not problem,
+        **({"reason": problem} if problem else {}),
         **(backend.status() if backend is not None else {}),
         "backend": config.backend,
         "call_cap": PJSUA2_CALL_CAP if pjsua2 else None,
@@ -69,23 +76,50 @@ def describe(config: SipConfig, backend: SipBackend | None) -> dict[str, Any]:
     }
 
 
+def port_problem(host: str, port: int, tcp: bool) -> str:
+    """Why the SIP port cannot be had ("" when it can): bind it the way the user agent will,
+    UDP and (with `tcp`) TCP, then let it go at once."""
+    if port == 0:
+        return ""
+    kinds = [("UDP", socket.SOCK_DGRAM)] + ([("TCP", socket.SOCK_STREAM)] if tcp else [])
+    for name, kind in kinds:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, kind) as probe:
+            if kind == socket.SOCK_STREAM:  # as asyncio's server does: TIME_WAIT is no obstacle
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return f"{name} port {port} on {host} is taken by another program"
+                return f"{name} port {port} on {host} cannot be bound ({exc.strerror})"
+    return ""
+
+
 def cleanup_context(
     config: SipConfig,
     hub: CallHub,
     ports: dict[str, int],
-    keep: Callable[[SipBackend | None], None],
+    keep: Callable[[SipBackend | None, str], None],
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """For `app.cleanup_ctx`: the user agent runs while the audio app does; `keep` is told
-    the running backend (for `/info`), and None once it has stopped."""
+    the running backend (for `/info`), and None once it has stopped. When its port cannot be
+    had, the service goes on without SIP: one clear log line, and `keep(None, why)`."""
 
     async def run(app: web.Application) -> AsyncIterator[None]:
+        problem = port_problem(config.host, config.port, config.tcp)
+        if problem:
+            log.error("SIP is off: %s; the other front ends carry on (sip.port moves it)", problem)
+            keep(None, problem)
+            yield
+            return
         backend = build_backend(config, hub)
         ports["sip"] = await backend.start()
-        keep(backend)
+        keep(backend, "")
         try:
             yield
         finally:
-            keep(None)
+            keep(None, "")
             await backend.stop()
 
     return run

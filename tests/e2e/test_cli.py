@@ -127,6 +127,7 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, in
         "STT_BRIDGE_AUDIOSOCKET_PORT": str(free_port()),
         "STT_BRIDGE_ENGINE_NAME": "cpu",
         "STT_BRIDGE_SERVER_DRAIN_TIMEOUT_S": "2",  # live calls may go on 2 s after SIGTERM
+        "STT_BRIDGE_SIP_ENABLED": "false",  # on by default, on 5060: not in parallel tests
         "STT_BRIDGE_DATA_DIR": str(tmp_path / "data"),
     }
     process = subprocess.Popen([*CLI, "serve"], env=env, stdout=subprocess.PIPE, text=True)

@@ -10,7 +10,7 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TORCH   ?= torch==2.13.0
 MOSHI   ?= moshi==0.2.13
 DEB_PACKAGES := espeak-ng sox libsox-fmt-all chromium chromium-driver sip-tester baresip \
-                python3-venv ca-certificates
+                python3-venv ca-certificates postgresql kamailio haproxy
 PYTEST_ARGS ?=
 # The suite runs in two phases. First every test that shares a core well, on two workers; then,
 # one at a time, the `solo` tests: those whose audio goes through PJSIP's real-time media clock,

@@ -24,10 +24,11 @@ from aiohttp import web
 from api import __version__, health
 from api.auth import ApiKeys
 from api.bridge import BRIDGE, Bridge
+from api.cluster import Cluster
 from api.config import Config
 from api.metrics import Metrics
 from api.routes import calls
-from api.routes.events import handle_events
+from api.routes.events import REMOTE_CALLS, handle_events
 from api.store import Store
 from api.webhooks import WebhookSender
 from engine.base import Engine
@@ -77,6 +78,8 @@ def build_audio_app(bridge: Bridge) -> web.Application:
     app[BRIDGE] = bridge
     app[websocket.HUB] = bridge.hub
     calls.add_routes(app, bridge.store, bridge.hub)
+    if bridge.cluster is not None:
+        app[REMOTE_CALLS] = bridge.cluster.remote_live
     app.router.add_get("/", _root)
     app.router.add_get("/v1/stream", websocket.handle_stream)
     deepgram.add_routes(app, bridge.hub)
@@ -126,13 +129,17 @@ class Service:
         hub = CallHub(engine)
         urls = [u.strip() for u in config.webhook.url.split(",") if u.strip()]
         store = Store(
-            Path(config.data.dir) / "stt-bridge.sqlite3",
+            config.data.url or Path(config.data.dir) / "stt-bridge.sqlite3",
             urls,
             retention_s=config.data.retention_days * 86400,
+            node_id=config.server.node_id,
+            lease_s=config.data.lease_s,
         )
         hub.bus.add_sink(store.record)
         metrics = Metrics(hub, store)
         self.bridge = Bridge(config, engine, choice, hub, store, metrics)
+        if store.postgres:
+            self.bridge.cluster = Cluster(store, hub.bus)
         self.webhooks = WebhookSender(
             store, config.webhook.secret, config.webhook.timeout_s, on_result=metrics.webhook_result
         )
@@ -142,6 +149,8 @@ class Service:
     async def start(self) -> None:
         server = self.config.server
         await self.bridge.engine.start()
+        if self.bridge.cluster is not None:
+            self.bridge.cluster.start()
         self.webhooks.start()
         tls = _tls_context(self.config)
         apps = {
@@ -179,6 +188,8 @@ class Service:
             await runner.cleanup()
         self._runners.clear()
         await self.bridge.engine.stop()
+        if self.bridge.cluster is not None:
+            self.bridge.cluster.stop()
         store.close()
 
 

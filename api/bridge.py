@@ -17,6 +17,7 @@ from engine.registry import EngineChoice
 from telephony.session import CallHub
 
 if TYPE_CHECKING:
+    from api.cluster import Cluster
     from telephony.sip.backend import SipBackend
 
 
@@ -33,6 +34,7 @@ class Bridge:
     accepting: bool = False  # true between start-up and the beginning of a drain
     ports: dict[str, int] = field(default_factory=dict)  # what each listener is bound to
     sip: SipBackend | None = None  # the running SIP user agent, where SIP is enabled
+    cluster: Cluster | None = None  # live events and the lease, on the PostgreSQL store
     sip_problem: str = ""  # why SIP is enabled but not listening (its port is taken)
 
     def keep_sip(self, backend: SipBackend | None, problem: str = "") -> None:

@@ -164,6 +164,12 @@ class EventBus:
         for sub in list(self._subscriptions):
             sub.offer(event)
 
+    def relay(self, event: BusEvent) -> None:
+        """Another node's event (api/cluster.py): to live subscribers only; that node stored
+        and counted it."""
+        for sub in list(self._subscriptions):
+            sub.offer(event)
+
     @property
     def subscriber_count(self) -> int:
         return len(self._subscriptions)

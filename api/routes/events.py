@@ -3,7 +3,8 @@
 One JSON text frame per event. First, a `call_started` for each call already live (so a view
 opened mid-call knows what is going on), then as they happen: `call_started` (front end, legs,
 labels), each leg's `word`, `segment`, `end_of_turn`, `dtmf` and `closed` (with `call_id` and
-`leg`), then `call_ended`. The subscription's queue is bounded: a subscriber that reads too
+`leg`), then `call_ended`. In a cluster (api/cluster.py) every node's calls are here, the
+snapshot included. The subscription's queue is bounded: a subscriber that reads too
 slowly loses its own oldest-pending events (counted in `stt_bridge_live_events_dropped_total`),
 never the calls'.
 """
@@ -21,6 +22,8 @@ from telephony.websocket import HUB
 
 ALL_CALLS_QUEUE: Final = 10_000
 ONE_CALL_QUEUE: Final = 1_000
+# Calls live on other nodes of a cluster, by id (api/cluster.py keeps it).
+REMOTE_CALLS: Final = web.AppKey("remote_calls", dict[str, CallStarted])
 
 
 async def stream_events(
@@ -37,6 +40,8 @@ async def stream_events(
         for c in hub.calls.values()
         if call_id is None or c.id == call_id
     ]
+    remote = request.app.get(REMOTE_CALLS, {})
+    live += [c for c in remote.values() if call_id is None or c.call_id == call_id]
     forward = asyncio.create_task(_forward(live, subscription, ws))
     try:
         async for _ in ws:  # the client says nothing; this waits for it to leave

@@ -1,11 +1,12 @@
-"""The store on a real SQLite file: retention, deleting, two legs interleaved in a transcript."""
+"""The store on both backends (a SQLite file; PostgreSQL from Debian, started by the session):
+retention, migrations, deleting, two legs interleaved in a transcript, webhook claims."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import aiohttp
 import numpy as np
 
 from api.config import DataConfig
-from api.store import MIGRATIONS, Store
+from api.store import MIGRATIONS, Database, Store
 from engine.base import Segment, Word
 from telephony.session import CallEnded, CallStarted, LegEvent
 from tests.conftest import ServiceFactory, make_config
@@ -40,30 +41,36 @@ async def api(service: Any, method: str, path: str) -> tuple[int, Any]:
         return r.status, body
 
 
+def location(tmp_path: Path, store_url: str) -> Path | str:
+    """Where the service keeps its store for this backend."""
+    return store_url or tmp_path / "stt-bridge.sqlite3"
+
+
 async def test_retention_deletes_old_finished_calls_at_start(
-    tmp_path: Path, start_service: ServiceFactory
+    tmp_path: Path, start_service: ServiceFactory, store_url: str
 ) -> None:
     now = time.time()
-    store = Store(tmp_path / "stt-bridge.sqlite3")
+    store = Store(location(tmp_path, store_url))
     record_call(store, "old", now - 40 * DAY, ended=True)
     record_call(store, "recent", now - 2 * DAY, ended=True)
     store.close()
 
     base = make_config(tmp_path)
-    config = dataclasses.replace(base, data=DataConfig(dir=str(tmp_path), retention_days=30))
-    service = await start_service(config)
+    data = DataConfig(dir=str(tmp_path), retention_days=30, url=store_url)
+    service = await start_service(dataclasses.replace(base, data=data))
     status, listing = await api(service, "GET", "/v1/calls")
     assert status == 200 and [c["id"] for c in listing["calls"]] == ["recent"]
     assert (await api(service, "GET", "/v1/calls/old/transcript"))[0] == 404
-    db = sqlite3.connect(tmp_path / "stt-bridge.sqlite3")
+    db = Database(location(tmp_path, store_url))
     assert db.execute("SELECT COUNT(*) FROM events WHERE call_id = 'old'").fetchone()[0] == 0
+    db.close()
 
 
-def test_retention_keeps_live_calls_and_their_words(tmp_path: Path) -> None:
+def test_retention_keeps_live_calls_and_their_words(tmp_path: Path, store_url: str) -> None:
     """The periodic purge (not only the one at start) deletes old finished calls and keeps a
     call that is still live, however long ago it started."""
     now = time.time()
-    store = Store(tmp_path / "s.sqlite3", retention_s=30 * DAY, purge_every_s=0.05)
+    store = Store(location(tmp_path, store_url), retention_s=30 * DAY, purge_every_s=0.05)
     record_call(store, "long-running", now - 40 * DAY, ended=False)
     record_call(store, "old", now - 40 * DAY, ended=True)
     deadline = time.monotonic() + 10
@@ -75,19 +82,57 @@ def test_retention_keeps_live_calls_and_their_words(tmp_path: Path) -> None:
     store.close()
 
 
-def test_migrations_are_versioned_and_rerun_safely(tmp_path: Path) -> None:
-    path = tmp_path / "s.sqlite3"
+def test_migrations_are_versioned_and_rerun_safely(tmp_path: Path, store_url: str) -> None:
+    path = location(tmp_path, store_url)
     Store(path).close()
     Store(path).close()  # a second start applies nothing twice
-    db = sqlite3.connect(path)
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(len(MIGRATIONS),)]
-    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db = Database(path)
+    assert [tuple(r) for r in db.execute("SELECT version FROM schema_version").fetchall()] == [
+        (len(MIGRATIONS),)
+    ]
+    if not store_url:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+
+
+def test_nodes_starting_together_migrate_once(tmp_path: Path, store_url: str) -> None:
+    """Three nodes start at once on a fresh store: one migrates, the others find it done."""
+    path = location(tmp_path, store_url)
+    with ThreadPoolExecutor(3) as pool:
+        stores = list(pool.map(lambda n: Store(path, node_id=f"n{n}"), range(3)))
+    record_call(stores[1], "c", time.time(), ended=True)
+    call = stores[2].get_call("c")
+    assert call is not None and call.node == "n1"
+    for store in stores:
+        store.close()
+
+
+def test_each_webhook_is_claimed_by_one_sender(tmp_path: Path, store_url: str) -> None:
+    """Two nodes (two stores on one database) claim due webhooks at the same time: every row
+    goes to exactly one of them; one that is neither delivered nor failed comes back after
+    the claim runs out (its sender died)."""
+    path = location(tmp_path, store_url)
+    a = Store(path, ["http://127.0.0.1:9/hook"], node_id="a")
+    b = Store(path, node_id="b")
+    for n in range(40):
+        record_call(a, f"c{n}", time.time(), ended=True)  # 3 webhooks each
+    now = time.time()
+    with ThreadPoolExecutor(2) as pool:
+        claims = list(pool.map(lambda s: s.due_webhooks(now, limit=200, claim_s=1.0), [a, b, b]))
+    ids = [row[0] for claim in claims for row in claim]
+    assert len(ids) == len(set(ids)) == 120
+    b.webhook_done(ids[0], now)
+    assert a.due_webhooks(now + 0.5, limit=200) == []  # still claimed
+    again = a.due_webhooks(now + 2.0, limit=200)  # the claims ran out; the delivered one stays
+    assert len(again) == 119 and ids[0] not in {row[0] for row in again}
+    a.close()
+    b.close()
 
 
 async def test_a_live_call_cannot_be_deleted_a_finished_one_can(
-    start_service: ServiceFactory,
+    start_service: ServiceFactory, store_url: str
 ) -> None:
-    service = await start_service()
+    service = await start_service(make_config(data_url=store_url))
     async with aiohttp.ClientSession() as http:
         url = f"ws://127.0.0.1:{service.ports['audio']}/v1/listen?call_id=in-progress"
         ws = await http.ws_connect(url)
@@ -108,11 +153,11 @@ async def test_a_live_call_cannot_be_deleted_a_finished_one_can(
 
 
 async def test_two_legs_are_interleaved_by_time_and_labelled(
-    start_service: ServiceFactory,
+    start_service: ServiceFactory, store_url: str
 ) -> None:
     """A stereo FreeSWITCH fork: caller on the left, callee on the right, the callee
     answering after the caller's first sentence; every format orders lines by time."""
-    service = await start_service()
+    service = await start_service(make_config(data_url=store_url))
     caller = np.frombuffer(phone_bytes(SENTENCES[1], "pcm16", 8000), "<i2")
     callee = np.frombuffer(phone_bytes(SENTENCES[5], "pcm16", 8000), "<i2")
     gap = len(caller) + 8000  # the callee speaks 1 s after the caller stops

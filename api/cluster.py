@@ -1,0 +1,169 @@
+"""Many nodes on one PostgreSQL store: every node's live events on every node, and the lease.
+
+Two threads, each with its own connection, start and stop with the service:
+
+- `cluster-listen` LISTENs on `EVENTS_CHANNEL`. The store's writer NOTIFYs each event it commits
+  (in the same transaction, so the words are in the database before anyone hears of them; long
+  events come in chunks, NOTIFY payloads stay under 8000 bytes). An event from another node is
+  relayed to this node's live subscribers (`WS /v1/events`, `WS /v1/calls/{id}/events`) only:
+  the node that took the call already stored it and counted it.
+- `cluster-lease` renews this node's lease every `lease_s / 4` (`Store.heartbeat`), and marks
+  the live calls of any node whose lease ran out `interrupted`, keeping their words; those ends
+  reach every node's live view like any other event.
+
+`remote_live` holds the calls live on other nodes, so a `/v1/events` opened mid-call starts with
+them as it starts with this node's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from typing import Any, Final
+
+import psycopg
+
+from api.store import DB_ERRORS, EVENTS_CHANNEL, Store
+from engine.base import Closed, EndOfTurn, EngineEvent, Partial, Segment, Word
+from telephony.session import BusEvent, CallEnded, CallStarted, DtmfPressed, EventBus, LegEvent
+
+log = logging.getLogger(__name__)
+
+LISTEN_POLL_S: Final = 0.5  # how often the listener looks up from its socket to see if it must stop
+RECONNECT_S: Final = 1.0
+
+
+def _word(d: dict[str, Any]) -> Word:
+    return Word(d["text"], d["start"], d["end"])
+
+
+def _engine_event(d: dict[str, Any]) -> EngineEvent:
+    kind = d["type"]
+    if kind == "word":
+        return _word(d)
+    if kind == "segment":
+        return Segment(d["text"], d["start"], d["end"], tuple(_word(w) for w in d["words"]))
+    if kind == "partial":
+        return Partial(d["text"], d["start"], d["end"])
+    if kind == "end_of_turn":
+        return EndOfTurn(d["at"], d["probability"])
+    return Closed(d["reason"])
+
+
+def bus_event_from_json(d: dict[str, Any]) -> BusEvent:
+    """The inverse of `telephony.session.bus_event_to_json`."""
+    kind = d["type"]
+    if kind == "call_started":
+        return CallStarted(d["call_id"], d["front_end"], tuple(d["legs"]), d["labels"], d["at"])
+    if kind == "call_ended":
+        return CallEnded(d["call_id"], d["front_end"], d["reason"], d["at"], d["audio_s"])
+    if kind == "dtmf":
+        return DtmfPressed(d["call_id"], d["leg"], d["digit"], d["at"])
+    return LegEvent(d["call_id"], d["leg"], _engine_event(d))
+
+
+class Reassembly:
+    """NOTIFY payloads (`sender seq index count chunk`) back into whole events."""
+
+    def __init__(self, own_node: str) -> None:
+        self.own_node = own_node
+        self._parts: dict[tuple[str, str], list[str]] = {}
+
+    def feed(self, payload: str) -> dict[str, Any] | None:
+        """The event this payload completes, if it is another node's; else None."""
+        sender, seq, index, count, chunk = payload.split(" ", 4)
+        if sender.split("/", 1)[0] == self.own_node:
+            return None  # this node's own writer or lease: relayed here already
+        if count == "1":
+            parsed: dict[str, Any] = json.loads(chunk)
+            return parsed
+        parts = self._parts.setdefault((sender, seq), [])
+        if int(index) != len(parts):  # a chunk lost (a reconnect): drop the event
+            self._parts.pop((sender, seq), None)
+            return None
+        parts.append(chunk)
+        if len(parts) < int(count):
+            return None
+        del self._parts[(sender, seq)]
+        whole: dict[str, Any] = json.loads("".join(parts))
+        return whole
+
+
+class Cluster:
+    def __init__(self, store: Store, bus: EventBus) -> None:
+        assert store.postgres, "a cluster needs the PostgreSQL store (data.url)"
+        self.store = store
+        self.bus = bus
+        self.remote_live: dict[str, CallStarted] = {}
+        self.relayed = 0  # other nodes' events shown here (metrics, tests)
+        self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._threads: list[threading.Thread] = []
+        self._listening = threading.Event()
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._threads = [
+            threading.Thread(target=self._listen, name="cluster-listen", daemon=True),
+            threading.Thread(target=self._lease, name="cluster-lease", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        self._listening.wait(10)  # LISTEN is on before the snapshot: no event falls between
+        for call in self.store.live_calls_elsewhere():
+            self.remote_live[call.id] = CallStarted(
+                call.id, call.front_end, tuple(call.legs), call.labels, call.started_at
+            )
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    # -- on the event loop --
+
+    def _relay(self, event: BusEvent) -> None:
+        if isinstance(event, CallStarted):
+            self.remote_live[event.call_id] = event
+        elif isinstance(event, CallEnded):
+            self.remote_live.pop(event.call_id, None)
+        self.relayed += 1
+        self.bus.relay(event)
+
+    def _to_loop(self, event: BusEvent) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._relay, event)
+        except RuntimeError:  # the loop has closed: the service is stopping
+            self._stop.set()
+
+    # -- threads --
+
+    def _listen(self) -> None:
+        reassembly = Reassembly(self.store.node_id)
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(str(self.store.location), autocommit=True) as db:
+                    db.execute(f"LISTEN {EVENTS_CHANNEL}")
+                    self._listening.set()
+                    while not self._stop.is_set():
+                        for note in db.notifies(timeout=LISTEN_POLL_S):
+                            data = reassembly.feed(note.payload)
+                            if data is not None:
+                                self._to_loop(bus_event_from_json(data))
+            except DB_ERRORS:
+                log.exception("cluster: lost the event channel; reconnecting")
+                self._stop.wait(RECONNECT_S)
+
+    def _lease(self) -> None:
+        period = self.store.lease_s / 4
+        while not self._stop.wait(period):
+            try:
+                ended = self.store.heartbeat()
+            except DB_ERRORS:
+                log.exception("cluster: heartbeat failed")
+                continue
+            for event in ended:  # a dead node's calls: this node's own view hears it here
+                self._to_loop(event)

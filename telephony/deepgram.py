@@ -328,7 +328,7 @@ class _Channel:
     index: int
     cursor_s: float = 0.0  # where the next Results span starts: the end of the last final
     words: list[Word] = field(default_factory=list)  # out since the last final
-    partial_seen: bool = False  # the engine gives `Partial`s: interims come from those
+    partial_seen: bool = False  # this utterance had a `Partial`: interims come from those
     in_speech: bool = False  # SpeechStarted sent for the utterance in progress
     finalizing: bool = False  # a Finalize waits for its answer
     last_word_end: float | None = None  # of the last final, for UtteranceEnd
@@ -410,6 +410,8 @@ class DeepgramCodec:
         if isinstance(event, Word):
             out += self._speech_started(channel, event.start_s)
             channel.words.append(event)
+            # An engine without partials (or an utterance too short for one): the words so
+            # far are the interim.
             if self.params.interim_results and not channel.partial_seen:
                 out.append(self._results(channel, channel.words, event.end_s, final=False))
         elif isinstance(event, Partial):
@@ -529,6 +531,7 @@ class DeepgramCodec:
             channel.cursor_s = max(channel.cursor_s, end_s)
             channel.words = []
             channel.in_speech = False
+            channel.partial_seen = False
             if entries:
                 channel.last_word_end = float(entries[-1]["end"])
                 channel.utterance_end_sent = False
@@ -732,6 +735,9 @@ async def _serve(
                     reason = f"connection error: {ws.exception()}"
                 break
     finally:
+        if close_code != WSCloseCode.OK and not ws.closed:
+            # A fatal error: the client hears no more, but its words still reach the store.
+            await ws.close(code=close_code, message=close_reason.encode()[:120])
         for leg, pcm in zip(codec.legs, codec.end_of_audio(), strict=True):
             call.leg(leg).push(pcm)
         if finalizing:

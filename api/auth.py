@@ -1,11 +1,13 @@
 """API keys on the audio/API port, with per-key limits.
 
 When `[api] keys` is set (STT_BRIDGE_API_KEYS, comma-separated), every audio and API route needs
-one of them, as `Authorization: Bearer KEY`, `?token=KEY` (browsers cannot set headers on a
-WebSocket), `kyutai-api-key: KEY` or `?auth_id=KEY` (moshi-server clients) or HTTP Basic with
-the key as password (FreeSWITCH mod_audio_fork can only send Basic). Missing or wrong: 401;
-a WebSocket is upgraded, then closed with 1008 and the reason, except on moshi-server's route
-(`HTTP_REFUSAL_PATHS`), refused with the HTTP status before the upgrade as moshi-server does.
+one of them, as `Authorization: Bearer KEY` or `Authorization: Token KEY` (Deepgram clients; the
+scheme in any case), `?token=KEY` (browsers cannot set headers on a WebSocket),
+`Sec-WebSocket-Protocol: token, KEY` (Deepgram's browser form), `kyutai-api-key: KEY` or
+`?auth_id=KEY` (moshi-server clients) or HTTP Basic with the key as password (FreeSWITCH
+mod_audio_fork can only send Basic). Missing or wrong: 401; a WebSocket is upgraded, then closed
+with 1008 and the reason, except on moshi-server's and Deepgram's routes (`HTTP_REFUSAL_PATHS`,
+`HTTP_REFUSAL_SUFFIXES`), refused with the HTTP status before the upgrade as those servers do.
 Per key: at most `max_streams_per_key` WebSockets at once and `requests_per_minute` requests;
 beyond either: 429. The web page, its static files and Twilio's routes (signed by Twilio
 instead) stay open. Keys are compared in constant time and never logged.
@@ -28,19 +30,25 @@ log = logging.getLogger(__name__)
 OPEN_PATHS: Final = ("/config.json", "/static/", "/twilio/")
 # moshi-server answers 401 before the upgrade, and clients written for it expect that status.
 HTTP_REFUSAL_PATHS: Final = ("/api/asr-streaming",)
+# Deepgram's live route, also behind a base-URL prefix; its SDK reports the status as ApiError.
+HTTP_REFUSAL_SUFFIXES: Final = ("/v1/listen",)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def presented_key(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip()
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() in ("bearer", "token"):
+        return credentials.strip()
     if header.lower().startswith("basic "):
         try:
             _, _, password = base64.b64decode(header[6:]).decode().partition(":")
         except ValueError:  # binascii.Error, UnicodeDecodeError, a non-ASCII header
             return None
         return password
+    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+    if len(offered) == 2 and offered[0].lower() == "token":
+        return offered[1]
     return (
         request.headers.get("kyutai-api-key")
         or request.query.get("token")
@@ -116,7 +124,10 @@ class ApiKeys:
 async def _refuse(
     request: web.Request, is_stream: bool, status: int, error: str, reason: str
 ) -> web.StreamResponse:
-    if not is_stream or request.path.startswith(HTTP_REFUSAL_PATHS):
+    http_refusal = request.path.startswith(HTTP_REFUSAL_PATHS) or request.path.endswith(
+        HTTP_REFUSAL_SUFFIXES
+    )
+    if not is_stream or http_refusal:
         headers = {"WWW-Authenticate": 'Bearer realm="stt-bridge"'} if status == 401 else {}
         return web.json_response({"error": error, "reason": reason}, status=status, headers=headers)
     ws = web.WebSocketResponse()

@@ -30,9 +30,9 @@ What it reports, per run:
   the run (flat = no leak; run long with `--seconds 300`).
 - server loop lag p99: the bridge's own event-loop lag histogram (`/metrics`), bucket bound.
 
-    python bench/load.py --front-end listen --calls 100 500 1000 --seconds 30
+    python bench/load.py --front-end stream --calls 100 500 1000 --seconds 30
     python bench/load.py --find-max --calls 1000 --seconds 20   # most calls, zero late frames
-    front ends: ws (raw 24 kHz on /), listen (μ-law 8 kHz on /v1/listen), audiosocket, twilio,
+    front ends: ws (raw 24 kHz on /), stream (μ-law 8 kHz on /v1/stream), audiosocket, twilio,
     freeswitch. AudioSocket has no ping: its latency columns are empty; loop lag still applies.
 """
 
@@ -273,10 +273,10 @@ def front_end(name: str) -> FrontEnd:
         return FrontEnd(
             "audio", "/", ws_frame(BINARY, bytes(960)), ws_frame(TEXT, b'{"type":"stop"}')
         )
-    if name == "listen":
+    if name == "stream":
         return FrontEnd(
             "audio",
-            "/v1/listen?encoding=mulaw&sample_rate=8000",
+            "/v1/stream?encoding=mulaw&sample_rate=8000",
             ws_frame(BINARY, b"\xff" * 160),
             ws_frame(TEXT, b'{"type":"stop"}'),
         )
@@ -306,7 +306,7 @@ def front_end(name: str) -> FrontEnd:
     raise ValueError(name)
 
 
-FRONT_ENDS = ("ws", "listen", "audiosocket", "twilio", "freeswitch")
+FRONT_ENDS = ("ws", "stream", "audiosocket", "twilio", "freeswitch")
 
 
 def hello(fe: FrontEnd, name: str, port: int) -> tuple[bytes, bytes]:
@@ -533,7 +533,7 @@ COLUMNS = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--front-end", choices=FRONT_ENDS, default="listen")
+    parser.add_argument("--front-end", choices=FRONT_ENDS, default="stream")
     parser.add_argument("--calls", type=int, nargs="+", default=[100, 200, 500])
     parser.add_argument("--seconds", type=float, default=20.0, help="audio per call")
     parser.add_argument("--engine", default="sink", help="sink (bridge alone) or cpu")

@@ -19,7 +19,7 @@ from tests.speech import SENTENCES, read_pcm, speech_wav
 
 async def stream_call(service: Service, text: str, call_id: str, headers: Any = None) -> list[str]:
     pcm, _ = read_pcm(speech_wav(text))
-    url = f"ws://127.0.0.1:{service.ports['audio']}/v1/listen?call_id={call_id}"
+    url = f"ws://127.0.0.1:{service.ports['audio']}/v1/stream?call_id={call_id}"
     words: list[str] = []
     async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=headers) as ws:
         data = pcm.tobytes()
@@ -141,12 +141,12 @@ async def test_api_keys_and_limits(keyed: Service) -> None:
     base = f"ws://127.0.0.1:{service.ports['audio']}"
     async with aiohttp.ClientSession() as http:
         # WebSockets are refused with close 1008 and a reason a browser can show.
-        assert await refusal(http, f"{base}/v1/listen") == (1008, "unauthorized")
+        assert await refusal(http, f"{base}/v1/stream") == (1008, "unauthorized")
         assert await refusal(http, f"{base}/v1/events?token=nope") == (1008, "unauthorized")
-        first = await http.ws_connect(f"{base}/v1/listen?token=k-one")
+        first = await http.ws_connect(f"{base}/v1/stream?token=k-one")
         await first.send_bytes(bytes(4800))
         # One stream per key: the second is refused while the first goes on.
-        assert await refusal(http, f"{base}/v1/listen?token=k-one") == (1008, "too_many_streams")
+        assert await refusal(http, f"{base}/v1/stream?token=k-one") == (1008, "too_many_streams")
         await first.send_str('{"type": "stop"}')
         assert [json.loads(m.data)["type"] async for m in first][-1] == "closed"
         # k-two has made 2 requests; 6 more fit in the minute, the next is refused.
@@ -159,9 +159,9 @@ async def test_api_keys_and_limits(keyed: Service) -> None:
                 statuses.append(r.status)
                 if r.status == 429:
                     assert (await r.json())["error"] == "rate_limited"
-        assert await refusal(http, f"{base}/v1/listen?token=k-two") == (1008, "rate_limited")
+        assert await refusal(http, f"{base}/v1/stream?token=k-two") == (1008, "rate_limited")
         # k-one is a separate budget and still streams.
-        again = await http.ws_connect(f"{base}/v1/listen?token=k-one")
+        again = await http.ws_connect(f"{base}/v1/stream?token=k-one")
         await again.close()
     assert statuses == [200] * 6 + [429]
 

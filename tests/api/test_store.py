@@ -134,7 +134,7 @@ async def test_a_live_call_cannot_be_deleted_a_finished_one_can(
 ) -> None:
     service = await start_service(make_config(data_url=store_url))
     async with aiohttp.ClientSession() as http:
-        url = f"ws://127.0.0.1:{service.ports['audio']}/v1/listen?call_id=in-progress"
+        url = f"ws://127.0.0.1:{service.ports['audio']}/v1/stream?call_id=in-progress"
         ws = await http.ws_connect(url)
         await ws.send_bytes(bytes(9600))
         store = service.bridge.store

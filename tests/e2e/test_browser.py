@@ -184,7 +184,7 @@ async def test_live_calls_view_lists_calls_and_follows_one_with_labelled_legs(
             f"ws://127.0.0.1:{audio_port}/freeswitch/fs-live", protocols=("audio.drachtio.org",)
         )
         await fork.send_str(json.dumps(meta))
-        other = await http.ws_connect(f"ws://127.0.0.1:{audio_port}/v1/listen?call_id=ws-other")
+        other = await http.ws_connect(f"ws://127.0.0.1:{audio_port}/v1/stream?call_id=ws-other")
         # Both calls are listed as soon as they start, before a word is said.
         fs_row = await wait_for(browser, lambda d: _live_row(d, "fs-live"))
         await wait_for(browser, lambda d: _live_row(d, "ws-other"))

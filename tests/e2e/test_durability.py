@@ -135,12 +135,12 @@ async def test_kill_9_then_restart_keeps_every_transcript(
     servers.append(first)
     async with aiohttp.ClientSession() as http:
         # A finished call, while the webhook receiver is down.
-        done = await http.ws_connect(first.url("/v1/listen?call_id=finished"))
+        done = await http.ws_connect(first.url("/v1/stream?call_id=finished"))
         await send_audio(done, speech(1))
         await done.send_str('{"type": "stop"}')
         finished_words = [json.loads(m.data) async for m in done]
         # A live call: its first utterance is transcribed, then the bridge dies mid-sentence.
-        live = await http.ws_connect(first.url("/v1/listen?call_id=cut-off"))
+        live = await http.ws_connect(first.url("/v1/stream?call_id=cut-off"))
         audio = speech(0)
         await send_audio(live, audio[: len(audio) // 2], pace=0.01)
         first_word = await live.receive_json(timeout=30)
@@ -181,7 +181,7 @@ async def test_failing_and_slow_webhooks_are_retried_without_slowing_audio(
     server = ServerProcess(tmp_path / "data", **env).start()
     servers.append(server)
     async with aiohttp.ClientSession() as http:
-        ws = await http.ws_connect(server.url("/v1/listen?call_id=hooked"))
+        ws = await http.ws_connect(server.url("/v1/stream?call_id=hooked"))
         started = time.monotonic()
         await send_audio(ws, speech(3))
         await ws.send_str('{"type": "stop"}')
@@ -222,7 +222,7 @@ async def test_sigterm_with_twenty_live_calls_stores_all_twenty(
     async def caller(n: int) -> None:
         call_id = f"drain-{n}"
         async with aiohttp.ClientSession() as http:
-            ws = await http.ws_connect(server.url(f"/v1/listen?call_id={call_id}"))
+            ws = await http.ws_connect(server.url(f"/v1/stream?call_id={call_id}"))
             await send_audio(ws, speech(n % 6), pace=0.1)  # about real time
             await ws.send_str('{"type": "stop"}')
             received[call_id] = [
@@ -243,7 +243,7 @@ async def test_sigterm_with_twenty_live_calls_stores_all_twenty(
                         assert (await r.json())["reason"] == "draining"
                         break
                 await asyncio.sleep(0.05)
-        late = await http.ws_connect(server.url("/v1/listen?call_id=too-late"))
+        late = await http.ws_connect(server.url("/v1/stream?call_id=too-late"))
         refused = await late.receive(timeout=10)
         assert refused.type == aiohttp.WSMsgType.CLOSE and refused.data == 1013
     exit_code = await asyncio.to_thread(server.process.wait, 120)
@@ -298,7 +298,7 @@ async def test_tls_round_trip_with_a_self_signed_certificate(
         health = f"https://127.0.0.1:{server.ports['health']}/health"
         async with http.get(health, ssl=context) as r:
             assert (await r.json())["status"] == "healthy"
-        ws = await http.ws_connect(server.url("/v1/listen", "wss"), ssl=context)
+        ws = await http.ws_connect(server.url("/v1/stream", "wss"), ssl=context)
         await send_audio(ws, speech(5))
         await ws.send_str('{"type": "stop"}')
         messages = [json.loads(m.data) async for m in ws]
@@ -345,10 +345,10 @@ async def test_secrets_never_reach_the_log_and_log_lines_are_json(
             assert r.status == 401
         async with http.get(f"{api}?token={secrets['key']}") as r:
             assert r.status == 200
-        refused = await http.ws_connect(server.url(f"/v1/listen?token={secrets['wrong_key']}"))
+        refused = await http.ws_connect(server.url(f"/v1/stream?token={secrets['wrong_key']}"))
         assert (await refused.receive(timeout=10)).data == 1008
         ws = await http.ws_connect(
-            server.url(f"/v1/listen?call_id=secret-call&token={secrets['other_key']}")
+            server.url(f"/v1/stream?call_id=secret-call&token={secrets['other_key']}")
         )
         await send_audio(ws, speech(2))
         await ws.send_str('{"type": "stop"}')

@@ -1,5 +1,5 @@
 """The service on the Kyutai engine (a tiny random-weight checkpoint folder as `engine.model`):
-what /info says, a phone call over /v1/listen, moshi-server's protocol, a full batch.
+what /info says, a phone call over /v1/stream, moshi-server's protocol, a full batch.
 
 Random weights make no sense of speech, but they are deterministic: the words a live call gets
 must be exactly the words the same audio gets offline through the same engine.
@@ -58,7 +58,7 @@ async def test_info_says_kyutai_and_why(service: Service, checkpoint: Path) -> N
 async def test_a_phone_call_gets_the_words_the_same_audio_gets_offline(service: Service) -> None:
     pcm8k = call_audio(3.0, seed=5)
     ulaw = ulaw_encode(pcm8k)
-    url = f"ws://127.0.0.1:{service.ports['audio']}/v1/listen?encoding=mulaw&sample_rate=8000"
+    url = f"ws://127.0.0.1:{service.ports['audio']}/v1/stream?encoding=mulaw&sample_rate=8000"
     messages: list[dict[str, Any]] = []
     async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
         for i in range(0, len(ulaw), 160):  # 20 ms frames, paced faster than real time
@@ -131,7 +131,7 @@ async def test_moshi_server_clients_get_words_and_their_marker(service: Service)
 
 
 async def test_a_full_batch_turns_the_next_call_away_with_1013(service: Service) -> None:
-    base = f"ws://127.0.0.1:{service.ports['audio']}/v1/listen?encoding=pcm16&sample_rate=24000"
+    base = f"ws://127.0.0.1:{service.ports['audio']}/v1/stream?encoding=pcm16&sample_rate=24000"
     async with aiohttp.ClientSession() as http:
         first = await http.ws_connect(base + "&call_id=a")
         second = await http.ws_connect(base + "&call_id=b")

@@ -383,7 +383,7 @@ async def test_pjsua2_agent_failure_ends_only_its_calls_and_a_new_agent_answers(
     async with (
         aiohttp.ClientSession() as http,
         http.ws_connect(events_url(service)) as ws,
-        http.ws_connect(f"ws://127.0.0.1:{service.ports['audio']}/v1/listen") as other,
+        http.ws_connect(f"ws://127.0.0.1:{service.ports['audio']}/v1/stream") as other,
     ):
         await other.send_bytes(phone_bytes(SENTENCES[0], "mulaw", 8000)[:8000])  # a WS call
         call = asyncio.create_task(

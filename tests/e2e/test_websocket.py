@@ -79,7 +79,7 @@ async def test_listen_mulaw_8k_equals_offline_transcript_of_same_audio(
     service = await start_service()
     wire = phone_bytes(SENTENCES[1], "mulaw", 8000)
     same_audio = ulaw_decode(wire)
-    path = "/v1/listen?encoding=mulaw&sample_rate=8000&call_id=ulaw-test"
+    path = "/v1/stream?encoding=mulaw&sample_rate=8000&call_id=ulaw-test"
     async with aiohttp.ClientSession() as http:
         async with http.ws_connect(url(service, "/v1/events")) as events:
             async with http.ws_connect(url(service, path)) as ws:
@@ -109,7 +109,7 @@ async def test_listen_other_encodings(
     service = await start_service()
     wire = phone_bytes(SENTENCES[2], encoding, rate)
     same_audio = AudioDecoder(Encoding(encoding), rate, rate).decode(wire)
-    path = f"/v1/listen?encoding={encoding}&sample_rate={rate}"
+    path = f"/v1/stream?encoding={encoding}&sample_rate={rate}"
     async with aiohttp.ClientSession() as http, http.ws_connect(url(service, path)) as ws:
         messages = await stream_and_collect(ws, split(wire, rate // 25))
     got = only_words(messages)
@@ -130,7 +130,7 @@ async def test_bad_parameters_get_400_before_upgrade(
     service = await start_service()
     async with aiohttp.ClientSession() as http:
         async with http.get(
-            f"http://127.0.0.1:{service.ports['audio']}/v1/listen?{query}",
+            f"http://127.0.0.1:{service.ports['audio']}/v1/stream?{query}",
             headers={"Upgrade": "websocket", "Connection": "Upgrade"},
         ) as response:
             assert response.status == 400

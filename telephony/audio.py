@@ -20,7 +20,7 @@ import soxr
 PcmArray = npt.NDArray[np.int16]
 
 SUPPORTED_RATES: Final = (8000, 16000, 24000, 48000)
-"""Rates a client may choose on `/v1/listen`."""
+"""Rates a client may choose on `/v1/stream`."""
 
 WIRE_RATES: Final = (8000, 12000, 16000, 24000, 32000, 44100, 48000, 96000, 192000)
 """Every rate some front end delivers (AudioSocket's slin kinds go up to 192 kHz)."""

@@ -173,8 +173,15 @@ class Service:
         )
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
-        """Stop admitting, let live calls finish (or flush them at the deadline), close."""
+        """Stop admitting, let live calls finish (or flush them at the deadline), close.
+        With `server.drain_notice_s`, /ready and SIP OPTIONS fail that long first, calls still
+        admitted, so load balancers and proxies have stopped sending here before refusals."""
         self.bridge.accepting = False
+        self.bridge.hub.leaving = True
+        notice = self.config.server.drain_notice_s
+        if notice > 0 and drain_timeout_s != 0:
+            log.info("drain announced", extra={"notice_s": notice})
+            await asyncio.sleep(notice)
         deadline = drain_timeout_s
         if deadline is None:
             deadline = self.config.server.drain_timeout_s

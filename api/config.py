@@ -33,6 +33,7 @@ class ServerConfig:
     websocket_url: str = ""  # what the browser client connects to; "" = same host, `port`
     drain_timeout_s: float = 30.0  # on SIGTERM, how long live calls may go on
     node_id: str = ""  # this node's name in a cluster (recorded with each call); "" = host name
+    drain_notice_s: float = 0.0  # on SIGTERM, fail /ready and SIP OPTIONS this long before draining
 
 
 @dataclass(frozen=True)

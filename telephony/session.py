@@ -308,6 +308,9 @@ class CallHub:
         self.bus = bus or EventBus()
         self.calls: dict[str, Call] = {}
         self.draining = False
+        # A drain announced but not begun: health checks and SIP OPTIONS fail, so load balancers
+        # and proxies stop sending here, while calls already on their way are still admitted.
+        self.leaving = False
         self._ended = asyncio.Event()
         # Told of every refused call (front end, reason): metrics count them.
         self.on_reject: Callable[[str, str], None] | None = None

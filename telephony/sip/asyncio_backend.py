@@ -14,12 +14,13 @@ import asyncio
 import itertools
 import logging
 import random
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiosipua import SipUAS, TcpSipTransport, UdpSipTransport
 from aiosipua.incoming_call import IncomingCall
-from aiosipua.message import SipRequest
+from aiosipua.message import SipRequest, SipResponse
 from aiosipua.sdp import SdpMessage
 from aiosipua.sdp import parse_sdp as aiosipua_sdp
 
@@ -256,6 +257,7 @@ class AsyncioBackend:
         uas.on_bye = self._on_bye
         uas.on_cancel = self._on_cancel
         uas.on_ack_timeout = self._on_ack_timeout
+        uas.on_options = lambda request, addr: self._on_options(uas, request)
         await uas.start()
         self.uases.append(uas)
 
@@ -288,6 +290,30 @@ class AsyncioBackend:
         return {}  # everything /info says comes from the config
 
     # -- aiosipua callbacks (synchronous: they start tasks) --
+
+    def _on_options(self, uas: SipUAS, request: SipRequest) -> None:
+        """A proxy's probe (Kamailio ds_ping): 200 while a call would be taken, 503 when the
+        engine is full or the node is leaving, so the proxy skips it before callers get 486."""
+        full = self.hub.leaving or self.hub.draining or self.hub.engine.free_slots <= 0
+        response = SipResponse(
+            status_code=503 if full else 200,
+            reason_phrase="Service Unavailable" if full else "OK",
+        )
+        for via in request.headers.get("via"):
+            response.headers.append("Via", via)
+        for name in ("From", "Call-ID", "CSeq"):
+            value = request.headers.get_first(name.lower())
+            if value:
+                response.headers.set_single(name, value)
+        to = request.headers.get_first("to") or ""
+        response.headers.set_single(
+            "To", to if ";tag=" in to else f"{to};tag={uuid.uuid4().hex[:8]}"
+        )
+        response.headers.set_single("Allow", "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, REFER")
+        response.headers.set_single("User-Agent", self.config.user_agent)
+        if full:
+            response.headers.set_single("Retry-After", str(self.config.retry_after_s))
+        uas.transport.send_reply(response)
 
     def _on_invite(self, incoming: IncomingCall) -> None:
         dialog = _Dialog(self, incoming)

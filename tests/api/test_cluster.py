@@ -1,0 +1,251 @@
+"""Nodes sharing one PostgreSQL store (in process): every node shows every node's calls, live
+and stored; a dead node's live calls become interrupted with their words; its webhooks go out
+from the others, each once; a full or leaving node answers SIP OPTIONS with 503."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import psycopg
+import pytest
+from aiohttp import web
+
+from api.app import Service
+from api.config import Config, WebhookConfig
+from api.store import Store
+from engine.base import Segment, Word
+from telephony.session import CallStarted, LegEvent
+from tests.api.test_calls_api import get, stream_call
+from tests.conftest import ServiceFactory, make_config
+from tests.e2e.frontends import watch_events
+from tests.pg import Postgres, free_port
+from tests.speech import SENTENCES
+
+LEASE_S = 1.0
+
+
+def node_config(url: str, node: str, hook: str = "", **engine: Any) -> Config:
+    base = make_config(data_url=url, **engine)
+    return dataclasses.replace(
+        base,
+        server=dataclasses.replace(base.server, node_id=node),
+        data=dataclasses.replace(base.data, lease_s=LEASE_S),
+        webhook=WebhookConfig(url=hook, timeout_s=5.0),
+    )
+
+
+class Hooks:
+    """A webhook receiver on loopback: every body it was given, in order."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.bodies: list[dict[str, Any]] = []
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def _hook(self, request: web.Request) -> web.Response:
+        self.bodies.append(json.loads(await request.read()))
+        return web.Response(status=204)
+
+    async def __aenter__(self) -> Hooks:
+        app = web.Application()
+        app.router.add_post("/hook", self._hook)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+@pytest.fixture
+async def hooks() -> AsyncIterator[Hooks]:
+    async with Hooks() as receiver:
+        yield receiver
+
+
+async def flush(*services: Service) -> None:
+    loop = asyncio.get_running_loop()
+    for service in services:
+        await loop.run_in_executor(None, service.bridge.store.flush)
+
+
+async def test_every_node_shows_every_nodes_calls(
+    postgres: Postgres, start_service: ServiceFactory, hooks: Hooks
+) -> None:
+    """A call on node a: node b's /v1/events shows its events as they happen (the latency is
+    printed), b's /v1/calls and transcript show it once it ends, with the node that took it;
+    both nodes send webhooks, and each goes out once."""
+    url = postgres.fresh_database()
+    a = await start_service(node_config(url, "a", hooks.url))
+    b = await start_service(node_config(url, "b", hooks.url))
+    async with watch_events(a) as seen_a, watch_events(b) as seen_b:
+        stamps: dict[str, list[float]] = {"a": [], "b": []}
+        for log, name in ((seen_a, "a"), (seen_b, "b")):
+            original = log.add
+
+            def add(event: dict[str, Any], original: Any = original, name: str = name) -> None:
+                stamps[name].append(time.perf_counter())
+                original(event)
+
+            log.add = add  # type: ignore[method-assign]
+        words = await stream_call(a, SENTENCES[0], "on-a")
+        await stream_call(b, SENTENCES[3], "on-b")
+        await seen_b.wait_ended(2, timeout=30)
+        await seen_a.wait_ended(2, timeout=30)
+    # b saw a's events, the same ones in the same order; and a saw b's.
+    assert [e for e in seen_b.events if e["call_id"] == "on-a"] == seen_a.of("on-a")
+    assert [e for e in seen_a.events if e["call_id"] == "on-b"] == seen_b.of("on-b")
+    assert [w["text"] for w in seen_b.words("on-a")] == words
+    index_a = [i for i, e in enumerate(seen_a.events) if e["call_id"] == "on-a"]
+    index_b = [i for i, e in enumerate(seen_b.events) if e["call_id"] == "on-a"]
+    lags = sorted(stamps["b"][j] - stamps["a"][i] for i, j in zip(index_a, index_b, strict=True))
+    p99 = lags[min(len(lags) - 1, round(0.99 * (len(lags) - 1)))]
+    print(
+        f"\ncross-node event latency over {len(lags)} events: "
+        f"p50 {statistics.median(lags) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms"
+    )
+    await flush(a, b)
+    for service in (a, b):
+        status, listing = await get(service, "/v1/calls")
+        assert status == 200
+        assert {(c["id"], c["node"], c["status"]) for c in listing["calls"]} == {
+            ("on-a", "a", "ended"),
+            ("on-b", "b", "ended"),
+        }
+        status, transcript = await get(service, "/v1/calls/on-a/transcript")
+        assert [w["text"] for w in transcript["words"]] == words
+    # Each webhook once, whichever node sent it.
+    async with asyncio.timeout(20):
+        while sum(1 for h in hooks.bodies if h["event"] == "call.ended") < 2:
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    keys = [json.dumps(h, sort_keys=True) for h in hooks.bodies]
+    assert len(keys) == len(set(keys))
+
+
+async def test_a_new_view_starts_with_calls_live_on_other_nodes(
+    postgres: Postgres, start_service: ServiceFactory
+) -> None:
+    url = postgres.fresh_database()
+    a = await start_service(node_config(url, "a"))
+    b = await start_service(node_config(url, "b"))
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"ws://127.0.0.1:{a.ports['audio']}/v1/stream?call_id=long")
+        await ws.send_bytes(bytes(9600))
+        async with asyncio.timeout(10):
+            while "long" not in b.bridge.cluster.remote_live:  # type: ignore[union-attr]
+                await asyncio.sleep(0.05)
+        view = await http.ws_connect(f"ws://127.0.0.1:{b.ports['audio']}/v1/calls/long/events")
+        first = await view.receive_json(timeout=5)
+        assert first["type"] == "call_started" and first["call_id"] == "long"
+        await ws.send_str('{"type": "stop"}')
+        async for _ in ws:
+            pass
+        types = []
+        while "call_ended" not in types:
+            types.append((await view.receive_json(timeout=10))["type"])
+        await view.close()
+
+
+async def test_a_dead_nodes_calls_are_interrupted_and_its_webhooks_delivered(
+    postgres: Postgres, start_service: ServiceFactory, hooks: Hooks
+) -> None:
+    """Node "dead" takes a call, says words, queues webhooks the receiver never got (it was
+    down), then stops renewing its lease (as if killed). Node b marks the call interrupted
+    with its words, tells its live view, and delivers every pending webhook of the dead node,
+    each once, plus the interrupted call's call.ended."""
+    url = postgres.fresh_database()
+    dead = Store(url, [hooks.url], node_id="dead", lease_s=LEASE_S)
+    dead.record(CallStarted("cut-off", "sip", ("caller",), {"from": "alice"}, time.time()))
+    words = [Word(w, 0.5 + n, 0.9 + n) for n, w in enumerate(("my", "order", "is"))]
+    for word in words:
+        dead.record(LegEvent("cut-off", "caller", word))
+    dead.record(LegEvent("cut-off", "caller", Segment("my order", 0.5, 1.9, tuple(words[:2]))))
+    assert dead.flush()
+    pending = dead.pending_webhooks()
+    assert pending == 2  # call.started and the segment: the receiver never saw them
+
+    b = await start_service(node_config(url, "b", hooks.url))
+    async with watch_events(b) as seen:
+        ended = await seen.wait_ended(1, timeout=LEASE_S * 10)
+    assert ended["cut-off"]["reason"] == "node dead stopped mid-call"
+    _, call = await get(b, "/v1/calls/cut-off")
+    assert call["status"] == "interrupted" and call["node"] == "dead"
+    _, transcript = await get(b, "/v1/calls/cut-off/transcript")
+    assert [w["text"] for w in transcript["words"]] == ["my", "order", "is"]
+    assert " ".join(s["text"] for s in transcript["segments"]) == "my order is"
+    async with asyncio.timeout(20):
+        while len(hooks.bodies) < 3:
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    assert sorted(h["event"] for h in hooks.bodies) == ["call.ended", "call.started", "segment"]
+    last = next(h for h in hooks.bodies if h["event"] == "call.ended")
+    assert last["call"]["status"] == "interrupted"
+    assert [line["text"] for line in last["transcript"]] == ["my order", "is"]
+    with psycopg.connect(url) as db:
+        rows = db.execute("SELECT node, delivered_by FROM outbox ORDER BY id").fetchall()
+    assert rows == [("dead", "b"), ("dead", "b"), ("b", "b")]
+    dead.close()
+
+
+async def test_options_answer_503_when_full_or_leaving(start_service: ServiceFactory) -> None:
+    """Kamailio's ds_ping: 200 with a free slot, 503 (with Retry-After) when full, and 503
+    while a drain is announced."""
+    from tests.e2e.sip_peers import sip_config
+
+    service = await start_service(sip_config({"capacity": 1}))
+    port = service.ports["sip"]
+
+    async def options() -> str:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[bytes] = loop.create_future()
+
+        class Peer(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                if not answer.done():
+                    answer.set_result(data)
+
+        transport, _ = await loop.create_datagram_endpoint(
+            Peer, local_addr=("127.0.0.1", 0), remote_addr=("127.0.0.1", port)
+        )
+        local = transport.get_extra_info("sockname")[1]
+        transport.sendto(
+            (
+                f"OPTIONS sip:bridge@127.0.0.1:{port} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 127.0.0.1:{local};branch=z9hG4bK{time.time_ns()}\r\n"
+                f"From: <sip:probe@127.0.0.1>;tag=p1\r\nTo: <sip:bridge@127.0.0.1:{port}>\r\n"
+                f"Call-ID: probe-{time.time_ns()}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
+                "Content-Length: 0\r\n\r\n"
+            ).encode()
+        )
+        try:
+            return (await asyncio.wait_for(answer, 5)).decode()
+        finally:
+            transport.close()
+
+    assert (await options()).startswith("SIP/2.0 200")
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"ws://127.0.0.1:{service.ports['audio']}/v1/stream")
+        await ws.send_bytes(bytes(9600))
+        full = await options()
+        assert full.startswith("SIP/2.0 503") and "Retry-After:" in full
+        await ws.close()
+    async with asyncio.timeout(5):
+        while not (await options()).startswith("SIP/2.0 200"):
+            await asyncio.sleep(0.1)
+    service.bridge.hub.leaving = True
+    assert (await options()).startswith("SIP/2.0 503")
+    service.bridge.hub.leaving = False

@@ -92,8 +92,9 @@ async def keyed_service(start_service: ServiceFactory, hooks: WebhookReceiver) -
     return await start_service(config)
 
 
-def client(service: Service, key: str = KEY) -> AsyncDeepgramClient:
-    base = f"127.0.0.1:{service.ports['audio']}"
+def client(service: Service, key: str = KEY, prefix: str = "") -> AsyncDeepgramClient:
+    """The SDK pointed at the bridge; `prefix`: a base URL with a path (`ws://HOST:PORT/dg`)."""
+    base = f"127.0.0.1:{service.ports['audio']}{prefix}"
     environment = DeepgramClientEnvironment(
         base=f"http://{base}", production=f"ws://{base}", agent=f"ws://{base}",
         agent_rest=f"http://{base}",
@@ -208,7 +209,8 @@ async def test_stereo_two_legs_with_the_sdk(start_service: ServiceFactory) -> No
     caller, agent = caller.ljust(length, b"\xff"), agent.ljust(length, b"\xff")  # μ-law silence
     wire = bytes(np.stack([np.frombuffer(caller, np.uint8), np.frombuffer(agent, np.uint8)], 1))
     async with watch_events(service) as events:
-        connect = client(service, "any-key-this-service-has-none").listen.v1.connect(
+        # No keys on this service: any key will do. The base URL has a path prefix.
+        connect = client(service, "any-key", prefix="/dg").listen.v1.connect(
             model="nova-3", encoding="mulaw", sample_rate=8000, channels=2, multichannel=True,
             interim_results=True, smart_format=True,
         )  # fmt: skip

@@ -33,7 +33,16 @@ from api.store import Store
 from api.webhooks import WebhookSender
 from engine.base import Engine
 from engine.registry import EngineChoice, build_engine
-from telephony import audio_fork, audiosocket, deepgram, moshi_asr, twilio, websocket
+from telephony import (
+    aeap,
+    asterisk_media,
+    audio_stream,
+    audiosocket,
+    deepgram,
+    moshi_asr,
+    twilio,
+    websocket,
+)
 from telephony.session import CallHub
 from telephony.sip import backend as sip
 
@@ -85,7 +94,9 @@ def build_audio_app(bridge: Bridge) -> web.Application:
     deepgram.add_routes(app, bridge.hub)
     app.router.add_get("/v1/events", handle_events)
     twilio.add_routes(app, bridge.hub, bridge.config.twilio)
-    audio_fork.add_routes(app, bridge.hub)
+    audio_stream.add_routes(app, bridge.hub)  # /freeswitch: mod_audio_stream and mod_audio_fork
+    asterisk_media.add_routes(app, bridge.hub)
+    aeap.add_routes(app, bridge.hub)
     moshi_asr.add_routes(app, bridge.hub)
     if bridge.config.audiosocket.enabled:
         server = bridge.config.audiosocket

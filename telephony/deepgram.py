@@ -32,7 +32,7 @@ from engine.base import BridgeError, Closed, EndOfTurn, EngineEvent, Partial, Se
 from telephony.audio import WIRE_RATES, AudioDecoder, Encoding, PcmArray, ResampleStream
 from telephony.audio import deinterleave as split_channels
 from telephony.errors import ProtocolError, rejection_for
-from telephony.limits import open_websocket, parse_json
+from telephony.limits import limits_of, open_websocket, parse_json
 from telephony.session import Call, CallHub
 
 log = logging.getLogger(__name__)
@@ -630,6 +630,11 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
     # Browsers send the key as `Sec-WebSocket-Protocol: token, KEY`: select `token`.
     ws = open_websocket(request, protocols=("token",))
     ws.headers.update(headers)
+    if not ws.can_prepare(request).ok:  # not a WebSocket upgrade: no call to open
+        description = "a WebSocket upgrade is required"
+        headers["dg-error"] = description
+        body = rejection_body("Bad Request", description, request_id)
+        return web.json_response(body, status=400, headers=headers)
     send_lock = asyncio.Lock()
 
     async def send(texts: list[str]) -> None:
@@ -663,7 +668,9 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
     except BaseException:
         await asyncio.shield(call.end("upgrade failed"))
         raise
-    await _serve(ws, call, codec, send)
+    # The operator's idle limit applies too, when it is shorter than Deepgram's 10 s.
+    idle_s = min(IDLE_TIMEOUT_S, limits_of(request).idle_timeout_s)
+    await _serve(ws, call, codec, send, idle_s)
     return ws
 
 
@@ -672,6 +679,7 @@ async def _serve(
     call: Call,
     codec: DeepgramCodec,
     send: Callable[[list[str]], Awaitable[None]],
+    idle_s: float,
 ) -> None:
     reason = "client closed"
     close_stream = False
@@ -695,11 +703,11 @@ async def _serve(
     try:
         while True:
             try:
-                msg = await ws.receive(timeout=IDLE_TIMEOUT_S)
+                msg = await ws.receive(timeout=idle_s)
             except TimeoutError:
                 reason = "idle timeout"
                 close_code = WSCloseCode.INTERNAL_ERROR
-                close_reason = "NET-0001: no audio or message received for 10 s"
+                close_reason = f"NET-0001: no audio or message received for {idle_s:g} s"
                 break
             if msg.type == WSMsgType.BINARY:
                 if not msg.data:  # the old protocol's end of audio

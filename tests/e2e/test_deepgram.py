@@ -25,7 +25,7 @@ from deepgram.listen.v1.socket_client import AsyncV1SocketClient
 from deepgram.listen.v1.types import ListenV1Metadata, ListenV1Results
 
 from api.app import Service
-from api.config import ApiConfig, WebhookConfig
+from api.config import ApiConfig, LimitsConfig, WebhookConfig
 from telephony.audio import ulaw_decode
 from tests.conftest import ServiceFactory, make_config
 from tests.e2e.frontends import offline_words, paced, watch_events
@@ -251,7 +251,12 @@ async def test_bad_query_is_400_before_the_upgrade(start_service: ServiceFactory
         body = await response.json()
         assert "sample_rate" in response.headers["dg-error"]
     assert "sample_rate" in body["err_msg"] and body["request_id"]
+    # Good parameters but no upgrade: refused before any call is opened.
+    plain = f"http://127.0.0.1:{service.ports['audio']}/v1/listen?encoding=mulaw&sample_rate=8000"
+    async with aiohttp.ClientSession() as http, http.get(plain) as response:
+        assert response.status == 400 and response.headers["dg-request-id"]
     assert service.bridge.engine.free_slots == service.bridge.engine.capacity
+    assert not service.bridge.hub.calls
 
 
 async def test_wrong_key_is_401_before_the_upgrade(
@@ -335,3 +340,24 @@ async def test_v1_stream_takes_keepalive_finalize_and_closestream(
     assert messages[kinds.index("finalized")]["at"] > 0
     words = [{k: m[k] for k in ("text", "start", "end")} for m in messages if m["type"] == "word"]
     assert words == await offline_words(service, ulaw_decode(wire).astype(np.int16), 8000)
+
+
+async def test_keepalive_holds_a_silent_stream_open_until_the_idle_limit(
+    start_service: ServiceFactory,
+) -> None:
+    """KeepAlive resets the idle timer; silence past it is closed with 1011 NET-0001 (Deepgram's
+    10 s, shortened here by the operator's `limits.idle_timeout_s`)."""
+    config = dataclasses.replace(make_config(), limits=LimitsConfig(idle_timeout_s=1.0))
+    service = await start_service(config)
+    url = f"ws://127.0.0.1:{service.ports['audio']}/v1/listen?encoding=mulaw&sample_rate=8000"
+    async with watch_events(service) as events:
+        async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+            for _ in range(6):  # 2.4 s, well past the 1 s limit, kept open by KeepAlive
+                await ws.send_str('{"type": "KeepAlive"}')
+                await asyncio.sleep(0.4)
+            assert not ws.closed
+            msg = await ws.receive(timeout=10)
+            assert msg.type == aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == 1011 and "NET-0001" in (msg.extra or "")
+        ended = await events.wait_ended(1)
+    assert [e["reason"] for e in ended.values()] == ["idle timeout"]

@@ -21,7 +21,7 @@ from typing import Final
 
 from aiohttp import web
 
-from api import __version__, health
+from api import __version__, guard, health
 from api.auth import ApiKeys
 from api.bridge import BRIDGE, Bridge
 from api.cluster import Cluster
@@ -43,6 +43,7 @@ from telephony import (
     twilio,
     websocket,
 )
+from telephony.limits import LIMITS, ConnectionGate
 from telephony.session import CallHub
 from telephony.sip import backend as sip
 
@@ -83,7 +84,12 @@ def build_audio_app(bridge: Bridge) -> web.Application:
     `bridge.ports[name]`."""
     api = bridge.config.api
     keys = ApiKeys(api.keys, api.max_streams_per_key, api.requests_per_minute)
-    app = web.Application(middlewares=[keys.middleware] if keys.enabled else [])
+    limits = bridge.config.limits
+    app = web.Application(
+        middlewares=[guard.request_timeout(limits), *([keys.middleware] if keys.enabled else [])],
+        client_max_size=limits.http_max_body_bytes,
+    )
+    app[LIMITS] = limits
     app[BRIDGE] = bridge
     app[websocket.HUB] = bridge.hub
     calls.add_routes(app, bridge.store, bridge.hub)
@@ -101,7 +107,9 @@ def build_audio_app(bridge: Bridge) -> web.Application:
     if bridge.config.audiosocket.enabled:
         server = bridge.config.audiosocket
         app.cleanup_ctx.append(
-            audiosocket.audiosocket_server(server.host, server.port, bridge.hub, bridge.ports)
+            audiosocket.audiosocket_server(
+                server.host, server.port, bridge.hub, bridge.ports, limits
+            )
         )
     if bridge.config.sip.enabled:
         app.cleanup_ctx.append(
@@ -155,6 +163,7 @@ class Service:
             store, config.webhook.secret, config.webhook.timeout_s, on_result=metrics.webhook_result
         )
         self._runners: list[web.AppRunner] = []
+        self.gates: dict[str, ConnectionGate] = {}  # open connections per port (limits)
         self.ports = self.bridge.ports
 
     async def start(self) -> None:
@@ -170,8 +179,15 @@ class Service:
             "web": (build_web_app(self.bridge), server.web_port),
         }
         for name, (app, port) in apps.items():
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+            # aiohttp's keep-alive timer also runs before the first request: the handshake timeout.
+            runner = web.AppRunner(
+                app,
+                access_log=None,
+                shutdown_timeout=5.0,
+                keepalive_timeout=self.config.limits.handshake_timeout_s,
+            )
             await runner.setup()
+            self.gates[name] = guard.gate_connections(runner, self.config.limits, name)
             context = tls if name in ("audio", "health") else None
             site = web.TCPSite(runner, server.host, port, reuse_address=True, ssl_context=context)
             await site.start()
@@ -215,6 +231,7 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
     if not (config.tls.cert and config.tls.key):
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2  # nothing older, whatever OpenSSL allows
     context.load_cert_chain(config.tls.cert, config.tls.key)
     return context
 

@@ -23,9 +23,11 @@ from typing import Final
 
 from aiohttp import web
 
+from api.config import LimitsConfig
 from engine.base import BridgeError
 from telephony.audio import AudioDecoder, Encoding, PcmArray
 from telephony.errors import ProtocolError
+from telephony.limits import ConnectionGate, SourceLog
 from telephony.session import Call, CallHub
 
 log = logging.getLogger(__name__)
@@ -194,21 +196,30 @@ class _Leg:
 
 
 async def serve_connection(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hub: CallHub
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    hub: CallHub,
+    limits: LimitsConfig | None = None,
 ) -> None:
-    """One Asterisk connection: one call, until either side hangs up."""
+    """One Asterisk connection: one call, until either side hangs up. A peer that sends no
+    UUID within `handshake_timeout_s`, or nothing for `idle_timeout_s`, is hung up on."""
+    limits = limits or LimitsConfig()
     peer = writer.get_extra_info("peername")
     remote = f"{peer[0]}:{peer[1]}" if peer else "unknown"
     sock = writer.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    codec = AudioSocketCodec()
+    codec = AudioSocketCodec(limits.audiosocket_max_payload_bytes)
     call: Call | None = None
     leg: _Leg | None = None
     reason = "caller hung up"
     try:
         while True:
-            data = await reader.read(65536)
+            wait_s = limits.handshake_timeout_s if call is None else limits.idle_timeout_s
+            try:
+                data = await asyncio.wait_for(reader.read(65536), wait_s)
+            except TimeoutError:
+                raise AudioSocketError(f"nothing received for {wait_s:g} s") from None
             if not data:
                 codec.end_of_stream()
                 break
@@ -255,21 +266,37 @@ class _Done(Exception):
 
 
 def audiosocket_server(
-    host: str, port: int, hub: CallHub, ports: dict[str, int]
+    host: str,
+    port: int,
+    hub: CallHub,
+    ports: dict[str, int],
+    limits: LimitsConfig | None = None,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A cleanup context: listen for Asterisk while the application runs."""
+    """A cleanup context: listen for Asterisk while the application runs. Connections over
+    `limits.connections_per_ip` / `connections_total` get a hangup message and are closed."""
+    limits = limits or LimitsConfig()
+    gate = ConnectionGate(limits.connections_per_ip, limits.connections_total)
+    refusals = SourceLog(log)
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         connections: set[asyncio.Task[None]] = set()
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peer = writer.get_extra_info("peername")
+            source = str(peer[0]) if peer else "unknown"
+            if not gate.admit(source):
+                refusals.warning(source, "audiosocket connection from %s refused (limits)", source)
+                writer.write(AudioSocketCodec.encode_hangup())
+                writer.close()
+                return
             task = asyncio.current_task()
             assert task is not None
             connections.add(task)
             try:
-                await serve_connection(reader, writer, hub)
+                await serve_connection(reader, writer, hub, limits)
             finally:
                 connections.discard(task)
+                gate.release(source)
 
         server = await asyncio.start_server(on_connect, host, port)
         ports[FRONT_END] = server.sockets[0].getsockname()[1]

@@ -15,8 +15,9 @@ import asyncio
 import contextlib
 from typing import Final
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
+from telephony.limits import limits_of
 from telephony.session import CallHub, CallStarted, Subscription, bus_event_to_json
 from telephony.websocket import HUB
 
@@ -31,6 +32,9 @@ async def stream_events(
 ) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=30.0)
     await ws.prepare(request)
+    if hub.bus.subscriber_count >= limits_of(request).event_subscribers:
+        await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too many event subscribers")
+        return ws
     # Subscribe and take the snapshot in one step of the loop: no event falls in between.
     subscription = hub.bus.subscribe(
         maxsize=ALL_CALLS_QUEUE if call_id is None else ONE_CALL_QUEUE, call_id=call_id

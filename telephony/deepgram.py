@@ -668,6 +668,13 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
     except BaseException:
         await asyncio.shield(call.end("upgrade failed"))
         raise
+    ignored = sorted({key for key in request.query if key in IGNORED_PARAMS})
+    if ignored:
+        log.info(
+            "deepgram parameters not acted on: %s",
+            ", ".join(ignored),
+            extra={"call_id": call.id, "front_end": FRONT_END},
+        )
     # The operator's idle limit applies too, when it is shorter than Deepgram's 10 s.
     idle_s = min(IDLE_TIMEOUT_S, limits_of(request).idle_timeout_s)
     await _serve(ws, call, codec, send, idle_s)

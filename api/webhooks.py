@@ -65,6 +65,9 @@ class WebhookSender:
         self._store = store
         self._secret = secret
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        # A claimed webhook is this sender's until then: longer than one delivery may take, so
+        # no other node sends it meanwhile; if this node dies, another sends it after that.
+        self._claim_s = timeout_s + 5.0
         self._poll_s = poll_s
         self._on_result = on_result
         self._task: asyncio.Task[None] | None = None
@@ -89,7 +92,9 @@ class WebhookSender:
         loop = asyncio.get_running_loop()
         async with aiohttp.ClientSession(timeout=self._timeout) as http:
             while True:
-                due = await loop.run_in_executor(None, self._store.due_webhooks, time.time())
+                due = await loop.run_in_executor(
+                    None, self._store.due_webhooks, time.time(), 50, self._claim_s
+                )
                 if due:
                     await asyncio.gather(*(self._deliver(http, *row) for row in due))
                 else:

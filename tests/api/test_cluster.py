@@ -47,6 +47,7 @@ class Hooks:
     def __init__(self) -> None:
         self.port = free_port()
         self.bodies: list[dict[str, Any]] = []
+        self.down = False  # answer 503 to everything (the receiver is having trouble)
         self.runner: web.AppRunner | None = None
 
     @property
@@ -54,7 +55,10 @@ class Hooks:
         return f"http://127.0.0.1:{self.port}/hook"
 
     async def _hook(self, request: web.Request) -> web.Response:
-        self.bodies.append(json.loads(await request.read()))
+        body = json.loads(await request.read())
+        if self.down:
+            return web.Response(status=503)
+        self.bodies.append(body)
         return web.Response(status=204)
 
     async def __aenter__(self) -> Hooks:

@@ -145,6 +145,30 @@ class ConnectionGate:
         self.count -= 1
 
 
+class RateLimit:
+    """A token bucket per source: `per_s` on average, bursts of up to `burst`."""
+
+    def __init__(self, per_s: float, burst: float | None = None, sources: int = 10_000) -> None:
+        self.per_s = per_s
+        self.burst = max(1.0, per_s if burst is None else burst)
+        self._sources = sources
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self.refused = 0
+
+    def allow(self, source: str) -> bool:
+        now = time.monotonic()
+        tokens, last = self._buckets.get(source, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.per_s)
+        if tokens < 1.0:
+            self._buckets[source] = (tokens, now)
+            self.refused += 1
+            return False
+        if len(self._buckets) >= self._sources and source not in self._buckets:
+            self._buckets.clear()  # a spoofed-source flood: start over rather than grow
+        self._buckets[source] = (tokens - 1.0, now)
+        return True
+
+
 def limits_of(request: web.Request) -> LimitsConfig:
     return request.app.get(LIMITS) or LimitsConfig()
 

@@ -14,7 +14,9 @@ import asyncio
 import itertools
 import logging
 import random
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -24,8 +26,9 @@ from aiosipua.message import SipRequest, SipResponse
 from aiosipua.sdp import SdpMessage
 from aiosipua.sdp import parse_sdp as aiosipua_sdp
 
-from api.config import SipConfig
+from api.config import LimitsConfig, SipConfig
 from engine.base import BridgeError
+from telephony.limits import ConnectionGate, RateLimit, SourceLog
 from telephony.session import CallHub
 from telephony.sip import digest
 from telephony.sip.core import (
@@ -62,9 +65,28 @@ SIPREC_LEGS: Final = ("caller", "callee")
 
 
 class _Guard:
+    """Before aiosipua sees a message: the per-source rate limit (503), then a 400 for what its
+    parser would drop. Over TCP: connections per source, and the handshake/idle timeouts."""
+
+    rate: RateLimit
+    notes: SourceLog
+    seen: dict[tuple[str, int], float]
+
+    def guard(self, limits: LimitsConfig) -> None:
+        self.rate = RateLimit(limits.sip_requests_per_s)
+        self.notes = SourceLog(log)
+        self.seen = {}
+
     def _dispatch(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.seen[addr] = time.monotonic()
         if data.strip() == b"":
             return  # CRLF keep-alive (RFC 5626)
+        if not self.rate.allow(addr[0]):
+            self.notes.warning(addr[0], "SIP from %s over limits.sip_requests_per_s", addr[0])
+            busy = bad_request(data, "rate limited", "503 Service Unavailable")
+            if busy is not None:
+                self._send_raw(busy, addr)
+            return
         problem = request_problem(data)
         if problem is not None:
             log.warning("bad SIP message from %s: %s", addr[0], problem)
@@ -102,6 +124,43 @@ class _Udp(_Guard, UdpSipTransport):
 
 
 class _Tcp(_Guard, TcpSipTransport):
+    limits: LimitsConfig
+    gate: ConnectionGate
+    in_call: Callable[[tuple[str, int]], bool]
+
+    async def _handle_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        peer = writer.get_extra_info("peername")
+        addr = (str(peer[0]), int(peer[1])) if peer else ("0.0.0.0", 0)
+        if not self.gate.admit(addr[0]):
+            self.notes.warning(addr[0], "SIP TCP connection from %s refused (limits)", addr[0])
+            writer.close()
+            return
+        watchdog = asyncio.get_running_loop().create_task(self._watch(addr, writer))
+        try:
+            await super()._handle_connection(reader, writer)
+        finally:
+            watchdog.cancel()
+            self.gate.release(addr[0])
+            self.seen.pop(addr, None)
+
+    async def _watch(self, addr: tuple[str, int], writer: asyncio.StreamWriter) -> None:
+        """Close a connection that sends no message within the handshake timeout, or none for
+        `idle_timeout_s` while it carries no call (a PBX's connection stays up during calls)."""
+        opened = time.monotonic()
+        while True:
+            await asyncio.sleep(min(1.0, self.limits.handshake_timeout_s / 4))
+            now = time.monotonic()
+            last = self.seen.get(addr)
+            if last is None:
+                if now - opened < self.limits.handshake_timeout_s:
+                    continue
+            elif now - last < self.limits.idle_timeout_s or self.in_call(addr):
+                continue
+            writer.transport.abort()
+            return
+
     def _send_raw(self, data: bytes, addr: tuple[str, int]) -> None:
         conn = self._connections.get(addr)
         if conn is not None:
@@ -214,9 +273,10 @@ class AsyncioBackend:
     call_cap: int | None = None
     siprec: bool = True
 
-    def __init__(self, config: SipConfig, hub: CallHub) -> None:
+    def __init__(self, config: SipConfig, hub: CallHub, limits: LimitsConfig | None = None) -> None:
         self.config = config
         self.hub = hub
+        self.limits = limits or LimitsConfig()
         self.allow = AllowList(config.allow)
         self.rtp_ports = RtpPorts(config.host, config.rtp_port_min, config.rtp_port_max)
         self.dialogs: dict[str, _Dialog] = {}
@@ -231,14 +291,20 @@ class AsyncioBackend:
     async def start(self) -> int:
         for attempt in range(10):  # port 0: until UDP and TCP get the same number
             udp = _Udp(local_addr=(self.config.host, self.config.port))
+            udp.guard(self.limits)
             await self._listen(udp)
             assert udp._udp_transport is not None
             self.port = int(udp._udp_transport.get_extra_info("sockname")[1])
             udp.local_addr = (self.config.host, self.port)
             if not self.config.tcp:
                 break
+            tcp = _Tcp(local_addr=(self.config.host, self.port))
+            tcp.guard(self.limits)
+            tcp.limits = self.limits
+            tcp.gate = ConnectionGate(self.limits.connections_per_ip, self.limits.connections_total)
+            tcp.in_call = self._in_call
             try:
-                await self._listen(_Tcp(local_addr=(self.config.host, self.port)))
+                await self._listen(tcp)
                 break
             except OSError:
                 if self.config.port != 0 or attempt == 9:
@@ -281,6 +347,9 @@ class AsyncioBackend:
             if found is not None:
                 return found
         return None
+
+    def _in_call(self, addr: tuple[str, int]) -> bool:
+        return any(d.incoming.source_addr == addr for d in self.dialogs.values())
 
     @property
     def live_calls(self) -> int:

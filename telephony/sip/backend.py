@@ -10,7 +10,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from api.config import SipConfig
+from api.config import LimitsConfig, SipConfig
+from telephony.limits import LIMITS
 from telephony.session import CallHub
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,13 @@ class SipBackend(Protocol):
         """Live details for `/info` (the pjsua2 agent's pid and restarts)."""
 
 
-def build_backend(config: SipConfig, hub: CallHub) -> SipBackend:
+def build_backend(
+    config: SipConfig, hub: CallHub, limits: LimitsConfig | None = None
+) -> SipBackend:
     if config.backend == "asyncio":
         from telephony.sip.asyncio_backend import AsyncioBackend
 
-        return AsyncioBackend(config, hub)
+        return AsyncioBackend(config, hub, limits)
     if config.backend == "pjsua2":
         from telephony.sip.pjsua2_backend import Pjsua2Backend
 
@@ -113,7 +116,7 @@ def cleanup_context(
             keep(None, problem)
             yield
             return
-        backend = build_backend(config, hub)
+        backend = build_backend(config, hub, app.get(LIMITS))
         ports["sip"] = await backend.start()
         keep(backend, "")
         try:

@@ -159,7 +159,7 @@ def request_problem(data: bytes) -> str | None:
     return None
 
 
-def bad_request(data: bytes, problem: str) -> bytes | None:
+def bad_request(data: bytes, problem: str, status: str = "400 Bad Request") -> bytes | None:
     """A 400 echoing what can be read of the request's headers; None if it cannot be routed
     (no Via) or is not a request at all (a broken response gets no answer)."""
     text = data.decode("utf-8", "replace")
@@ -175,8 +175,8 @@ def bad_request(data: bytes, problem: str) -> bytes | None:
             echoed.append(f"{key.title() if key != 'call-id' else 'Call-ID'}: {value.strip()}")
     if not any(line.lower().startswith("via:") for line in echoed):
         return None
-    reason = "Bad Request (" + "".join(c for c in problem if c.isprintable())[:80] + ")"
-    out = [f"SIP/2.0 400 {reason}", *echoed, "Content-Length: 0", "", ""]
+    reason = status + " (" + "".join(c for c in problem if c.isprintable())[:80] + ")"
+    out = [f"SIP/2.0 {reason}", *echoed, "Content-Length: 0", "", ""]
     return "\r\n".join(out).encode()
 
 

@@ -468,3 +468,40 @@ async def test_audiosocket_over_its_connection_limit_is_hung_up(
     for _, w in held:
         w.write(AudioSocketCodec.encode_uuid(uuid.uuid4()))
         w.close()
+
+
+async def test_sip_flood_gets_503_and_silent_tcp_is_closed(start_service: ServiceFactory) -> None:
+    from tests.e2e.sip_peers import sip_config
+
+    config = sip_config({"name": "sink"})
+    config = dataclasses.replace(
+        config,
+        limits=dataclasses.replace(LimitsConfig(), sip_requests_per_s=5, handshake_timeout_s=0.5),
+    )
+    service = await start_service(config)
+    port = service.ports["sip"]
+    options = (
+        "OPTIONS sip:bridge@127.0.0.1 SIP/2.0\r\n"
+        "Via: SIP/2.0/UDP 127.0.0.1:{local};branch=z9hG4bK-o{n}\r\n"
+        "From: <sip:t@127.0.0.1>;tag=a{n}\r\nTo: <sip:bridge@127.0.0.1>\r\n"
+        "Call-ID: opt-{n}@127.0.0.1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    )
+
+    def flood() -> list[str]:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(2)
+            s.bind(("127.0.0.1", 0))
+            local = s.getsockname()[1]
+            for n in range(20):
+                s.sendto(options.format(local=local, n=n).encode(), ("127.0.0.1", port))
+            replies = []
+            try:
+                while True:
+                    replies.append(s.recv(4096).decode(errors="replace").split("\r\n")[0])
+            except TimeoutError:
+                return replies
+
+    replies = await asyncio.to_thread(flood)
+    assert replies.count("SIP/2.0 200 OK") == 5, replies
+    assert len([r for r in replies if r.startswith("SIP/2.0 503")]) == 15, replies
+    assert not await asyncio.to_thread(held_open, port, b"", 5.0)  # SIP over TCP, silent

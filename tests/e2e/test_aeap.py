@@ -51,7 +51,7 @@ class SpeechObject:
     async def request(self, message: dict[str, Any]) -> dict[str, Any]:
         """Send and wait for the answer with the same id (Asterisk waits 1000 ms)."""
         self.ws.send_text(json.dumps(message, separators=(",", ":")))
-        answer = json.loads(await self.ws.receive_text(timeout=1.0))
+        answer: dict[str, Any] = json.loads(await self.ws.receive_text(timeout=1.0))
         assert answer["response"] == message["request"] and answer["id"] == message["id"]
         return answer
 

@@ -113,7 +113,7 @@ async def _transcribe(config: Config, args: argparse.Namespace) -> int:
                 print(f"stt-bridge: {exc}", file=sys.stderr)
                 failures += 1
                 continue
-            seconds = len(pcm) / 24000
+            seconds = len(pcm) / hub.engine.sample_rate
             show = args.progress
             if show is None:
                 show = seconds >= PROGRESS_MIN_S and sys.stderr.isatty()

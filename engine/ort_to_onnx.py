@@ -13,6 +13,7 @@ types and attribute kinds use ONNX's own numbering, so values carry over one to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ def _node(node: Any) -> onnx.NodeProto:
 
 def _attribute(attr: Any) -> Any:
     kind = fbs.AttributeType.AttributeType
-    value_of = {
+    value_of: dict[int, Callable[[], Any]] = {
         kind.FLOAT: lambda: attr.F(),
         kind.INT: lambda: attr.I(),
         kind.STRING: lambda: attr.S(),
@@ -111,7 +112,7 @@ def _attribute(attr: Any) -> Any:
 
 
 def _tensor(tensor: Any) -> onnx.TensorProto:
-    proto = onnx.TensorProto()  # type: ignore[no-untyped-call]
+    proto = onnx.TensorProto()
     proto.name = _text(tensor.Name())
     proto.data_type = tensor.DataType()
     proto.dims.extend(tensor.Dims(i) for i in range(tensor.DimsLength()))

@@ -145,13 +145,20 @@ class ResampleStream:
     def __init__(self, in_rate: int, out_rate: int) -> None:
         self.in_rate = in_rate
         self.out_rate = out_rate
+        self.samples_in = 0
         self._stream = (
             None
             if in_rate == out_rate
             else soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality="HQ")
         )
 
+    @property
+    def seconds_in(self) -> float:
+        """Audio taken so far, in seconds: where the stream is, whatever the filter holds."""
+        return self.samples_in / self.in_rate
+
     def process(self, pcm: PcmArray) -> PcmArray:
+        self.samples_in += len(pcm)
         if self._stream is None:
             return pcm
         return _to_int16(self._stream.resample_chunk(pcm.astype(np.float32)))
@@ -199,6 +206,10 @@ class AudioDecoder:
 
     def feed(self, data: bytes) -> PcmArray:
         return self._resampler.process(self.decode(data))
+
+    @property
+    def seconds_in(self) -> float:
+        return self._resampler.seconds_in
 
     def feed_samples(self, pcm: PcmArray) -> PcmArray:
         """Samples already decoded at the wire rate (e.g. one channel of a stereo stream)."""

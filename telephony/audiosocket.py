@@ -180,14 +180,20 @@ class _Leg:
     def __init__(self, call: Call) -> None:
         self.session = call.leg("caller")
         self._decoder: AudioDecoder | None = None
+        self._done_s = 0.0  # audio of decoders before a rate change
 
     def audio(self, event: Audio) -> None:
         if self._decoder is None or self._decoder.sample_rate != event.sample_rate:
             self.flush()  # a rate change mid-call: finish the old resampler's tail first
+            self._done_s = self.session.audio_s
             self._decoder = AudioDecoder(
                 Encoding.PCM16, event.sample_rate, self.session.call.sample_rate
             )
         self.session.push(self._decoder.feed(event.payload))
+
+    def dtmf(self, digit: str) -> None:
+        wire_s = self._decoder.seconds_in if self._decoder is not None else 0.0
+        self.session.dtmf(digit, self._done_s + wire_s)
 
     def flush(self) -> None:
         if self._decoder is not None:
@@ -234,7 +240,7 @@ async def serve_connection(
                 elif isinstance(event, Audio) and leg is not None:
                     leg.audio(event)
                 elif isinstance(event, Dtmf) and leg is not None:
-                    leg.session.dtmf(event.digit)
+                    leg.dtmf(event.digit)
                 elif isinstance(event, Hangup | PeerError):
                     reason = (
                         "peer hangup" if isinstance(event, Hangup) else f"peer error {event.code}"

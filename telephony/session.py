@@ -201,9 +201,12 @@ class Session:
         self.samples_in += len(pcm)
         self.stream.push(pcm)
 
-    def dtmf(self, digit: str) -> None:
-        """Announce a key press at the current point of this leg's audio."""
-        self.call.hub.bus.publish(DtmfPressed(self.call.id, self.leg, digit, self.audio_s))
+    def dtmf(self, digit: str, at_s: float | None = None) -> None:
+        """Announce a key press at `at_s` of this leg's audio: where the front end's wire is
+        (`ResampleStream.seconds_in`), which the engine's count trails by what the resampler
+        still holds (90 ms from 8 to 16 kHz); by default the audio pushed so far."""
+        at = self.audio_s if at_s is None else at_s
+        self.call.hub.bus.publish(DtmfPressed(self.call.id, self.leg, digit, at))
 
     async def write(self, pcm: PcmArray) -> None:
         """Like push, but waits for the engine when it is behind (offline transcription)."""

@@ -279,6 +279,12 @@ class _Legs:
         self._samples[leg] += len(pcm)
         self.call.leg(leg).push(self._resamplers[leg].process(pcm))
 
+    def dtmf(self, digit: str) -> None:
+        # Twilio reports keys on the inbound track; an outbound-only stream has only the
+        # agent's leg, which then carries them.
+        leg = "caller" if "caller" in self.call.legs else next(iter(self.call.legs))
+        self.call.leg(leg).dtmf(digit, self._resamplers[leg].seconds_in)
+
     def flush(self) -> None:
         for leg, resampler in self._resamplers.items():
             self.call.leg(leg).push(resampler.flush())
@@ -317,11 +323,8 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
                 legs = _Legs(call)
             elif isinstance(event, Media) and legs is not None:
                 legs.media(event)
-            elif isinstance(event, DtmfDigit) and call is not None:
-                # Twilio reports keys on the inbound track; an outbound-only stream has only
-                # the agent's leg, which then carries them.
-                leg_name = "caller" if "caller" in call.legs else next(iter(call.legs))
-                call.leg(leg_name).dtmf(event.digit)
+            elif isinstance(event, DtmfDigit) and legs is not None:
+                legs.dtmf(event.digit)
             elif isinstance(event, StreamStopped):
                 reason = "stop"
                 break

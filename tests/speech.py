@@ -88,9 +88,22 @@ def write_wav(path: Path, pcm: PcmArray, rate: int) -> Path:
     return path
 
 
+_DIGITS: Final = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_DIGIT_OF: Final = {**{name: str(d) for d, name in enumerate(_DIGITS)}, "oh": "0"}
+
+
 def normalize(text: str) -> list[str]:
+    """Lower-case words without punctuation; numbers as digits, each digit its own word
+    ("4567" and "four five six seven" both count as four words), so the same digits read out
+    or written match (Moonshine writes digits)."""
     cleaned = "".join(c.lower() if c.isalnum() or c == "'" else " " for c in text)
-    return cleaned.split()
+    words: list[str] = []
+    for word in cleaned.split():
+        if word.isdigit():
+            words.extend(word)
+        else:
+            words.append(_DIGIT_OF.get(word, word))
+    return words
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:

@@ -23,9 +23,9 @@ async def test_health_ready_info(start_service: ServiceFactory) -> None:
 
         async with http.get(f"{base}/info") as r:
             info = await r.json()
-        assert info["engine"]["name"] == "cpu"
+        assert info["engine"]["name"] == "moonshine"
         assert info["engine"]["capacity"] == 1 and info["engine"]["free_slots"] == 1
-        assert "pocketsphinx" in info["engine"]["model"]
+        assert info["engine"]["model"] == "moonshine base-en (moonshine-cpp wheel)"
         assert info["version"]
 
         async with http.get(f"{base}/ready") as r:

@@ -109,8 +109,7 @@ async def send_audio(ws: aiohttp.ClientWebSocketResponse, data: bytes, pace: flo
 async def test_kill_9_leaves_no_worker_process_behind(
     tmp_path: Path, servers: list[ServerProcess]
 ) -> None:
-    """The decoder processes and the PJSIP agent end with a killed server: none is left
-    holding memory (about 150 MB a decoder) or the SIP port."""
+    """The PJSIP agent ends with a killed server: it is not left holding the SIP port."""
     sip = {"ENABLED": "true", "BACKEND": "pjsua2", "HOST": "127.0.0.1", "PORT": "0"}
     server = ServerProcess(tmp_path / "data", **{f"STT_BRIDGE_SIP_{k}": v for k, v in sip.items()})
     servers.append(server.start())
@@ -118,7 +117,7 @@ async def test_kill_9_leaves_no_worker_process_behind(
         async with http.get(f"http://127.0.0.1:{server.ports['health']}/info") as response:
             info = await response.json()
     workers = server.children()
-    assert info["sip"]["agent_pid"] in workers and len(workers) >= 3  # + 2 decoders
+    assert info["sip"]["agent_pid"] in workers
     server.kill()
     for _ in range(50):
         if not any(alive(pid) for pid in workers):

@@ -33,8 +33,8 @@ from tests.speech import SENTENCES, read_pcm, speech_wav, word_error_rate
 SAMPLE_RATE = 24000
 FRAME_SIZE = 1920
 KEY = "public_token"  # moshi-server's default authorized id
-# Measured: clean 24 kHz hibari sentences through the CPU engine, WER 0.0-0.23 per sentence.
-CLEAN_WER_BOUND = 0.3
+# Measured: clean 24 kHz hibari sentences through the Moonshine engine, WER 0.00 each.
+CLEAN_WER_BOUND = 0.05
 
 
 @pytest.fixture

@@ -42,8 +42,8 @@ from tests.speech import SENTENCES, phone_bytes, word_error_rate
 
 pytestmark = pytest.mark.xdist_group("sip")
 
-# Measured like the WebSocket tests: μ-law 8 kHz hibari speech, CPU engine.
-PHONE_WER_BOUND = 0.5
+# Measured like the WebSocket tests: μ-law 8 kHz hibari speech, Moonshine: WER 0.00.
+PHONE_WER_BOUND = 0.05
 # PJSIP's media clock must tick every 20 ms: its tests run alone (`solo`, see Makefile).
 BACKENDS = ("asyncio", pytest.param("pjsua2", marks=pytest.mark.solo))
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.config import EngineConfig
 from engine.base import (
     Closed,
     EndOfTurn,
@@ -29,6 +28,7 @@ from engine.base import (
     Segment,
     Word,
 )
+from engine.config import EngineConfig
 from engine.kyutai import (
     FRAME_SIZE,
     CheckpointError,

@@ -7,10 +7,12 @@ import asyncio
 import numpy as np
 
 from engine.base import Closed, EngineEvent, EngineStream, Word
-from engine.cpu import CpuEngine
+from engine.moonshine import MoonshineEngine
 from engine.sink import SinkEngine
-from telephony.audio import ENGINE_RATE
+from telephony.audio import resample_whole
 from tests.speech import SENTENCES, read_pcm, speech_wav
+
+RATE = 16000
 
 
 async def consume(stream: EngineStream, seen: list[tuple[EngineEvent, int]]) -> None:
@@ -35,21 +37,21 @@ async def test_sink_settles_what_it_consumes() -> None:
     assert not await asyncio.wait_for(stream.wait_settled(5921), 5)
 
 
-async def test_cpu_engine_settles_an_utterance_only_after_its_words(
-    cpu_engine: CpuEngine,
+async def test_moonshine_settles_an_utterance_only_after_its_words(
+    moonshine_engine: MoonshineEngine,
 ) -> None:
-    speech, _ = read_pcm(speech_wav(SENTENCES[0]))
-    lead = np.zeros(ENGINE_RATE, dtype=np.int16)
-    tail = np.zeros(2 * ENGINE_RATE, dtype=np.int16)
-    stream = cpu_engine.open("settle")
+    speech = resample_whole(*read_pcm(speech_wav(SENTENCES[0])), RATE)
+    lead = np.zeros(RATE, dtype=np.int16)
+    tail = np.zeros(2 * RATE, dtype=np.int16)
+    stream = moonshine_engine.open("settle")
     seen: list[tuple[EngineEvent, int]] = []
     reader = asyncio.create_task(consume(stream, seen))
     end_of_speech = len(lead) + len(speech)
 
     await stream.write(lead)
-    # Leading silence settles (but for the endpointer's window) before any speech arrives.
-    assert await asyncio.wait_for(stream.wait_settled(ENGINE_RATE // 2), 10)
-    assert stream.settled_samples <= ENGINE_RATE - int(0.3 * ENGINE_RATE)
+    # Leading silence settles (but for the pad an utterance may start with) before any speech.
+    assert await asyncio.wait_for(stream.wait_settled(RATE // 2), 10)
+    assert stream.settled_samples <= RATE - int(0.2 * RATE)
 
     await stream.write(speech)
     await asyncio.sleep(1.0)  # the engine has heard all of it, but the utterance is open
@@ -67,5 +69,5 @@ async def test_cpu_engine_settles_an_utterance_only_after_its_words(
     # Every word arrived while its own audio was still unsettled.
     for event, settled in seen:
         if isinstance(event, Word):
-            assert event.start_s * ENGINE_RATE >= settled, (event, settled)
+            assert event.start_s * RATE >= settled, (event, settled)
     assert stream.settled_samples == len(lead) + len(speech) + len(tail)

@@ -3,8 +3,9 @@
 Both backends (`asyncio_backend`, `pjsua2_backend`) do only signalling and sockets; what a
 call means to the bridge lives here: the source allow-list, the labels that go into the call
 record, admission on the `CallHub` (its `EngineFull`/`Draining` become 486/503 through
-`telephony.errors`), and `SipCall`, which turns each leg's RTP (or PCM) into audio at the engine's rate,
-hangs up when RTP stops or the call runs past `max_call_s`, and flushes every word at the end.
+`telephony.errors`), and `SipCall`, which turns each leg's RTP (or PCM) into audio at the
+engine's rate, hangs up when RTP stops or the call runs past `max_call_s`, and flushes every
+word at the end.
 See ../shared/protocols/sip.md.
 """
 

@@ -1,6 +1,8 @@
 // The browser client: microphone → 24 kHz int16 over a WebSocket → live transcript.
 // Protocol: binary frames of raw int16 LE 24 kHz mono to "/"; JSON text frames back
-// (word, segment, end_of_turn, error, closed). Stop sends {"type":"stop"} and waits for "closed".
+// (partial, word, segment, end_of_turn, error, closed). A partial is the hypothesis of the
+// utterance still being spoken: shown greyed, replaced by the next one or by its segment.
+// Stop sends {"type":"stop"} and waits for "closed".
 
 const SAMPLE_RATE = 24000;
 const BATCH_SAMPLES = 1920; // 80 ms
@@ -51,6 +53,10 @@ function clock(seconds) {
 function onMessage(event) {
   const message = JSON.parse(event.data);
   switch (message.type) {
+    case "partial":
+      pendingWords = [];
+      ui.partial.textContent = message.text;
+      break;
     case "word":
       pendingWords.push(message.text);
       ui.partial.textContent = pendingWords.join(" ");

@@ -180,6 +180,10 @@ function onFollow(message) {
       ui.meta.textContent = `${message.front_end} · legs: ${message.legs.join(", ")} · ` +
         Object.entries(message.labels || {}).map(([k, v]) => `${k}=${v}`).join(" ");
       break;
+    case "partial": // the utterance still being spoken: greyed, replaced as it grows
+      follow.pending[leg] = message.text.split(" ");
+      showPartial(leg);
+      break;
     case "word":
       (follow.pending[leg] ||= []).push(message.text);
       showPartial(leg);

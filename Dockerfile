@@ -1,6 +1,6 @@
 # stt-bridge as a container. The same steps as `make python-packages`, without the test tools.
 #
-#   CPU (default: Debian 12, PyTorch's CPU wheel, the cpu engine unless a GPU shows up):
+#   CPU (default: Debian 12, PyTorch's CPU wheel, the moonshine CPU engine unless a GPU shows up):
 #     docker build -t stt-bridge .
 #   GPU (CUDA base image, PyPI's CUDA build of torch, the kyutai engine):
 #     docker build -t stt-bridge:gpu \
@@ -44,7 +44,7 @@ COPY configs/ configs/
 RUN .venv/bin/pip install -q -e . \
     # moshi pins torch<2.10 (a multi-GB CUDA build on PyPI): take it without its pins.
     && .venv/bin/pip install -q --no-deps "${MOSHI}" \
-    && .venv/bin/python -c "import moshi.models, pocketsphinx, soxr, aiohttp"
+    && .venv/bin/python -c "import moshi.models, onnxruntime, moonshine_cpp, silero_vad, soxr, aiohttp"
 
 ENV PATH=/opt/stt-bridge/.venv/bin:$PATH \
     HOME=/var/lib/stt-bridge \

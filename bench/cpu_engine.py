@@ -1,12 +1,15 @@
-"""The CPU engine (PocketSphinx): real-time factor per stream and concurrent real-time streams.
+"""The CPU engine (Moonshine base-en + Silero VAD), measured the way a contact centre uses it.
 
-1. RTF: one stream, speech written as fast as the engine takes it; wall time / audio time.
-2. Throughput: K streams at once, each as fast as it goes; audio seconds decoded per wall
-   second is how many real-time streams the machine holds (at 100 % of its cores).
-3. Real time: K streams paced like phones (20 ms frames); the lag from the end of each
-   stream's audio to its `Closed` (all words out) tells whether K streams keep up.
+    python bench/cpu_engine.py wer        # WER on 8 kHz μ-law phone speech, PocketSphinx beside
+    python bench/cpu_engine.py rtf        # real-time factor per core, with and without partials
+    python bench/cpu_engine.py realtime --streams 4 8 12 16   # concurrent real-time callers
+    python bench/cpu_engine.py memory     # resident size with 1 and with 8 streams
 
-    python bench/cpu_engine.py [--workers 2]
+Speech: 16 call-centre sentences by hibari-tts (its one voice, plus two pitch-shifted
+"voices" made with sox), at three speeds, through 8 kHz μ-law, clean and with a 300-3400 Hz
+band-pass plus white noise at 10 dB SNR. WER: lower-cased words without punctuation, numbers
+as digits and each digit its own word (tests/speech.py `normalize`), over all words of a set.
+PocketSphinx is measured where it is installed (`pip install pocketsphinx`), on the same audio.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
+import resource
 import sys
 import time
 from pathlib import Path
@@ -23,85 +26,281 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.base import Closed, Word
-from engine.cpu import CpuEngine
-from telephony.audio import ENGINE_RATE, PcmArray
-from tests.speech import SENTENCES, read_pcm, speech_wav, word_error_rate
+from engine.base import Partial, Segment
+from engine.moonshine import MoonshineEngine
+from telephony.audio import PcmArray, resample_whole, ulaw_decode, ulaw_encode
+from tests.conftest import MODEL_CACHE
+from tests.speech import normalize, read_pcm, sox_convert, speech_wav
+
+RATE = 16000
+CALL_CENTRE = (
+    "Thank you for calling. Please hold while I transfer you to the billing department.",
+    "I would like to check the status of my order from last week.",
+    "My account number is four five six seven and I need help with my bill.",
+    "Can you please repeat that? The line is very bad today.",
+    "I want to cancel my subscription and get a refund.",
+    "Your call is important to us. An agent will be with you shortly.",
+    "My zip code is three zero three one nine.",
+    "I was charged twice for the same order on my credit card.",
+    "Could you give me the tracking number for my package?",
+    "I live at twelve Oak Street, apartment four.",
+    "My date of birth is the fifth of March nineteen eighty two.",
+    "The internet has been down since yesterday morning.",
+    "I need to update the email address on my account.",
+    "Is there a fee for changing my flight to Friday?",
+    "Please send the invoice to my office instead of my home.",
+    "Can I speak to a supervisor about this complaint?",
+)
+VOICES = {"hibari": (), "lower": ("pitch", "-250"), "higher": ("pitch", "250")}
+SPEEDS = {"0.9x": ("tempo", "0.9"), "1.0x": (), "1.2x": ("tempo", "1.2")}
 
 
-def call_audio() -> tuple[PcmArray, str]:
-    """All test sentences with 0.6 s pauses: about 30 s of a caller talking."""
-    gap = np.zeros(int(0.6 * ENGINE_RATE), dtype=np.int16)
-    parts: list[PcmArray] = []
-    for text in SENTENCES:
-        parts += [read_pcm(speech_wav(text))[0], gap]
-    return np.concatenate(parts), " ".join(SENTENCES)
+def phone_audio(text: str, voice: str, speed: str, noisy: bool, seed: int) -> PcmArray:
+    """`text` as a phone line carries it (8 kHz μ-law), decoded and resampled to 16 kHz."""
+    effects = (*VOICES[voice], *SPEEDS[speed])
+    if noisy:
+        effects = (*effects, "sinc", "300-3400")
+    wav = sox_convert(speech_wav(text), "-r", "8000", "-c", "1", "-b", "16", effects=effects)
+    pcm, _ = read_pcm(wav)
+    if noisy:
+        x = pcm.astype(np.float64)
+        noise = np.random.default_rng(seed).standard_normal(len(x))
+        x += noise * np.sqrt(np.mean(x**2) / 10.0)  # 10 dB SNR
+        pcm = np.clip(x, -32768, 32767).astype(np.int16)
+    return resample_whole(ulaw_decode(ulaw_encode(pcm)), 8000, RATE)
 
 
-async def run(engine: CpuEngine, pcm: PcmArray, pace: bool) -> tuple[float, float, str]:
-    """(wall seconds, lag after the last sample, words)."""
+async def start(partial_interval_s: float = 0.0, capacity: int = 64) -> MoonshineEngine:
+    engine = MoonshineEngine(
+        cache_dir=MODEL_CACHE, capacity=capacity, partial_interval_s=partial_interval_s
+    )
+    await engine.start()
+    return engine
+
+
+async def transcribe(engine: MoonshineEngine, pcm: PcmArray) -> str:
     stream = engine.open("bench")
-    start = time.perf_counter()
-    frame = ENGINE_RATE // 50
-    for i in range(0, len(pcm), frame):
-        if pace:
-            delay = start + i / ENGINE_RATE - time.perf_counter()
+    lead = np.zeros(RATE // 4, dtype=np.int16)
+    await stream.write(np.concatenate([lead, pcm, np.zeros(RATE, dtype=np.int16)]))
+    stream.close()
+    return " ".join([e.text async for e in stream.events() if isinstance(e, Segment)])
+
+
+def errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    ref, hyp = normalize(reference), normalize(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, start=1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, start=1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[len(hyp)], len(ref)
+
+
+def pocketsphinx_decoder() -> object | None:
+    try:
+        from pocketsphinx import Decoder
+    except ImportError:
+        return None
+    return Decoder()
+
+
+def sphinx_text(decoder: object, pcm: PcmArray) -> str:
+    decoder.start_utt()  # type: ignore[attr-defined]
+    decoder.process_raw(pcm.tobytes(), full_utt=True)  # type: ignore[attr-defined]
+    decoder.end_utt()  # type: ignore[attr-defined]
+    hyp = decoder.hyp()  # type: ignore[attr-defined]
+    return str(hyp.hypstr) if hyp is not None else ""
+
+
+async def wer(args: argparse.Namespace) -> None:
+    engine = await start()
+    sphinx = pocketsphinx_decoder()
+    totals: dict[tuple[str, str], list[int]] = {}
+    for noisy in (False, True):
+        for voice in VOICES:
+            for speed in SPEEDS:
+                cell = "noisy" if noisy else "clean"
+                for n, text in enumerate(CALL_CENTRE):
+                    pcm = phone_audio(text, voice, speed, noisy, seed=n)
+                    for name, hypothesis in (
+                        ("moonshine", await transcribe(engine, pcm)),
+                        ("pocketsphinx", sphinx_text(sphinx, pcm) if sphinx else None),
+                    ):
+                        if hypothesis is None:
+                            continue
+                        wrong, count = errors(text, hypothesis)
+                        for key in ((name, cell), (name, f"{cell} {voice} {speed}")):
+                            total = totals.setdefault(key, [0, 0])
+                            total[0] += wrong
+                            total[1] += count
+    await engine.stop()
+    print("WER on 8 kHz μ-law call-centre speech (16 sentences per cell)\n")
+    print(f"| {'set':<24} | {'moonshine':>9} | {'pocketsphinx':>12} |")
+    print(f"|{'-' * 26}|{'-' * 11}|{'-' * 14}|")
+    cells = sorted({cell for _, cell in totals}, key=lambda c: (len(c.split()), c))
+    for cell in cells:
+        row = []
+        for name in ("moonshine", "pocketsphinx"):
+            wrong, count = totals.get((name, cell), [0, 0])
+            row.append(f"{wrong / count:.3f}" if count else "n/a")
+        print(f"| {cell:<24} | {row[0]:>9} | {row[1]:>12} |")
+
+
+def call_audio() -> tuple[PcmArray, list[float]]:
+    """A caller: every sentence once, 1.2 s apart; and where each one's speech ends (s)."""
+    gap = np.zeros(int(1.2 * RATE), dtype=np.int16)
+    parts: list[PcmArray] = [gap]
+    ends = []
+    at = len(gap)
+    for n, text in enumerate(CALL_CENTRE[:8]):
+        pcm = phone_audio(text, "hibari", "1.0x", False, seed=n)
+        loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > 300)
+        ends.append((at + int(loud[-1])) / RATE)
+        parts += [pcm, gap]
+        at += len(pcm) + len(gap)
+    return np.concatenate(parts), ends
+
+
+async def rtf(args: argparse.Namespace) -> None:
+    pcm, _ = call_audio()
+    seconds = len(pcm) / RATE
+    print(f"real-time factor, one stream written as fast as it goes ({seconds:.0f} s of a call)\n")
+    print(f"| {'partials':<10} | {'CPU s per audio s':>17} | {'wall s per audio s':>18} |")
+    print(f"|{'-' * 12}|{'-' * 19}|{'-' * 20}|")
+    for interval in (0.0, 1.0):
+        engine = await start(partial_interval_s=interval)
+        stream = engine.open("rtf")
+        cpu, wall = time.process_time(), time.perf_counter()
+        for at in range(0, len(pcm), RATE // 5):  # as fast as it takes them, 200 ms at a time
+            stream.push(pcm[at : at + RATE // 5])
+            while stream.pending_samples > RATE:
+                await asyncio.sleep(0.001)
+        stream.close()
+        async for _ in stream.events():
+            pass
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        await engine.stop()
+        label = f"every {interval:.0f} s" if interval else "off"
+        print(f"| {label:<10} | {cpu / seconds:>17.3f} | {wall / seconds:>18.3f} |")
+
+
+async def realtime(args: argparse.Namespace) -> None:
+    pcm, ends = call_audio()
+    print(
+        f"concurrent callers in real time (20 ms frames), {len(pcm) / RATE:.0f} s each, "
+        f"{os.cpu_count()} cores; latency: end of speech → its final segment\n"
+    )
+    print(
+        f"| {'streams':>7} | {'partials':<8} | {'final p50':>9} | {'final p99':>9} "
+        f"| {'> 1 s':>6} | {'partials/utt':>12} | {'CPU %':>6} |"
+    )
+    print(f"|{'-' * 9}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 8}|{'-' * 14}|{'-' * 8}|")
+    for interval in (0.0, 1.0):
+        for count in args.streams:
+            engine = await start(partial_interval_s=interval, capacity=count)
+            latencies, partials = await _callers(engine, pcm, ends, count)
+            await engine.stop()
+            cpu = _cpu_share()
+            late = sum(x > 1.0 for x in latencies) / max(1, len(latencies))
+            p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (float("nan"),) * 2
+            print(
+                f"| {count:>7} | {'1 s' if interval else 'off':<8} | {p50:>8.2f}s | {p99:>8.2f}s "
+                f"| {late:>6.1%} | {partials / max(1, count * len(ends)):>12.1f} "
+                f"| {cpu:>5.0f}% |"
+            )
+
+
+_last_cpu = [time.process_time(), time.perf_counter()]
+
+
+def _cpu_share() -> float:
+    cpu, wall = time.process_time(), time.perf_counter()
+    share = (cpu - _last_cpu[0]) / max(1e-9, wall - _last_cpu[1]) * 100
+    _last_cpu[:] = [cpu, wall]
+    return share
+
+
+async def _callers(
+    engine: MoonshineEngine, pcm: PcmArray, ends: list[float], count: int
+) -> tuple[list[float], int]:
+    frame = RATE // 50
+    began = time.perf_counter() + 0.2
+    latencies: list[float] = []
+    partials = 0
+    _cpu_share()
+
+    async def caller(n: int) -> None:
+        nonlocal partials
+        stream = engine.open(f"caller-{n}")
+        offset = n * 0.37 % 1.0  # callers do not all speak in step
+
+        async def read() -> None:
+            nonlocal partials
+            async for event in stream.events():
+                if isinstance(event, Segment):
+                    truth = min(ends, key=lambda e: abs(e - event.end_s))
+                    spoken_at = began + offset + truth
+                    latencies.append(time.perf_counter() - spoken_at)
+                elif isinstance(event, Partial):
+                    partials += 1
+
+        reader = asyncio.create_task(read())
+        for i, at in enumerate(range(0, len(pcm), frame)):
+            delay = began + offset + (i + 1) * 0.02 - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            stream.push(pcm[i : i + frame])
-        else:
-            await stream.write(pcm[i : i + frame])
-    audio_done = time.perf_counter()
-    stream.close()
-    words = []
-    async for event in stream.events():
-        if isinstance(event, Word):
-            words.append(event.text)
-        if isinstance(event, Closed):
-            break
-    end = time.perf_counter()
-    return end - start, end - audio_done, " ".join(words)
+            stream.push(pcm[at : at + frame])
+        stream.close()
+        await reader
+
+    await asyncio.gather(*(caller(n) for n in range(count)))
+    return latencies, partials
 
 
-async def main(workers: int) -> None:
-    pcm, text = call_audio()
-    seconds = len(pcm) / ENGINE_RATE
-    engine = CpuEngine(capacity=64, workers=workers)
-    await engine.start()
-    print(
-        f"CPU engine, {workers} decoder processes, {os.cpu_count()} cores; "
-        f"call audio {seconds:.1f} s (hibari test sentences)\n"
-    )
-
-    wall, _, words = await run(engine, pcm, pace=False)
-    print(
-        f"one stream as fast as possible: RTF {wall / seconds:.3f} "
-        f"({seconds / wall:.1f}x real time), WER {word_error_rate(text, words):.2f}\n"
-    )
-
-    print("| streams | audio s / wall s (= real-time streams held) |")
-    print("|---------|----------------------------------------------|")
-    for k in (1, 2, 4, 8):
-        start = time.perf_counter()
-        await asyncio.gather(*(run(engine, pcm, pace=False) for _ in range(k)))
-        print(f"| {k:>7} | {k * seconds / (time.perf_counter() - start):>44.1f} |")
-
-    print("\n| real-time streams | lag to last word p50 (s) | max (s) | keeps up |")
-    print("|-------------------|--------------------------|---------|----------|")
-    for k in (4, 8, 16, 24):
-        results = await asyncio.gather(*(run(engine, pcm, pace=True) for _ in range(k)))
-        lags = [lag for _, lag, _ in results]
-        ok = max(lags) < 3.0
-        print(
-            f"| {k:>17} | {statistics.median(lags):>24.2f} | {max(lags):>7.2f} | "
-            f"{'yes' if ok else 'no':>8} |"
-        )
-        if not ok:
-            break
+async def memory(args: argparse.Namespace) -> None:
+    pcm, _ = call_audio()
+    base = _rss_mb()
+    engine = await start(partial_interval_s=1.0, capacity=8)
+    loaded = _rss_mb()
+    print("resident memory (MB)\n")
+    print(f"| {'state':<28} | {'RSS MB':>7} |\n|{'-' * 30}|{'-' * 9}|")
+    print(f"| {'before the engine':<28} | {base:>7.0f} |")
+    print(f"| {'model loaded, no stream':<28} | {loaded:>7.0f} |")
+    for count in (1, 8):
+        streams = [engine.open(f"m{n}") for n in range(count)]
+        for stream in streams:
+            await stream.write(pcm[: 20 * RATE])
+        await asyncio.sleep(2)
+        print(f"| {f'{count} stream(s), 20 s each':<28} | {_rss_mb():>7.0f} |")
+        for stream in streams:
+            stream.close()
+            async for _ in stream.events():
+                pass
     await engine.stop()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"| {'peak':<28} | {peak:>7.0f} |")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("wer")
+    sub.add_parser("rtf")
+    rt = sub.add_parser("realtime")
+    rt.add_argument("--streams", type=int, nargs="+", default=[4, 8, 12])
+    sub.add_parser("memory")
+    args = parser.parse_args()
+    run = {"wer": wer, "rtf": rtf, "realtime": realtime, "memory": memory}[args.command]
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=2, help="decoder processes")
-    asyncio.run(main(parser.parse_args().workers))
+    main()

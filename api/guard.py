@@ -67,7 +67,9 @@ def gate_connections(runner: web.AppRunner, limits: LimitsConfig, name: str) -> 
                 source,
             )
             transport.write(REFUSED)
-            transport.close()
+            # Closed once the handler has started: closing now would end the connection
+            # before aiohttp's own start-up, which then fails on it.
+            asyncio.get_running_loop().call_soon(transport.close)
         made(handler, transport)
 
     def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:

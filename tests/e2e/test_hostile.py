@@ -27,6 +27,7 @@ from tests.conftest import ServiceFactory, make_config
 from tests.e2e.frontends import watch_events
 
 DEEP = "[" * 100_000
+FORK = ("audio.drachtio.org",)  # mod_audio_fork; without it /freeswitch is mod_audio_stream
 
 
 def sink_config(**limits: Any) -> Any:
@@ -78,7 +79,7 @@ def test_store_writer_survives_an_event_it_cannot_write(tmp_path: Path) -> None:
 async def test_surrogate_call_id_on_freeswitch_is_stored(start_service: ServiceFactory) -> None:
     service = await start_service(sink_config())
     async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(url(service, "/freeswitch")) as ws:
+        async with http.ws_connect(url(service, "/freeswitch"), protocols=FORK) as ws:
             await ws.send_str('{"callId": "\\ud800", "who": "\\udfff\\u0000"}')
             await ws.send_bytes(b"\x00\x00" * 160)
             await ws.send_bytes(b"")
@@ -263,7 +264,7 @@ async def test_deep_json_on_generic_websocket_gets_an_error_message(
 async def test_deep_json_metadata_on_freeswitch_is_a_label(start_service: ServiceFactory) -> None:
     service = await start_service(sink_config())
     async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(url(service, "/freeswitch/deep-1")) as ws:
+        async with http.ws_connect(url(service, "/freeswitch/deep-1"), protocols=FORK) as ws:
             await ws.send_str(DEEP)
             await ws.send_bytes(b"")
             await ws.receive(timeout=10)

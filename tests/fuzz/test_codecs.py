@@ -8,6 +8,7 @@ import contextlib
 import json
 import struct
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -45,7 +46,7 @@ json_values = st.recursive(
 )
 
 
-def mutate(data: bytes, draw: st.DrawFn) -> bytes:
+def mutate(data: bytes, draw: Callable[[st.SearchStrategy[Any]], Any]) -> bytes:
     """Flip, cut or repeat a part of valid bytes."""
     if not data:
         return data

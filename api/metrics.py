@@ -39,6 +39,27 @@ class _Slots(Collector):
         yield GaugeMetricFamily(
             "stt_bridge_slots_free", "Engine slots free", value=self._engine.free_slots
         )
+        nodes = self._engine.nodes()  # a remote engine's nodes
+        if not nodes:
+            return
+        up = GaugeMetricFamily(
+            "stt_bridge_engine_node_up", "Engine node reachable (1) or not (0)", labels=["url"]
+        )
+        free = GaugeMetricFamily(
+            "stt_bridge_engine_node_free_slots", "Engine node slots free", labels=["url"]
+        )
+        capacity = GaugeMetricFamily(
+            "stt_bridge_engine_node_capacity", "Engine node slots", labels=["url"]
+        )
+        streams = GaugeMetricFamily(
+            "stt_bridge_engine_node_streams", "This service's streams on the node", labels=["url"]
+        )
+        for node in nodes:
+            up.add_metric([node.url], 1 if node.reachable else 0)
+            free.add_metric([node.url], node.free_slots)
+            capacity.add_metric([node.url], node.capacity)
+            streams.add_metric([node.url], node.streams)
+        yield from (up, free, capacity, streams)
 
 
 class _Queues(Collector):
@@ -76,6 +97,18 @@ class _Queues(Collector):
         )
 
 
+class _Dropped(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "stt_bridge_audio_dropped_seconds",
+            "Audio dropped because an engine stream's buffer overflowed (live calls included)",
+            value=self._metrics.audio_dropped_s,
+        )
+
+
 class Metrics:
     def __init__(self, hub: CallHub, store: Store | None = None) -> None:
         self.registry = CollectorRegistry()
@@ -92,11 +125,7 @@ class Metrics:
             ["front_end", "reason"],
             registry=self.registry,
         )
-        self.audio_dropped = Counter(
-            "stt_bridge_audio_dropped_seconds",
-            "Audio dropped because an engine stream's buffer overflowed",
-            registry=self.registry,
-        )
+        self._dropped_ended_s = 0.0  # audio dropped by calls that have ended
         self.step_seconds = Histogram(
             "stt_bridge_engine_step_seconds",
             "Time of one batched engine step",
@@ -114,6 +143,7 @@ class Metrics:
         )
         self.registry.register(_Slots(hub.engine))
         self.registry.register(_Queues(hub.bus, store))
+        self.registry.register(_Dropped(self))
         hub.engine.on_step = lambda seconds, _streams: self.step_seconds.observe(seconds)
         hub.bus.add_sink(self.observe)
         hub.on_reject = self.rejected
@@ -124,7 +154,17 @@ class Metrics:
             self.calls_active.labels(event.front_end).inc()
         elif isinstance(event, CallEnded):
             self.calls_active.labels(event.front_end).dec()
-            self.audio_dropped.inc(event.dropped_s)
+            self._dropped_ended_s += event.dropped_s
+
+    @property
+    def audio_dropped_s(self) -> float:
+        """Audio engine buffers dropped: ended calls, and live ones as it happens."""
+        live = sum(
+            leg.stream.stats.samples_dropped / leg.stream.sample_rate
+            for call in list(self._hub.calls.values())
+            for leg in list(call.legs.values())
+        )
+        return self._dropped_ended_s + live
 
     async def watch_loop(self, app: web.Application) -> AsyncIterator[None]:
         """An aiohttp cleanup context: samples the loop's lag while the app runs."""

@@ -37,7 +37,7 @@ from typing import Any, Final, Protocol
 
 import psycopg
 
-from engine.base import Closed, EndOfTurn, Partial, Segment, Word, event_to_json
+from engine.base import ENGINE_LOST, Closed, EndOfTurn, Partial, Segment, Word, event_to_json
 from telephony.session import (
     BusEvent,
     CallEnded,
@@ -460,9 +460,11 @@ class Store:
             )
             self._webhook("call.started", {"call": self._call_json(event.call_id)})
         elif isinstance(event, CallEnded):
+            # A call its engine node dropped is cut off like one a node took down with it.
+            status = "interrupted" if event.reason == ENGINE_LOST else "ended"
             db.execute(
-                "UPDATE calls SET status = 'ended', reason = ?, ended_at = ? WHERE id = ?",
-                (event.reason, event.at, event.call_id),
+                "UPDATE calls SET status = ?, reason = ?, ended_at = ? WHERE id = ?",
+                (status, event.reason, event.at, event.call_id),
             )
             self._webhook(
                 "call.ended",

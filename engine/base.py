@@ -18,13 +18,15 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import numpy as np
 
 from telephony.audio import PcmArray
 
 log = logging.getLogger(__name__)
+
+DROP_LOG_EVERY_S: Final = 60.0  # "audio dropped" is logged at most this often per stream
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -84,6 +86,11 @@ class Partial:
 @dataclass(frozen=True)
 class Closed:
     reason: str = "closed"
+
+
+ENGINE_LOST: Final = "engine_lost"
+"""`Closed` reason of a stream whose engine went away mid-call (a remote engine node died): the
+words before it are kept, and the call ends with this reason (telephony/session.py)."""
 
 
 EngineEvent = Word | Partial | EndOfTurn | Segment | Closed
@@ -173,6 +180,7 @@ class EngineStream(abc.ABC):
         self._settled_reported = 0  # as reported by the engine (any thread)
         self._settled_changed = asyncio.Event()
         self.progress = 0  # counts audio taken and events delivered: a stalled engine stops it
+        self._drop_logged_at = -DROP_LOG_EVERY_S
 
     # -- producer side (event loop) --
 
@@ -183,14 +191,25 @@ class EngineStream(abc.ABC):
         self.stats.samples_in += len(pcm)
         self._pending.append(pcm)
         self._pending_samples += len(pcm)
+        dropped_before = self.stats.samples_dropped
         while self._pending_samples > self._max_pending and len(self._pending) > 1:
             dropped = self._pending.popleft()
             self._pending_samples -= len(dropped)
             self.stats.samples_dropped += len(dropped)
-            log.warning(
-                "audio dropped: engine behind",
-                extra={"call_id": self.call_id, "leg": self.leg, "samples": len(dropped)},
-            )
+        if self.stats.samples_dropped > dropped_before:
+            # A client sending faster than real time drops audio with every frame: one line
+            # per stream per minute, so it cannot fill the disk through the log.
+            now = self._loop.time()
+            if now >= self._drop_logged_at + DROP_LOG_EVERY_S:
+                self._drop_logged_at = now
+                log.warning(
+                    "audio dropped: engine behind",
+                    extra={
+                        "call_id": self.call_id,
+                        "leg": self.leg,
+                        "dropped_s": round(self.stats.samples_dropped / self.sample_rate, 3),
+                    },
+                )
         if self._pending_samples >= self._max_pending // 2:
             self._room.clear()
         self._on_audio()
@@ -355,6 +374,18 @@ class EngineInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class EngineNode:
+    """One engine node a remote engine spreads its streams over (`/info`, `/metrics`)."""
+
+    url: str
+    reachable: bool
+    capacity: int
+    free_slots: int
+    streams: int  # this service's streams on it now
+    error: str = ""  # why it is unreachable, or the last refusal
+
+
 class Engine(abc.ABC):
     """Owns the model and the slots; streams are opened on the event loop thread."""
 
@@ -378,6 +409,10 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def info(self) -> EngineInfo: ...
+
+    def nodes(self) -> list[EngineNode]:
+        """The engine nodes behind it, for an engine that runs elsewhere; none by default."""
+        return []
 
     async def start(self) -> None:  # noqa: B027 (optional hook)
         """Load the model; called once before the first `open`."""

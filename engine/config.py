@@ -7,10 +7,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class EngineConfig:
-    # auto (kyutai with CUDA, else moonshine) | moonshine (alias: cpu) | kyutai | sink
+    # auto (kyutai with CUDA, else moonshine) | moonshine (alias: cpu) | kyutai | remote | sink
     name: str = "auto"
     model: str = "kyutai/stt-1b-en_fr"  # kyutai: Hugging Face repo id or local folder
     capacity: int = 0  # streams at once; 0 = what the machine keeps real time (measured)
+    # remote: engine nodes, "ws://host:port[/path] [health=http://host:health_port]" each
+    urls: tuple[str, ...] = ()
+    api_key: str = ""  # remote: sent to the nodes as `kyutai-api-key`
+    probe_interval_s: float = 2.0  # remote: how often each node's /info (or HTTP) is checked
     max_buffer_s: float = 10.0  # per-stream audio buffer before the oldest audio is dropped
     moonshine_model: str = ""  # moonshine: "" = base-en from the moonshine-cpp wheel, or a folder
     cache_dir: str = ""  # moonshine: the prepared model; "" = <data.dir>/cache
@@ -25,4 +29,4 @@ class EngineConfig:
     cuda_graphs: bool = True  # kyutai: capture each step as a CUDA graph (CUDA only)
     torch_compile: bool = False  # kyutai: let moshi torch.compile its small kernels
     end_of_turn_threshold: float = 0.5  # kyutai: P(pause) of the VAD head that ends a turn
-    end_of_turn_silence_s: float = 1.2  # kyutai, models without a VAD head: text silence
+    end_of_turn_silence_s: float = 1.2  # kyutai without a VAD head, remote: a pause in the words

@@ -70,9 +70,22 @@ def build_engine(config: EngineConfig, data_dir: str = "data") -> tuple[Engine, 
             end_of_turn_silence_s=config.end_of_turn_silence_s,
         )
         return kyutai, choice
+    if choice.name == "remote":
+        from engine.remote import DEFAULT_NODE_CAPACITY, RemoteEngine
+
+        remote = RemoteEngine(
+            config.urls,
+            api_key=config.api_key,
+            max_buffer_s=config.max_buffer_s,
+            end_of_turn_silence_s=config.end_of_turn_silence_s,
+            probe_interval_s=config.probe_interval_s,
+            node_capacity=config.capacity or DEFAULT_NODE_CAPACITY,
+        )
+        return remote, choice
     if choice.name == "sink":
         from engine.sink import SinkEngine
 
         capacity = config.capacity or 1000
         return SinkEngine(capacity=capacity, max_buffer_s=config.max_buffer_s), choice
-    raise ValueError(f"unknown engine {choice.name!r} (choose auto, moonshine, kyutai or sink)")
+    names = "auto, moonshine, kyutai, remote or sink"
+    raise ValueError(f"unknown engine {choice.name!r} (choose {names})")

@@ -19,7 +19,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.base import BridgeError, Engine, EngineEvent, EngineStream, event_to_json
+from engine.base import (
+    ENGINE_LOST,
+    BridgeError,
+    Closed,
+    Engine,
+    EngineEvent,
+    EngineStream,
+    event_to_json,
+)
 from telephony.audio import PcmArray
 from telephony.limits import CALL_ID_MAX_CHARS, clean_label, clean_labels
 
@@ -239,6 +247,10 @@ class Session:
 
     async def _fan_out(self) -> None:
         async for event in self.stream.events():
+            if isinstance(event, Closed) and (
+                not self.stream.closing or event.reason == ENGINE_LOST
+            ):
+                self.call.engine_ended(event.reason)
             self.call.hub.bus.publish(LegEvent(self.call.id, self.leg, event))
             if self.call.reply is not None:
                 try:
@@ -262,7 +274,9 @@ class Call:
     legs: dict[str, Session] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     ended: bool = False
+    engine_reason: str = ""  # why the engine ended a leg on its own (ENGINE_LOST): the call's
     _announced: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _ending: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def leg(self, name: str) -> Session:
         return self.legs[name]
@@ -271,6 +285,14 @@ class Call:
     def sample_rate(self) -> int:
         """The rate every leg's audio is pushed at: the engine's own, reached in one resampling."""
         return self.hub.engine.sample_rate
+
+    def engine_ended(self, reason: str) -> None:
+        """The engine ended a leg by itself (a remote engine node died): the call ends with its
+        reason, words so far kept; the front end sees `call.ended` and the `closed` event."""
+        if not self.engine_reason:
+            self.engine_reason = reason
+        if not self.ended:
+            self._ending = asyncio.get_running_loop().create_task(self.end(reason))
 
     async def end(self, reason: str = "hangup") -> None:
         """Flush every leg, then announce the end.
@@ -291,7 +313,7 @@ class Call:
                 CallEnded(
                     self.id,
                     self.front_end,
-                    reason,
+                    self.engine_reason or reason,
                     time.time(),
                     {name: round(leg.audio_s, 3) for name, leg in self.legs.items()},
                     sum(

@@ -383,7 +383,8 @@ class EngineNode:
     capacity: int
     free_slots: int
     streams: int  # this service's streams on it now
-    error: str = ""  # why it is unreachable, or the last refusal
+    error: str = ""  # why it is unreachable, or its last refusal until the next probe
+    refusals: int = 0  # streams it refused ("no free channels"), since start
 
 
 class Engine(abc.ABC):

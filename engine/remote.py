@@ -331,6 +331,7 @@ class RemoteNode:
     ours: int = 0  # our streams on it (reserved at open)
     full_until: float = 0.0  # it said "no free channels": none free until then (monotonic)
     error: str = ""
+    refusals: int = 0
     model: str = ""
     probing: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -343,7 +344,13 @@ class RemoteNode:
 
     def snapshot(self, now: float) -> EngineNode:
         return EngineNode(
-            self.url, self.reachable, self.capacity, self.free(now), self.ours, self.error
+            self.url,
+            self.reachable,
+            self.capacity,
+            self.free(now),
+            self.ours,
+            self.error,
+            self.refusals,
         )
 
 
@@ -431,6 +438,7 @@ class RemoteEngine(Engine):
                         "free_slots": s.free_slots,
                         "streams": s.streams,
                         "error": s.error,
+                        "refusals": s.refusals,
                     }
                     for s in (n.snapshot(now) for n in self.nodes_)
                 ]
@@ -483,6 +491,7 @@ class RemoteEngine(Engine):
     def refused(self, node: RemoteNode, why: str) -> None:
         node.full_until = time.monotonic() + self.probe_interval_s
         node.error = why
+        node.refusals += 1
         self.probe_soon(node)
 
     def probe_soon(self, node: RemoteNode) -> None:

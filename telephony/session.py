@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.base import (
-    ENGINE_LOST,
     BridgeError,
     Closed,
     Engine,
@@ -247,9 +246,9 @@ class Session:
 
     async def _fan_out(self) -> None:
         async for event in self.stream.events():
-            if isinstance(event, Closed) and (
-                not self.stream.closing or event.reason == ENGINE_LOST
-            ):
+            # Ended by the engine (not asked to close), or not flushed (ENGINE_LOST, an engine
+            # error): that is why the call ended, whatever the front end says.
+            if isinstance(event, Closed) and (not self.stream.closing or event.reason != "flushed"):
                 self.call.engine_ended(event.reason)
             self.call.hub.bus.publish(LegEvent(self.call.id, self.leg, event))
             if self.call.reply is not None:
@@ -274,7 +273,7 @@ class Call:
     legs: dict[str, Session] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     ended: bool = False
-    engine_reason: str = ""  # why the engine ended a leg on its own (ENGINE_LOST): the call's
+    engine_reason: str = ""  # why the engine ended a leg itself (engine_lost): the call's reason
     _announced: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _ending: asyncio.Task[None] | None = field(default=None, repr=False)
 

@@ -52,9 +52,14 @@ def sentence(index: int) -> PcmArray:
 
 
 async def call(
-    front: Service, pcm: PcmArray, pace_s: float = 0.0, call_id: str | None = None
+    front: Service,
+    pcm: PcmArray,
+    pace_s: float = 0.0,
+    call_id: str | None = None,
+    finalize: bool = False,
 ) -> list[dict[str, Any]]:
-    """`/v1/stream` at 24 kHz in 20 ms frames, then stop: every message until `closed`."""
+    """`/v1/stream` at 24 kHz in 20 ms frames (then `Finalize`, waiting for `finalized`), then
+    stop: every message until `closed`."""
     query = f"?sample_rate={RATE}" + (f"&call_id={call_id}" if call_id else "")
     url = f"ws://127.0.0.1:{front.ports['audio']}/v1/stream{query}"
     messages: list[dict[str, Any]] = []
@@ -73,6 +78,11 @@ async def call(
             await ws.send_bytes(pcm[offset : offset + 480].tobytes())
             if pace_s:
                 await asyncio.sleep(pace_s)
+        if finalize:
+            await ws.send_str(json.dumps({"type": "Finalize"}))
+            async with asyncio.timeout(10):
+                while not any(m["type"] == "finalized" for m in messages):
+                    await asyncio.sleep(0.05)
         if not receiver.done():
             await ws.send_str(json.dumps({"type": "stop"}))
         await asyncio.wait_for(receiver, 60)
@@ -158,15 +168,16 @@ async def test_speech_through_a_node_equals_its_offline_transcript(
         (True, 2, 2),
     ]
     pcm = sentence(0)
-    messages = await call(front, pcm)
+    messages = await call(front, pcm, finalize=True)
     # The node with the most free slots took it.
     assert (await calls_on(nodes[0]), await calls_on(nodes[1])) == (0, 1)
     assert_same_words(words(messages), await offline_on(nodes[1], pcm))
+    # Finalize: every word and the turn's segment are out before `finalized` (all the audio).
     kinds = [m["type"] for m in messages]
-    assert (
-        kinds[-3:] == ["segment", "end_of_turn", "closed"] and messages[-1]["reason"] == "flushed"
-    )
-    segment = messages[-3]
+    assert kinds[-4:] == ["segment", "end_of_turn", "finalized", "closed"]
+    assert messages[-2]["at"] == round(len(pcm) / RATE, 3)
+    assert messages[-1]["reason"] == "flushed"
+    segment = messages[-4]
     assert [w["text"] for w in segment["words"]] == [w["text"] for w in words(messages)]
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{front.ports['health']}/metrics") as response:

@@ -48,6 +48,15 @@ async def handle_ready(request: web.Request) -> web.Response:
             {"ready": False, "reason": "no free engine slot", "free_slots": 0, "sip": sip_line},
             status=503,
         )
+    if bridge.store.problem:  # calls would go on, but their events only wait in memory
+        return web.json_response(
+            {
+                "ready": False,
+                "reason": f"store unavailable: {bridge.store.problem}",
+                "sip": sip_line,
+            },
+            status=503,
+        )
     return web.json_response({"ready": True, "free_slots": free, "sip": sip_line})
 
 

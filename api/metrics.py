@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from api.store import Store
+from api.store import DB_ERRORS, Store
 from engine.base import Engine
 from telephony.session import BusEvent, CallEnded, CallHub, CallStarted, EventBus
 
@@ -91,10 +91,21 @@ class _Queues(Collector):
             value=self._store.queue_depth,
         )
         yield GaugeMetricFamily(
-            "stt_bridge_webhooks_pending",
-            "Webhook deliveries waiting in the outbox",
-            value=self._store.pending_webhooks(),
+            "stt_bridge_store_available",
+            "1 while the store takes writes, 0 while its disk is full or read-only or it is away",
+            value=0 if self._store.problem else 1,
         )
+        yield CounterMetricFamily(
+            "stt_bridge_store_write_errors",
+            "Store writes that failed because the database took no writes (then retried)",
+            value=self._store.unavailable_errors,
+        )
+        with contextlib.suppress(*DB_ERRORS):  # the database is away: the rest still shows
+            yield GaugeMetricFamily(
+                "stt_bridge_webhooks_pending",
+                "Webhook deliveries waiting in the outbox",
+                value=self._store.pending_webhooks(),
+            )
 
 
 class _Dropped(Collector):

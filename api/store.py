@@ -56,6 +56,11 @@ CLAIM_S: Final = 60.0  # a claimed webhook goes back to the pool if not settled 
 EVENTS_CHANNEL: Final = "stt_bridge_events"
 NOTIFY_CHUNK: Final = 7000  # NOTIFY payloads must stay under 8000 bytes: longer ones are chunked
 DB_ERRORS: Final = (sqlite3.Error, psycopg.Error)
+# The database cannot take writes now (disk full or read-only, I/O error, locked, connection
+# lost): the batch waits and is written again, not skipped.
+UNAVAILABLE: Final = (sqlite3.OperationalError, psycopg.OperationalError)
+RETRY_MIN_S: Final = 0.2
+RETRY_MAX_S: Final = 5.0
 
 MIGRATIONS: Final[Sequence[str]] = (
     """
@@ -235,6 +240,11 @@ class Database:
             if statement.strip():
                 self._lite.execute(statement)
 
+    @property
+    def broken(self) -> bool:
+        """The connection is gone for good (PostgreSQL closed it): open a new one."""
+        return self._pg is not None and self._pg.closed
+
     def notify(self, payloads: Iterable[str]) -> None:
         """NOTIFY `EVENTS_CHANNEL` with each payload (PostgreSQL; delivered at COMMIT)."""
         assert self._pg is not None
@@ -309,6 +319,10 @@ class Store:
         self._pending = 0
         self.dropped = 0  # events lost because the queue was full (the disk stalled)
         self.failed = 0  # events the writer could not write (skipped; the writer goes on)
+        # Why the database takes no writes now ("" while it does): events wait in the queue.
+        self.problem = ""
+        self.unavailable_errors = 0  # write attempts that failed because of it
+        self._stopping = threading.Event()
         self.interrupted = self._mark_interrupted()
         self._next_purge = 0.0
         self._purge_due()
@@ -344,7 +358,9 @@ class Store:
             return self._written.wait_for(lambda: self._pending == 0, timeout)
 
     def close(self) -> None:
-        self.flush()
+        if not self.flush(timeout=5.0 if self.problem else 30.0):
+            log.error("store closing with %d events unwritten: %s", self._pending, self.problem)
+        self._stopping.set()  # a writer waiting for the database gives up: it will not come back
         self._queue.put(None)  # blocks only while the queue is full: the writer drains it
         self._thread.join(timeout=30)
         self._writer_db.close()
@@ -403,12 +419,12 @@ class Store:
                     break
                 batch.append(item)
             try:
-                self._write(batch)
+                self._write_when_available(batch)
             except Exception:  # one bad event: write the others one by one, skip only it
                 self._rollback()
                 for event in batch:
                     try:
-                        self._write([event])
+                        self._write_when_available([event])
                     except Exception as exc:
                         self._rollback()
                         self.failed += 1
@@ -421,6 +437,40 @@ class Store:
                 self._pending -= len(batch)
                 self._written.notify_all()
             self._purge_due()
+
+    def _write_when_available(self, batch: list[BusEvent]) -> None:
+        """Write the batch in one transaction; while the database takes no writes (disk full or
+        read-only, connection lost) roll back and try again, backing off, so the events wait
+        in the bounded queue and nothing is half-written. Once the store is closing with the
+        database still away, the batch is dropped (counted) so shutdown ends."""
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                self._write(batch)
+            except UNAVAILABLE as exc:
+                self._rollback()
+                self.unavailable_errors += 1
+                if not self.problem:
+                    log.error("store unavailable, events wait in memory: %s", exc)
+                self.problem = str(exc)[:200] or type(exc).__name__
+                if self._stopping.is_set():
+                    with self._written:
+                        self.dropped += len(batch)
+                    return
+                self._stopping.wait(delay)
+                delay = min(RETRY_MAX_S, delay * 2)
+                self._reconnect()
+                continue
+            if self.problem:
+                log.warning("store available again: waiting events written")
+                self.problem = ""
+            return
+
+    def _reconnect(self) -> None:
+        """PostgreSQL: a connection the server dropped is opened again (SQLite's stays)."""
+        if self._writer_db.broken:
+            with contextlib.suppress(*DB_ERRORS):
+                self._writer_db = Database(self.location)
 
     def _write(self, batch: list[BusEvent]) -> None:
         self._writer_db.execute("BEGIN")

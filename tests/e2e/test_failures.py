@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import resource
+import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -151,3 +156,87 @@ async def test_a_client_sending_20x_real_time_is_bounded_and_disturbs_no_other_c
         f"\nflood: {sent_s:.0f} s sent in {seconds:.0f} s, {dropped_end:.0f} s dropped; "
         f"RSS {baseline:.0f} -> max {max(rss):.0f} MB"
     )
+
+
+# -- the store's disk fills -----------------------------------------------------------------------
+
+
+class LogPipe:
+    """The server's stderr through a FIFO: a file size limit on the server must not hit its log."""
+
+    def __init__(self, path: Path) -> None:
+        os.mkfifo(path)
+        self.path = path
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        with self.path.open() as fifo:
+            for line in fifo:
+                self.lines.append(line)
+
+
+def set_file_size_limit(pid: int, limit: int | None) -> None:
+    """RLIMIT_FSIZE of the server: no regular file of it may grow past `limit` bytes (writes
+    fail with EFBIG, as on a full disk); None lifts it."""
+    _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard if limit is None else limit, hard))
+
+
+async def json_of(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with http.get(url) as r:
+        return r.status, await r.json()
+
+
+async def test_a_full_disk_keeps_calls_going_and_their_events_wait_until_it_comes_back(
+    tmp_path: Path, servers: list[ServerProcess]
+) -> None:
+    """The database's disk fills mid-service: calls go on and their words reach the caller; the
+    events wait in memory; `/ready` and `/metrics` say so; once there is room again every
+    waiting event is written, and the database is intact."""
+    data = tmp_path / "data"
+    server = ServerProcess(data, STT_BRIDGE_ENGINE_CAPACITY="4", STT_BRIDGE_ENGINE_THREADS="2")
+    server.log_to = tmp_path / "stderr.fifo"
+    log = LogPipe(server.log_to)
+    servers.append(server.start())
+    assert server.process is not None
+    pid = server.process.pid
+    health = f"http://127.0.0.1:{server.ports['health']}"
+    async with aiohttp.ClientSession() as http:
+        before = await call_words(http, server, "before", speech(5), pace=0)
+        set_file_size_limit(pid, 4096)  # every write to the database or its WAL fails now
+        during = await call_words(http, server, "during", speech(1), pace=0)
+        assert during, "the call went on and its words reached the caller"
+        await asyncio.sleep(0.5)
+        status, ready = await json_of(http, f"{health}/ready")
+        assert status == 503 and ready["reason"].startswith("store unavailable"), ready
+        metrics = await get_text(http, f"{health}/metrics")
+        assert metric(metrics, "stt_bridge_store_available") == 0
+        assert metric(metrics, "stt_bridge_store_queue_depth") > len(during)
+        assert metric(metrics, "stt_bridge_store_write_errors_total") >= 1
+        assert metric(metrics, "stt_bridge_store_events_dropped_total") == 0
+        async with http.get(server.url("/v1/calls/during", "http")) as r:
+            assert r.status == 404  # not on disk yet
+        async with http.get(server.url("/v1/calls/before/transcript", "http")) as r:
+            assert r.status == 200  # what is on disk still reads
+
+        set_file_size_limit(pid, None)  # room again
+        async with asyncio.timeout(15):
+            while (await json_of(http, f"{health}/ready"))[0] != 200:
+                await asyncio.sleep(0.2)
+        async with http.get(server.url("/v1/calls/during/transcript", "http")) as r:
+            stored = await r.json()
+        metrics = await get_text(http, f"{health}/metrics")
+    assert stored["call"]["status"] == "ended"
+    assert [w["text"] for w in stored["words"]] == during
+    assert metric(metrics, "stt_bridge_store_available") == 1
+    assert metric(metrics, "stt_bridge_store_queue_depth") == 0
+    assert await asyncio.to_thread(server.terminate) == 0
+    with sqlite3.connect(data / "stt-bridge.sqlite3") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert db.execute("SELECT count(*) FROM calls").fetchone() == (2,)
+    text = "".join(log.lines)
+    assert text.count("store unavailable") == 1, "one line when it fails"
+    assert text.count("store available again") == 1
+    assert before

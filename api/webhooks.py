@@ -4,7 +4,9 @@ Each body is JSON (`{"event": "call.started" | "segment" | "call.ended", "sent_a
 POSTed with `X-STT-Bridge-Signature: sha256=<hex HMAC-SHA256 of the raw body>` when a secret is
 configured. Anything but a 2xx is retried with exponential backoff (1 s, 2 s, 4 s, ... capped at
 5 minutes), for ever, across restarts: the outbox row stays until it is delivered. Logs name a
-webhook by scheme, host and path only (its query or user info may hold a token).
+webhook by scheme, host and path only (its query or user info may hold a token). An attempt
+lasts at most `timeout_s`, reads the answer's status and never its body, and follows no
+redirect (a 3xx is a failure like any other).
 
 Verify on the receiving side:
 
@@ -26,12 +28,13 @@ from typing import Final
 
 import aiohttp
 
-from api.store import Store
+from api.store import DB_ERRORS, Store
 
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER: Final = "X-STT-Bridge-Signature"
 MAX_BACKOFF_S: Final = 300.0
+STORE_RETRY_S: Final = 5.0  # the outbox's database took no writes: look again after this
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -92,13 +95,17 @@ class WebhookSender:
         loop = asyncio.get_running_loop()
         async with aiohttp.ClientSession(timeout=self._timeout) as http:
             while True:
-                due = await loop.run_in_executor(
-                    None, self._store.due_webhooks, time.time(), 50, self._claim_s
-                )
-                if due:
-                    await asyncio.gather(*(self._deliver(http, *row) for row in due))
-                else:
-                    await asyncio.sleep(self._poll_s)
+                try:
+                    due = await loop.run_in_executor(
+                        None, self._store.due_webhooks, time.time(), 50, self._claim_s
+                    )
+                    if due:
+                        await asyncio.gather(*(self._deliver(http, *row) for row in due))
+                        continue
+                except DB_ERRORS as exc:  # the store's disk is away: the outbox waits for it
+                    log.warning("webhook outbox unavailable: %s", type(exc).__name__)
+                    await asyncio.sleep(STORE_RETRY_S)
+                await asyncio.sleep(self._poll_s)
 
     async def _deliver(
         self, http: aiohttp.ClientSession, row_id: int, url: str, body: str, attempts: int
@@ -109,7 +116,12 @@ class WebhookSender:
         if self._secret:
             headers[SIGNATURE_HEADER] = sign(self._secret, data)
         try:
-            async with http.post(url, data=data, headers=headers) as response:
+            # The answer's status is all that counts: its body is never read (a receiver that
+            # sends 100 MB costs nothing), and a redirect is not followed (a 3xx is a failure,
+            # retried: the signed body goes only where it was configured to).
+            async with http.post(
+                url, data=data, headers=headers, allow_redirects=False
+            ) as response:
                 ok, error = 200 <= response.status < 300, f"HTTP {response.status}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             ok, error = False, f"{type(exc).__name__}: {exc}"

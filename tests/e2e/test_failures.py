@@ -5,6 +5,7 @@ raises mid-call."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -17,8 +18,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from api.store import Store
+from api.webhooks import WebhookSender
+from telephony.session import CallStarted
 from tests.e2e.server_process import ServerProcess
 from tests.speech import SENTENCES, read_pcm, speech_wav
 
@@ -240,3 +245,132 @@ async def test_a_full_disk_keeps_calls_going_and_their_events_wait_until_it_come
     assert text.count("store unavailable") == 1, "one line when it fails"
     assert text.count("store available again") == 1
     assert before
+
+
+# -- hostile webhook receivers --------------------------------------------------------------------
+
+
+class HostileReceiver:
+    """Webhook endpoints that redirect, refuse, answer 100 MB, or hang mid-answer (real sockets)."""
+
+    def __init__(self) -> None:
+        self.target_hits = 0
+        self.huge_written = 0
+        self._runner: web.AppRunner | None = None
+        self._raw: asyncio.Server | None = None
+        self.port = 0
+        self.raw_port = 0
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        await request.read()
+        raise web.HTTPTemporaryRedirect("/target")  # 307: a client following it POSTs again
+
+    async def _target(self, request: web.Request) -> web.Response:
+        self.target_hits += 1
+        return web.Response(status=204)
+
+    async def _gone(self, request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=410, text="no such hook")
+
+    async def _huge(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Length": str(100 * 2**20)})
+        await response.prepare(request)
+        chunk = b"x" * 65536
+        try:
+            while self.huge_written < 100 * 2**20:
+                await response.write(chunk)
+                self.huge_written += len(chunk)
+        except (ConnectionError, RuntimeError):
+            pass  # the sender closed: it read no further
+        return response
+
+    async def _hang(self, request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(3600)
+        return web.Response()
+
+    async def _half_answer(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Le")  # and nothing more
+        await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the sender gives up
+        writer.close()
+
+    async def up(self) -> None:
+        app = web.Application()
+        app.router.add_post("/redirect", self._redirect)
+        app.router.add_route("*", "/target", self._target)
+        app.router.add_post("/gone", self._gone)
+        app.router.add_post("/huge", self._huge)
+        app.router.add_post("/hang", self._hang)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        assert isinstance(site._server, asyncio.Server)
+        self.port = site._server.sockets[0].getsockname()[1]
+        self._raw = await asyncio.start_server(self._half_answer, "127.0.0.1", 0)
+        self.raw_port = self._raw.sockets[0].getsockname()[1]
+
+    async def down(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def test_hostile_webhook_receivers_cost_a_bounded_attempt_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each attempt ends within `webhook.timeout_s` and reads no answer body: a redirect is not
+    followed, 3xx/4xx are failures retried with backoff, a 100 MB answer costs nothing (its
+    status is all that is read), a receiver that hangs mid-answer is a timeout, retried."""
+    receiver = HostileReceiver()
+    await receiver.up()
+    base = f"http://127.0.0.1:{receiver.port}"
+    urls = {
+        "redirect": f"{base}/redirect",
+        "gone": f"{base}/gone",
+        "huge": f"{base}/huge",
+        "hang": f"{base}/hang",
+        "half": f"http://127.0.0.1:{receiver.raw_port}/half",
+    }
+    store = Store(tmp_path / "s.sqlite3", list(urls.values()))
+    sender = WebhookSender(store, "secret", timeout_s=1.0, poll_s=0.05)
+    try:
+        store.record(CallStarted("hooked", "test", ("caller",), {}, time.time()))
+        assert store.flush(10)
+        began = time.monotonic()
+        sender.start()
+        await asyncio.sleep(2.6)
+        await sender.stop()
+        elapsed = time.monotonic() - began
+    finally:
+        await receiver.down()
+        store.close()
+    with sqlite3.connect(tmp_path / "s.sqlite3") as db:
+        rows = {
+            url: (attempts, delivered, error, next_at)
+            for url, attempts, delivered, error, next_at in db.execute(
+                "SELECT url, attempts, delivered_at, last_error, next_at FROM outbox"
+            )
+        }
+    now = time.time()
+    redirect, gone, huge = rows[urls["redirect"]], rows[urls["gone"]], rows[urls["huge"]]
+    assert redirect[1] is None and redirect[2] == "HTTP 307" and receiver.target_hits == 0
+    assert gone[1] is None and gone[2] == "HTTP 410" and gone[0] >= 2  # retried, backing off
+    assert gone[3] > now
+    assert huge[1] is not None and huge[0] == 1  # delivered once: 200 is all that counts
+    assert receiver.huge_written < 10 * 2**20, receiver.huge_written
+    for name in ("hang", "half"):
+        attempts, delivered, error, next_at = rows[urls[name]]
+        assert delivered is None and "Timeout" in error and attempts >= 1, (name, error)
+        assert next_at > now
+    assert elapsed < 4
+    failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("webhook failed")]
+    assert any("HTTP 307" in m for m in failed) and any("HTTP 410" in m for m in failed)

@@ -51,6 +51,7 @@ VAD_COST: Final = 0.005  # share of a core the VAD takes per stream (measured: 0
 TARGET_LOAD: Final = 0.7  # admit streams up to this share of the decoding threads' time
 CALIBRATION_S: Final = 5.0
 CALIBRATION_TOKENS: Final = 15  # what 5 s of speech decodes to, about
+ENGINE_ERROR: Final = "engine error"  # `Closed` reason of a stream whose decode raised
 
 
 class MoonshineEngine(Engine):
@@ -162,6 +163,7 @@ class MoonshineStream(EngineStream):
         self._partial_running = False
         self._emitting = threading.Lock()  # partial vs. final of one utterance: final wins
         self._finalize = False
+        self._failed = False  # a decode raised: the stream has ended, nothing more is decoded
         self._worker: asyncio.Task[None] | None = None
 
     def _on_audio(self) -> None:
@@ -176,6 +178,8 @@ class MoonshineStream(EngineStream):
             self._ensure_worker()
 
     def _ensure_worker(self) -> None:
+        if self._failed:
+            return
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._work())
 
@@ -194,9 +198,13 @@ class MoonshineStream(EngineStream):
                 self._engine._release(self)
                 self._emit(Closed("flushed"))
         except Exception:
+            # This stream ends here with the words it gave (its call ends with this reason:
+            # telephony/session.py); the pool and the other streams go on, and audio still
+            # pushed to it is not decoded.
             log.exception("moonshine engine failed", extra={"call_id": self.call_id})
+            self._failed = True
             self._engine._release(self)
-            self._emit(Closed("engine error"))
+            self._emit(Closed(ENGINE_ERROR))
 
     async def _run(self, job: Callable[[], None]) -> None:
         await asyncio.wrap_future(self._pool.submit(FINAL, job))

@@ -23,7 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.store import Store
 from api.webhooks import WebhookSender
+from engine.moonshine import MoonshineEngine
 from telephony.session import CallStarted
+from tests.conftest import ServiceFactory, make_config
 from tests.e2e.server_process import ServerProcess
 from tests.speech import SENTENCES, read_pcm, speech_wav
 
@@ -374,3 +376,71 @@ async def test_hostile_webhook_receivers_cost_a_bounded_attempt_each(
     assert elapsed < 4
     failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("webhook failed")]
     assert any("HTTP 307" in m for m in failed) and any("HTTP 410" in m for m in failed)
+
+
+# -- the engine raises mid-call -------------------------------------------------------------------
+
+
+async def test_a_failing_decode_ends_each_call_it_hits_with_its_words_and_the_service_goes_on(
+    start_service: ServiceFactory,
+) -> None:
+    """The Moonshine model starts raising (the one fake here: a real model cannot be made to
+    fail on demand): each live call ends with the words it had, reason `engine error`, stored
+    and shown by /v1/calls; once the model decodes again, a new call works."""
+    service = await start_service(make_config(capacity=4, threads=2, partial_interval_s=0))
+    engine = service.bridge.engine
+    assert isinstance(engine, MoonshineEngine) and engine.model is not None
+    model = engine.model
+    real = model.transcribe
+    broken = False
+
+    def transcribe(audio: Any) -> str:
+        if broken:
+            raise RuntimeError("onnxruntime: Non-zero status code returned while running Add")
+        return real(audio)
+
+    model.transcribe = transcribe  # type: ignore[method-assign]
+    pause = bytes(RATE * 2)  # 1 s of silence: the utterance before it ends and is decoded
+    base = f"ws://127.0.0.1:{service.ports['audio']}"
+    api = f"http://127.0.0.1:{service.ports['audio']}/v1/calls"
+    async with aiohttp.ClientSession() as http:
+        calls = {n: await http.ws_connect(f"{base}/v1/stream?call_id=call-{n}") for n in range(2)}
+        first: dict[int, list[str]] = {}
+        for n, ws in calls.items():
+            await ws.send_bytes(speech(n + 1) + pause)
+        for n, ws in calls.items():
+            first[n] = []
+            while True:
+                message = await ws.receive_json(timeout=30)
+                if message["type"] == "word":
+                    first[n].append(message["text"])
+                if message["type"] == "end_of_turn":
+                    break
+        broken = True
+        told: dict[int, list[dict[str, Any]]] = {}
+        for ws in calls.values():
+            await ws.send_bytes(speech(4) + pause)
+        for n, ws in calls.items():
+            told[n] = []
+            async with asyncio.timeout(30):
+                while not told[n] or told[n][-1]["type"] != "closed":
+                    told[n].append(await ws.receive_json())
+            await ws.close()
+        stored = {}
+        for n in calls:
+            async with http.get(f"{api}/call-{n}/transcript") as r:
+                stored[n] = await r.json()
+        broken = False
+        ws = await http.ws_connect(f"{base}/v1/stream?call_id=after")
+        await ws.send_bytes(speech(1) + pause)
+        await ws.send_str('{"type": "stop"}')
+        after = [json.loads(m.data) async for m in ws]
+    for n in calls:
+        assert first[n], "words before the failure"
+        assert told[n][-1] == {"type": "closed", "reason": "engine error"}
+        assert not [m for m in told[n] if m["type"] == "word"], "nothing decoded after it"
+        assert stored[n]["call"]["status"] == "ended"
+        assert stored[n]["call"]["reason"] == "engine error"
+        assert [w["text"] for w in stored[n]["words"]] == first[n]
+    assert [m["text"] for m in after if m["type"] == "word"] == first[0]
+    assert after[-1] == {"type": "closed", "reason": "flushed"}

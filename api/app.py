@@ -11,6 +11,7 @@ no new calls, live ones may finish until the deadline, every transcript is flush
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -50,6 +51,7 @@ from telephony.sip import backend as sip
 log = logging.getLogger(__name__)
 
 WEB_DIR: Final = Path(__file__).resolve().parent / "web"
+EXIT_ENGINE_FAILED: Final = 70  # EX_SOFTWARE: the engine's model failed; restart the service
 
 
 async def _index(request: web.Request) -> web.StreamResponse:
@@ -244,7 +246,7 @@ def _bound_port(site: web.TCPSite) -> int:
     return port
 
 
-async def run(config: Config) -> None:
+async def run(config: Config) -> int:
     """Serve until SIGTERM or SIGINT, then drain and exit."""
     service = Service(config)
     stop = asyncio.Event()
@@ -262,6 +264,24 @@ async def run(config: Config) -> None:
         f"health :{service.ports['health']}, web client :{service.ports['web']}",
         flush=True,
     )
-    await stop.wait()
+    return await serve(service, stop)
+
+
+async def serve(service: Service, stop: asyncio.Event, poll_s: float = 0.5) -> int:
+    """Serve until `stop` is set (drain, exit status 0) or the engine fails for good (its model
+    raised in its step loop: every live call has ended with its words, reason `engine error`):
+    then stop at once and return `EXIT_ENGINE_FAILED`, for the supervisor to restart us."""
+    engine = service.bridge.engine
+    while not stop.is_set():
+        if engine.failure is not None:
+            log.error(
+                "engine failed, exiting for the supervisor to restart the service: %s",
+                engine.failure,
+            )
+            await service.stop(drain_timeout_s=0)
+            return EXIT_ENGINE_FAILED
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), poll_s)
     log.info("signal received: draining")
     await service.stop()
+    return 0

@@ -151,8 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from api.app import run
 
-        asyncio.run(run(config))
-        return 0
+        return asyncio.run(run(config))  # 70: the engine failed, restart the service
     return asyncio.run(_transcribe(config, args))
 
 

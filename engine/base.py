@@ -411,6 +411,12 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def info(self) -> EngineInfo: ...
 
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the engine can serve no stream any more (its model failed for good), else None.
+        The service then exits for its supervisor to restart it (api/app.py `serve`)."""
+        return None
+
     def nodes(self) -> list[EngineNode]:
         """The engine nodes behind it, for an engine that runs elsewhere; none by default."""
         return []

@@ -533,6 +533,10 @@ class KyutaiEngine(Engine):
             return 0
         return self._batcher.slots.free
 
+    @property
+    def failure(self) -> BaseException | None:
+        return self._batcher.failure if self._batcher is not None else None
+
     async def start(self) -> None:
         if not self._torch_compile:
             os.environ.setdefault("NO_TORCH_COMPILE", "1")  # moshi reads it when imported

@@ -17,11 +17,12 @@ import msgpack
 import numpy as np
 import pytest
 
-from api.app import Service
+from api.app import EXIT_ENGINE_FAILED, Service, serve
+from api.store import Store
 from api.transcribe import transcribe_pcm
 from engine.random_checkpoint import write_checkpoint
 from telephony.audio import AudioDecoder, Encoding, float_to_pcm16, ulaw_encode
-from tests.conftest import ServiceFactory
+from tests.conftest import ServiceFactory, make_config
 
 pytestmark = pytest.mark.xdist_group("kyutai")
 
@@ -146,3 +147,45 @@ async def test_a_full_batch_turns_the_next_call_away_with_1013(service: Service)
                 if json.loads(reply.data)["type"] == "closed":
                     break
             await ws.close()
+
+
+async def test_a_failing_step_loop_ends_live_calls_with_their_words_then_exits_70(
+    checkpoint: Path,
+) -> None:
+    """The model raises in the step loop (a CUDA error, say; the one fake: a real model cannot
+    be made to fail on demand): the live call ends with the words it had, reason `engine error`,
+    stored; the service stops and tells its supervisor to restart it (exit status 70)."""
+    config = make_config(name="kyutai", model=str(checkpoint), batch_size=2)
+    service = Service(config)
+    await service.start()
+    stop = asyncio.Event()
+    serving = asyncio.create_task(serve(service, stop, poll_s=0.05))
+    url = f"ws://127.0.0.1:{service.ports['audio']}/v1/stream?call_id=doomed&sample_rate=8000"
+    pcm = call_audio(6.0, seed=11).tobytes()
+    told: list[dict[str, Any]] = []
+    async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+        for i in range(0, len(pcm) // 2, 3200):
+            await ws.send_bytes(pcm[i : i + 3200])
+        async with asyncio.timeout(30):
+            while not [m for m in told if m["type"] == "word"]:
+                told.append(await ws.receive_json())
+        model = service.bridge.engine.model  # type: ignore[attr-defined]
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        model.step = broken
+        await ws.send_bytes(pcm[len(pcm) // 2 :])
+        async with asyncio.timeout(30):
+            while told[-1]["type"] != "closed":
+                told.append(await ws.receive_json())
+    assert await asyncio.wait_for(serving, 30) == EXIT_ENGINE_FAILED
+    assert told[-1] == {"type": "closed", "reason": "engine error"}
+    store = Store(Path(config.data.dir) / "stt-bridge.sqlite3")
+    try:
+        call = store.get_call("doomed")
+        words = store.get_events("doomed", ("word",))
+    finally:
+        store.close()
+    assert call is not None and call.status == "ended" and call.reason == "engine error"
+    assert [w.text for w in words] == [m["text"] for m in told if m["type"] == "word"]

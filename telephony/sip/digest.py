@@ -1,7 +1,10 @@
 """HTTP digest authentication of INVITEs (RFC 3261 §22, RFC 2617/7616 MD5), sans I/O.
 
 The 401 carries a nonce we can check without storing it: a timestamp and its HMAC under a
-per-process key, valid for a few minutes. `verify` recomputes the response the caller sent.
+per-process key, valid for a few minutes. `check` recomputes the response the caller sent.
+Replays are refused: each (nonce, nonce-count) answers one request (a client with qop=auth
+counts up `nc` to reuse a nonce; one without qop gets one request per nonce), and a replayed
+one gets a fresh challenge. What is remembered for that expires with the nonces, bounded.
 """
 
 from __future__ import annotations
@@ -15,12 +18,33 @@ import time
 from typing import Final
 
 NONCE_TTL_S: Final = 300.0
+MAX_USES_KEPT: Final = 100_000  # (nonce, nc) pairs remembered at most; the oldest go first
 
 
 class NonceBook:
     def __init__(self, ttl_s: float = NONCE_TTL_S) -> None:
         self._key = secrets.token_bytes(16)
         self.ttl_s = ttl_s
+        self._used: dict[tuple[str, str], float] = {}  # (nonce, nc) -> the nonce's time
+
+    def first_use(self, nonce: str, nc: str, now: float | None = None) -> bool:
+        """Record one use of a valid nonce with nonce-count `nc`; False if it was used before
+        (a replayed request)."""
+        now = time.time() if now is None else now
+        if (nonce, nc) in self._used:
+            return False
+        if len(self._used) >= MAX_USES_KEPT:
+            self._forget(now)
+        self._used[(nonce, nc)] = float(nonce.partition(".")[0] or 0)
+        return True
+
+    def _forget(self, now: float) -> None:
+        """Uses of expired nonces (their replay is refused as stale anyway); if every one is
+        still fresh, the oldest half."""
+        fresh = {k: t for k, t in self._used.items() if now - t <= self.ttl_s}
+        if len(fresh) >= MAX_USES_KEPT:
+            fresh = dict(list(fresh.items())[len(fresh) // 2 :])
+        self._used = fresh
 
     def issue(self, now: float | None = None) -> str:
         stamp = str(int(time.time() if now is None else now))
@@ -77,9 +101,11 @@ def check(
     params = parse_params(header)
     if not nonces.valid(params.get("nonce", "")):
         return Verdict.CHALLENGE
-    if _answers(params, method, user, password, realm):
-        return Verdict.OK
-    return Verdict.FORBIDDEN
+    if not _answers(params, method, user, password, realm):
+        return Verdict.FORBIDDEN
+    if not nonces.first_use(params["nonce"], params.get("nc", "")):
+        return Verdict.CHALLENGE  # a replay: the real client answers a fresh nonce again
+    return Verdict.OK
 
 
 def _answers(params: dict[str, str], method: str, user: str, password: str, realm: str) -> bool:

@@ -72,12 +72,13 @@ FRAME_SIZE: Final = 1920  # 80 ms: what Kyutai's clients send per message, one m
 DEFAULT_PATH: Final = "/api/asr-streaming"
 NO_FREE_CHANNELS: Final = "no free channels"
 ENGINE_FULL: Final = "engine_full"  # Closed reason: every node refused the stream
+FLUSH_TIMEOUT: Final = "engine_timeout"  # Closed reason: the closing flush never came back
 # Sent first, as Kyutai's clients send 1 s ("needed for the 2.6B model"); 12 whole model frames,
 # which is also 30 whole 32 ms VAD windows at 16 kHz (a Moonshine node cuts the same as without).
 LEAD_SILENCE_S: Final = 0.96
 FLUSH_SILENCE_S: Final = 0.96  # before a flush marker: a VAD (Moonshine) ends the utterance
 KEEPALIVE_PACE_S: Final = 0.04  # while a flush marker is out: a silent frame per 40 ms (2x)
-FLUSH_MAX_S: Final = 40.0  # Kyutai's client gives up after 5 + 35 s of silence
+FLUSH_MAX_S: Final = 40.0  # Kyutai's client gives up after 5 + 35 s of silence (calls: 60 s)
 MARKER_EVERY: Final = 5  # frames (400 ms) between progress markers
 CONNECT_TIMEOUT_S: Final = 5.0  # handshake until Ready
 HEARTBEAT_S: Final = 5.0  # WebSocket ping; a node silent for 1.5x this is lost
@@ -627,7 +628,11 @@ class RemoteStream(EngineStream):
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
                     ws = await engine.http.ws_connect(
-                        node.url, headers=engine.headers(), heartbeat=HEARTBEAT_S, max_msg_size=0
+                        node.url,
+                        headers=engine.headers(),
+                        heartbeat=HEARTBEAT_S,
+                        max_msg_size=0,
+                        timeout=aiohttp.ClientWSTimeout(ws_close=CONNECT_TIMEOUT_S),
                     )
                     first = await ws.receive()
             except aiohttp.WSServerHandshakeError as exc:  # 401, 503 before the upgrade, ...
@@ -665,42 +670,48 @@ class RemoteStream(EngineStream):
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> str:
         """Audio out, words in, until our flush comes back (returns why the stream ended)."""
-        sender = asyncio.get_running_loop().create_task(self._send(ws))
-        reason = ENGINE_LOST
+        loop = asyncio.get_running_loop()
+        sender = loop.create_task(self._send(ws))
+        receiver = loop.create_task(self._read(ws))
         try:
-            async for msg in ws:
-                if msg.type != aiohttp.WSMsgType.BINARY:
-                    continue  # text frames are ignored, as moshi-server ignores them
-                message = self._decode(msg)
-                if isinstance(message, ServerError):
-                    log.warning(
-                        "engine node error: %s", message.message, extra={"call_id": self.call_id}
-                    )
-                    continue
-                if message is not None:
-                    self._receive(message)
-                if self._done:
-                    reason = "flushed"
-                    break
+            done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
-        if sender.done() and not sender.cancelled() and sender.exception() is not None:
-            log.warning("sending to the engine node failed: %s", sender.exception())
-        if reason == ENGINE_LOST:
-            why = f"stream dropped (close code {ws.close_code})"
-            self._engine.lost(self.node, why)
-            self._engine.probe_soon(self.node)
-            log.warning(
-                "engine node dropped a live stream: its words so far are kept",
-                extra={"call_id": self.call_id, "url": self.node.url},
-            )
-        return reason
+            for task in (sender, receiver):
+                task.cancel()
+            await asyncio.gather(sender, receiver, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and task.exception() is None and task.result():
+                return task.result()  # flushed, or the flush never came back
+        failed = next((t.exception() for t in done if not t.cancelled() and t.exception()), None)
+        why = f"stream dropped (close code {ws.close_code}{f', {failed}' if failed else ''})"
+        self._engine.lost(self.node, why)
+        self._engine.probe_soon(self.node)
+        log.warning(
+            "engine node dropped a live stream: its words so far are kept",
+            extra={"call_id": self.call_id, "url": self.node.url},
+        )
+        return ENGINE_LOST
 
-    async def _send(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> str:
+        """The node's messages; "flushed" once our closing flush is back, "" if it hung up."""
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                continue  # text frames are ignored, as moshi-server ignores them
+            message = self._decode(msg)
+            if isinstance(message, ServerError):
+                log.warning(
+                    "engine node error: %s", message.message, extra={"call_id": self.call_id}
+                )
+            elif message is not None:
+                self._receive(message)
+            if self._done:
+                return "flushed"
+        return ""
+
+    async def _send(self, ws: aiohttp.ClientWebSocketResponse) -> str:
         """Our audio in 80 ms messages, a progress marker every few, flushes when asked; while
-        a flush is out, silence (moshi-server steps only the slots that have audio)."""
+        a flush is out, silence (moshi-server steps only the slots that have audio). Returns
+        only if the closing flush does not come back in time."""
         codec = self._codec
         silent_frame = codec.encode_audio(np.zeros(FRAME_SIZE, dtype=np.int16))
         await self._send_silence(ws, int(LEAD_SILENCE_S * SAMPLE_RATE))
@@ -727,8 +738,7 @@ class RemoteStream(EngineStream):
                 continue
             if deadline is not None and loop.time() > deadline:
                 log.warning("engine node never echoed the flush", extra={"call_id": self.call_id})
-                await ws.close()
-                return
+                return FLUSH_TIMEOUT
             try:
                 await asyncio.wait_for(self._wake.wait(), KEEPALIVE_PACE_S)
                 self._wake.clear()

@@ -36,6 +36,42 @@ from tests.e2e.server_process import ServerProcess, free_port
 
 ANSWER_S = 15.0  # an input not answered in this long is a hang
 FORK = ("audio.drachtio.org",)  # mod_audio_fork; without it /freeswitch is mod_audio_stream
+MEDIA = ("media",)  # Asterisk chan_websocket's subprotocol
+AEAP = ("speech_to_text",)  # Asterisk res_aeap's subprotocol
+# Valid messages of the newer wires, as their byte-level tests hold them: mutated below.
+DEEPGRAM_VALID = (
+    '{"type":"KeepAlive"}',
+    '{"type":"Finalize","channel":0}',
+    '{"type":"Configure","processors":{"keyterms":["x"]}}',
+)
+DEEPGRAM_QUERIES = (
+    "encoding=linear16&sample_rate=16000",
+    "encoding=mulaw&sample_rate=8000&channels=2&multichannel=true",
+    "encoding=alaw&sample_rate=8000&interim_results=true&vad_events=true",
+    "encoding=opus",
+    "sample_rate=x",
+    "encoding=linear16&sample_rate=16000&channels=999",
+    "encoding=linear16&sample_rate=16000&extra=nocolon&utterance_end_ms=-1",
+)
+ASTERISK_VALID = (
+    "MEDIA_START connection_id:stt channel:WebSocket/stt/0x7f1cc000a6d0 "
+    "channel_id:1796276893.2 format:slin16 optimal_frame_size:640 ptime:20",
+    '{"event":"MEDIA_START","connection_id":"stt","channel":"WebSocket/stt/0x7f1c",'
+    '"channel_id":"1796276893.2","format":"ulaw","optimal_frame_size":160,"ptime":20,'
+    '"channel_variables":{"DIALEDPEERNUMBER":"stt/c(ulaw)f(json)"}}',
+    "DTMF_END digit:1 channel_id:1796276893.2",
+)
+AEAP_VALID = (
+    '{"request":"setup","version":"0.1.0","codecs":[{"name":"ulaw"}],'
+    '"params":{"language":"en-US"},"id":"4532a1b0"}',
+    '{"request":"setup","codecs":[{"name":"slin"}],"params":{"sample_rate":"16000"},"id":"s"}',
+    '{"request":"get","params":["results"],"id":"g1"}',
+    '{"request":"set","params":{"dtmf":"12","grammar":"digits"},"id":"s1"}',
+)
+AUDIO_STREAM_METADATA = (
+    '{"callId":"5d8f6c1e","rate":16000,"mix":"stereo"}',
+    '{"uuid":"abc","rate":"8000"}',
+)
 
 
 def rss_mb(pid: int) -> float:
@@ -47,6 +83,16 @@ def rss_mb(pid: int) -> float:
 
 def fds(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def fd_kinds(pid: int) -> Counter[str]:
+    """Open fds by what they are: socket, pipe, anon_inode:[eventfd], or the file's name."""
+    kinds: Counter[str] = Counter()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = str(fd.readlink())
+            kinds[target.split(":")[0] if ":[" in target else Path(target).name] += 1
+    return kinds
 
 
 def garbage(rng: random.Random) -> bytes:
@@ -62,6 +108,28 @@ def garbage(rng: random.Random) -> bytes:
     if kind == 4:
         return b'{"a": ' + str(rng.choice(["NaN", "Infinity", "1e999", "-0"])).encode() + b"}"
     return b"\x00" * rng.randrange(1, 5000)
+
+
+def mutate(rng: random.Random, text: str) -> str:
+    """Flip, cut, repeat or insert bytes of a valid message; or put a lone surrogate, NaN or a
+    huge number into it."""
+    data = text.encode()
+    at = rng.randrange(len(data))
+    kind = rng.randrange(6)
+    if kind == 0:
+        data = data[:at] + bytes([data[at] ^ rng.randrange(1, 256)]) + data[at + 1 :]
+    elif kind == 1:
+        data = data[:at]
+    elif kind == 2:
+        data = data[:at] + data[at:] * rng.randrange(2, 5)
+    elif kind == 3:
+        data = data[:at] + rng.randbytes(rng.randrange(1, 9)) + data[at:]
+    else:
+        quotes = [i for i, c in enumerate(text) if c == '"'] or [0]
+        at = rng.choice(quotes)
+        spice = rng.choice(["\\ud800", "NaN", "1e999", "[" * 1000, "\\u0000", "x" * 5000])
+        return text[:at] + spice + text[at:]
+    return data.decode("utf-8", "replace")
 
 
 def twilio_message(rng: random.Random) -> str:
@@ -131,8 +199,8 @@ class Campaign:
                         return True
                     if msg.type == aiohttp.WSMsgType.ERROR:
                         return True
-                    if msg.type == aiohttp.WSMsgType.TEXT and '"error"' in msg.data:
-                        return True
+                    if msg.type == aiohttp.WSMsgType.TEXT and '"error' in msg.data.lower():
+                        return True  # our error, Deepgram's Error, AEAP's error_msg
                     if msg.type == aiohttp.WSMsgType.BINARY and b"Error" in msg.data:
                         return True
 
@@ -176,8 +244,43 @@ class Campaign:
             work += [
                 ("websocket", partial(ws, "/v1/stream", [g, text])),
                 ("websocket", partial(ws, "/v1/stream", [*tiny, "x"])),
-                ("freeswitch", partial(ws, "/freeswitch", [text, g[:999], "x"], FORK)),
-                ("freeswitch", partial(ws, "/freeswitch?rate=x", [g[:999], text, "x"])),
+                ("audio_fork", partial(ws, "/freeswitch", [text, g[:999], "x"], FORK)),
+                ("audio_stream", partial(ws, "/freeswitch?rate=x", [g[:999], text, "x"])),
+                (
+                    "audio_stream",
+                    partial(
+                        ws,
+                        "/freeswitch",
+                        [mutate(rng, rng.choice(AUDIO_STREAM_METADATA)), g[:999], "x"],
+                    ),
+                ),
+                (
+                    "deepgram",
+                    partial(
+                        ws,
+                        f"/v1/listen?{rng.choice(DEEPGRAM_QUERIES)}",
+                        [g[:4000], mutate(rng, rng.choice(DEEPGRAM_VALID)), "x"],
+                    ),
+                ),
+                ("deepgram", partial(ws, "/v1/listen?encoding=mulaw&sample_rate=8000", [text])),
+                (
+                    "asterisk_media",
+                    partial(
+                        ws,
+                        "/asterisk/media",
+                        [mutate(rng, rng.choice(ASTERISK_VALID)), g[:1000], "x"],
+                        MEDIA,
+                    ),
+                ),
+                (
+                    "asterisk_media",
+                    partial(ws, "/asterisk/media", [ASTERISK_VALID[0], g[:2000], text], MEDIA),
+                ),
+                (
+                    "aeap",
+                    partial(ws, "/asterisk/aeap", [mutate(rng, rng.choice(AEAP_VALID)), "x"], AEAP),
+                ),
+                ("aeap", partial(ws, "/asterisk/aeap", [AEAP_VALID[0], g[:2000], text, "x"], AEAP)),
                 ("twilio", partial(ws, "/twilio/media", [*twilio, "{}", "x"])),
                 ("moshi", partial(ws, "/api/asr-streaming", [moshi_frame(rng)])),
                 ("audiosocket", partial(tcp, ports["audiosocket"], g[:3000])),
@@ -273,7 +376,7 @@ async def main() -> int:
     pid = server.process.pid
     server.ports["sip"] = int(server.env["STT_BRIDGE_SIP_PORT"])
     await asyncio.sleep(1)
-    rss0, fds0 = rss_mb(pid), fds(pid)
+    rss0, fds0, kinds0 = rss_mb(pid), fds(pid), fd_kinds(pid)
     campaign = Campaign(server, random.Random(args.seed))
     stop = asyncio.Event()
     legit = asyncio.create_task(legit_call(server, stop))
@@ -294,7 +397,7 @@ async def main() -> int:
         async with http.get(f"http://127.0.0.1:{server.ports['health']}/health") as r:
             health = r.status
     new_call = await legit_call(server, _set_event())
-    rss1, fds1 = rss_mb(pid), fds(pid)
+    rss1, fds1, kinds1 = rss_mb(pid), fds(pid), fd_kinds(pid)
     server.terminate()
     log = server.log_to.read_text(errors="replace")
     tracebacks = log.count("Traceback")
@@ -313,6 +416,8 @@ async def main() -> int:
         f"alive: {alive}, /health: {health}, unhandled exceptions (tracebacks in log): {tracebacks}"
     )
     print(f"RSS {rss0:.0f} -> {rss1:.0f} MB, fds {fds0} -> {fds1}")
+    grown = {k: f"{kinds0[k]} -> {kinds1[k]}" for k in kinds1 | kinds0 if kinds1[k] != kinds0[k]}
+    print(f"fds that changed: {grown or 'none'}")
     ok = alive and health == 200 and not tracebacks and not sum(campaign.hangs.values())
     return 0 if ok else 1
 

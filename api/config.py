@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from engine.config import EngineConfig
+from telephony.config import AudioSocketConfig as AudioSocketConfig
+from telephony.config import LimitsConfig as LimitsConfig
+from telephony.config import TwilioConfig as TwilioConfig
+from telephony.sip.config import SipConfig as SipConfig
 
 ENV_PREFIX: Final = "STT_BRIDGE_"
 REPO_DEFAULT: Final = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
@@ -34,46 +38,6 @@ class ServerConfig:
     drain_timeout_s: float = 30.0  # on SIGTERM, how long live calls may go on
     node_id: str = ""  # this node's name in a cluster (recorded with each call); "" = host name
     drain_notice_s: float = 0.0  # on SIGTERM, fail /ready and SIP OPTIONS this long before draining
-
-
-@dataclass(frozen=True)
-class SipConfig:
-    enabled: bool = True  # on: answers calls on 5060; a taken port logs one line, SIP stays off
-    backend: str = "asyncio"  # asyncio (aiosipua, scales) | pjsua2 (PJSIP, capped per process)
-    host: str = "0.0.0.0"
-    port: int = 5060  # UDP, and TCP on the same port (sip.tcp)
-    tcp: bool = True
-    advertised_host: str = ""  # address for SDP/Contact behind NAT; "" = the one peers reach
-    rtp_port_min: int = 20000
-    rtp_port_max: int = 20999
-    allow: tuple[str, ...] = ("0.0.0.0/0", "::/0")  # source CIDRs; others get 403
-    auth_user: str = ""  # set with auth_password to digest-challenge INVITEs
-    auth_password: str = ""
-    auth_realm: str = "stt-bridge"
-    register_uri: str = ""  # e.g. sip:pbx.example.com:5060; "" = no registration
-    register_user: str = ""
-    register_password: str = ""
-    register_expires_s: int = 300
-    answer_delay_s: float = 0.0  # ring this long before answering
-    rtp_timeout_s: float = 30.0  # no RTP for this long: hang up (callers vanish without BYE)
-    max_call_s: float = 14400.0  # hang up calls longer than this
-    retry_after_s: int = 30  # Retry-After on 503 while draining
-    user_agent: str = "stt-bridge"
-
-
-@dataclass(frozen=True)
-class AudioSocketConfig:
-    enabled: bool = True
-    host: str = "0.0.0.0"
-    port: int = 9092  # Asterisk AudioSocket() / Dial(AudioSocket/...) connect here
-
-
-@dataclass(frozen=True)
-class TwilioConfig:
-    auth_token: str = ""  # set it to check X-Twilio-Signature on the webhook and the stream
-    public_url: str = ""  # e.g. https://stt.example.com: what Twilio reaches us at
-    dial: str = ""  # after starting the stream, <Dial> this number; "" = <Pause>
-    pause_s: int = 3600  # when not dialling: how long the call stays up
 
 
 @dataclass(frozen=True)
@@ -102,23 +66,6 @@ class ApiConfig:
 class TlsConfig:
     cert: str = ""  # PEM certificate chain: with `key`, the audio/API and health ports use TLS
     key: str = ""
-
-
-@dataclass(frozen=True)
-class LimitsConfig:
-    """What one client may hold or send; over a limit it gets its protocol's rejection."""
-
-    handshake_timeout_s: float = 10.0  # connected, no request/UUID/SIP message yet: closed
-    idle_timeout_s: float = 60.0  # an open stream that sends nothing (or trickles a frame)
-    http_request_timeout_s: float = 300.0  # one plain HTTP request, body and answer included
-    connections_per_ip: int = 200  # open TCP connections from one address, per listener
-    connections_total: int = 5000  # open TCP connections, per listener
-    websocket_max_message_bytes: int = 4 * 1024 * 1024  # one WebSocket message (close 1009)
-    moshi_max_message_bytes: int = 16 * 1024 * 1024  # one /api/asr-streaming message
-    http_max_body_bytes: int = 1024 * 1024  # a plain request body (413); POST audio has its own
-    audiosocket_max_payload_bytes: int = 32768  # one AudioSocket message
-    sip_requests_per_s: float = 50.0  # SIP messages from one address (beyond: 503)
-    event_subscribers: int = 64  # open /v1/events and /v1/calls/{id}/events streams (1013)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Final
 
 import numpy as np
 
-from telephony.audio import PcmArray
+from engine.pcm import PcmArray
 
 log = logging.getLogger(__name__)
 

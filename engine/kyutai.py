@@ -44,7 +44,7 @@ from engine.base import (
     Word,
 )
 from engine.batcher import Batcher, BoolMask, FloatFrames, StepResult
-from telephony.audio import pcm16_to_float
+from engine.pcm import pcm16_to_float
 
 if TYPE_CHECKING:
     import sentencepiece

@@ -40,10 +40,10 @@ from engine.base import (
 from engine.decode_pool import FINAL, PARTIAL, DecodePool
 from engine.endpointing import Cut, EndpointConfig, Utterances
 from engine.moonshine_model import SAMPLE_RATE, MoonshineModel, load
+from engine.pcm import PcmArray
 from engine.vad import SileroVad
 from engine.vad import load as load_vad
 from engine.word_timing import word_times
-from telephony.audio import PcmArray
 
 log = logging.getLogger(__name__)
 

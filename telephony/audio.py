@@ -17,7 +17,10 @@ import numpy as np
 import numpy.typing as npt
 import soxr
 
-PcmArray = npt.NDArray[np.int16]
+# Defined at the bottom, where the engine uses them too; re-exported for the front ends.
+from engine.pcm import PcmArray as PcmArray
+from engine.pcm import float_to_pcm16 as float_to_pcm16
+from engine.pcm import pcm16_to_float as pcm16_to_float
 
 SUPPORTED_RATES: Final = (8000, 16000, 24000, 48000)
 """Rates a client may choose on `/v1/stream`."""
@@ -108,20 +111,6 @@ def pcm16_decode(data: bytes) -> PcmArray:
 
 def pcm16_encode(pcm: PcmArray) -> bytes:
     return pcm.astype("<i2").tobytes()
-
-
-def float_to_pcm16(samples: npt.ArrayLike) -> PcmArray:
-    """Float samples in [-1, 1] (moshi-server's `Audio.pcm`) to int16: x * 32768, rounded.
-
-    Out-of-range values clip and NaN becomes 0, so no client input can wrap around.
-    """
-    x = np.nan_to_num(np.asarray(samples, dtype=np.float64), nan=0.0, posinf=1.0, neginf=-1.0)
-    return np.clip(np.rint(x * 32768.0), -32768, 32767).astype(np.int16)
-
-
-def pcm16_to_float(pcm: PcmArray) -> npt.NDArray[np.float32]:
-    """The inverse of `float_to_pcm16` for every int16 value: x / 32768 (what Mimi takes)."""
-    return pcm.astype(np.float32) / np.float32(32768.0)
 
 
 def deinterleave(pcm: PcmArray, channels: int) -> list[PcmArray]:

@@ -23,9 +23,9 @@ from typing import Final
 
 from aiohttp import web
 
-from api.config import LimitsConfig
 from engine.base import BridgeError
 from telephony.audio import AudioDecoder, Encoding, PcmArray
+from telephony.config import LimitsConfig
 from telephony.errors import ProtocolError
 from telephony.limits import ConnectionGate, SourceLog
 from telephony.session import Call, CallHub

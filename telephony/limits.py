@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
-from api.config import LimitsConfig
+from telephony.config import LimitsConfig
 
 LIMITS: Final = web.AppKey("limits", LimitsConfig)
 MAX_JSON_DEPTH: Final = 64

@@ -27,9 +27,9 @@ from aiohttp import WSMsgType, web
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Start, VoiceResponse
 
-from api.config import TwilioConfig
 from engine.base import BridgeError
 from telephony.audio import ResampleStream, ulaw_decode
+from telephony.config import TwilioConfig
 from telephony.errors import ProtocolError, rejection_for
 from telephony.limits import messages, open_websocket, parse_json
 from telephony.session import Call, CallHub

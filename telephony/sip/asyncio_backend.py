@@ -26,11 +26,12 @@ from aiosipua.message import SipRequest, SipResponse
 from aiosipua.sdp import SdpMessage
 from aiosipua.sdp import parse_sdp as aiosipua_sdp
 
-from api.config import LimitsConfig, SipConfig
 from engine.base import BridgeError
+from telephony.config import LimitsConfig
 from telephony.limits import ConnectionGate, RateLimit, SourceLog
 from telephony.session import CallHub
 from telephony.sip import digest
+from telephony.sip.config import SipConfig
 from telephony.sip.core import (
     FRONT_END,
     AllowList,

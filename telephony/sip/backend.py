@@ -10,13 +10,12 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from api.config import LimitsConfig, SipConfig
+from telephony.config import LimitsConfig
 from telephony.limits import LIMITS
 from telephony.session import CallHub
+from telephony.sip.config import PJSUA2_CALL_CAP, SipConfig
 
 log = logging.getLogger(__name__)
-
-PJSUA2_CALL_CAP = 4  # the pjsua2-python wheel's compiled-in PJSUA_MAX_CALLS (see the note)
 
 
 class SipBackend(Protocol):

@@ -25,12 +25,12 @@ from typing import Final
 from aiosipua.message import SipMessage, SipRequest
 from aiosipua.sdp import parse_sdp as aiosipua_sdp
 
-from api.config import SipConfig
 from engine.base import BridgeError
 from telephony.audio import Encoding, PcmArray, ResampleStream
 from telephony.errors import ProtocolError, rejection_for
 from telephony.session import Call, CallHub, Draining
 from telephony.sip import digest
+from telephony.sip.config import SipConfig
 from telephony.sip.rtp import RTP_RATE, Audio, Dtmf, RtpReceiver
 from telephony.sip.sdp import NoCommonCodec
 

@@ -29,9 +29,9 @@ from typing import Any, TypeVar
 
 import pjsua2 as pj
 
-from api.config import SipConfig
 from engine.children import exit_with_parent
 from telephony.sip import pjsua2_messages as msg
+from telephony.sip.config import SipConfig
 
 STATS_EVERY_S = 0.25  # how often each call's RTP packet count is read
 POLL_MS = 10  # the longest PJSIP waits for network events before the pipe is read again

@@ -20,13 +20,12 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
-from api.config import SipConfig
 from engine.base import BridgeError, EngineFull
 from telephony.audio import pcm16_decode
 from telephony.session import CallHub
 from telephony.sip import digest
 from telephony.sip import pjsua2_messages as msg
-from telephony.sip.backend import PJSUA2_CALL_CAP
+from telephony.sip.config import PJSUA2_CALL_CAP, SipConfig
 from telephony.sip.core import (
     AllowList,
     LegPlan,

@@ -15,7 +15,7 @@ from aiosipua.auth import SipDigestAuth
 from aiosipua.headers import parse_uri
 from aiosipua.registration import Registration, RegistrationState
 
-from api.config import SipConfig
+from telephony.sip.config import SipConfig
 
 log = logging.getLogger(__name__)
 

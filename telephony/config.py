@@ -1,0 +1,38 @@
+"""The front ends' sections of the configuration (`[audiosocket]`, `[twilio]`, `[limits]`),
+beside the code that reads them; api/config.py composes them (SIP's: telephony/sip/config.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AudioSocketConfig:
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = 9092  # Asterisk AudioSocket() / Dial(AudioSocket/...) connect here
+
+
+@dataclass(frozen=True)
+class TwilioConfig:
+    auth_token: str = ""  # set it to check X-Twilio-Signature on the webhook and the stream
+    public_url: str = ""  # e.g. https://stt.example.com: what Twilio reaches us at
+    dial: str = ""  # after starting the stream, <Dial> this number; "" = <Pause>
+    pause_s: int = 3600  # when not dialling: how long the call stays up
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """What one client may hold or send; over a limit it gets its protocol's rejection."""
+
+    handshake_timeout_s: float = 10.0  # connected, no request/UUID/SIP message yet: closed
+    idle_timeout_s: float = 60.0  # an open stream that sends nothing (or trickles a frame)
+    http_request_timeout_s: float = 300.0  # one plain HTTP request, body and answer included
+    connections_per_ip: int = 200  # open TCP connections from one address, per listener
+    connections_total: int = 5000  # open TCP connections, per listener
+    websocket_max_message_bytes: int = 4 * 1024 * 1024  # one WebSocket message (close 1009)
+    moshi_max_message_bytes: int = 16 * 1024 * 1024  # one /api/asr-streaming message
+    http_max_body_bytes: int = 1024 * 1024  # a plain request body (413); POST audio has its own
+    audiosocket_max_payload_bytes: int = 32768  # one AudioSocket message
+    sip_requests_per_s: float = 50.0  # SIP messages from one address (beyond: 503)
+    event_subscribers: int = 64  # open /v1/events and /v1/calls/{id}/events streams (1013)

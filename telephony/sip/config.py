@@ -1,0 +1,33 @@
+"""The `[sip]` section of the configuration, beside the SIP code that reads it; composed by
+api/config.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PJSUA2_CALL_CAP = 4  # the pjsua2-python wheel's compiled-in PJSUA_MAX_CALLS (see sip/backend.py)
+
+
+@dataclass(frozen=True)
+class SipConfig:
+    enabled: bool = True  # on: answers calls on 5060; a taken port logs one line, SIP stays off
+    backend: str = "asyncio"  # asyncio (aiosipua, scales) | pjsua2 (PJSIP, capped per process)
+    host: str = "0.0.0.0"
+    port: int = 5060  # UDP, and TCP on the same port (sip.tcp)
+    tcp: bool = True
+    advertised_host: str = ""  # address for SDP/Contact behind NAT; "" = the one peers reach
+    rtp_port_min: int = 20000
+    rtp_port_max: int = 20999
+    allow: tuple[str, ...] = ("0.0.0.0/0", "::/0")  # source CIDRs; others get 403
+    auth_user: str = ""  # set with auth_password to digest-challenge INVITEs
+    auth_password: str = ""
+    auth_realm: str = "stt-bridge"
+    register_uri: str = ""  # e.g. sip:pbx.example.com:5060; "" = no registration
+    register_user: str = ""
+    register_password: str = ""
+    register_expires_s: int = 300
+    answer_delay_s: float = 0.0  # ring this long before answering
+    rtp_timeout_s: float = 30.0  # no RTP for this long: hang up (callers vanish without BYE)
+    max_call_s: float = 14400.0  # hang up calls longer than this
+    retry_after_s: int = 30  # Retry-After on 503 while draining
+    user_agent: str = "stt-bridge"

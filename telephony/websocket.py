@@ -201,6 +201,8 @@ async def _serve(request: web.Request, params: ListenParams) -> web.StreamRespon
         async for msg in messages(ws, request):
             if msg.type == WSMsgType.BINARY:
                 leg.push(codec.receive_bytes(msg.data))
+                if call.ended:  # by the engine (a lost engine node): its `closed` went out
+                    break
             elif msg.type == WSMsgType.TEXT:
                 control = codec.receive_text(msg.data)
                 if isinstance(control, Stop):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -151,8 +152,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from api.app import run
 
-        return asyncio.run(run(config))  # 70: the engine failed, restart the service
-    return asyncio.run(_transcribe(config, args))
+        return run_loop(run(config))  # 70: the engine failed, restart the service
+    return run_loop(_transcribe(config, args))
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop where it is installed (a drop-in event loop, about twice as fast at
+    socket reads and timers), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,13 @@ real-time calls one core could convert at that cost.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # before bench/ (engine.py)
 
 from telephony.audio import AudioDecoder, Encoding, alaw_encode, pcm16_encode, ulaw_encode
 

@@ -240,8 +240,8 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
 
 def _bound_port(site: web.TCPSite) -> int:
     server = site._server
-    assert isinstance(server, asyncio.base_events.Server)
-    sock: socket.socket = server.sockets[0]
+    assert server is not None
+    sock: socket.socket = server.sockets[0]  # type: ignore[attr-defined]  # asyncio or uvloop
     port: int = sock.getsockname()[1]
     return port
 

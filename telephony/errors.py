@@ -15,7 +15,19 @@ from telephony.session import Draining, DuplicateCall
 
 
 class ProtocolError(BridgeError):
-    """Bad input on the wire; the message says what, for the peer's logs."""
+    """Bad input on the wire; the message says what, for the peer's logs.
+
+    The message often quotes the input, and goes back out as a close reason or an error
+    message and into our log: a lone surrogate from the wire (JSON's `"\\ud800"`) is written
+    as its escape, so the text always encodes to UTF-8.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(_encodable(a) if isinstance(a, str) else a for a in args))
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)

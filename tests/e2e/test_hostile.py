@@ -506,3 +506,37 @@ async def test_sip_flood_gets_503_and_silent_tcp_is_closed(start_service: Servic
     assert replies.count("SIP/2.0 200 OK") == 5, replies
     assert len([r for r in replies if r.startswith("SIP/2.0 503")]) == 15, replies
     assert not await asyncio.to_thread(held_open, port, b"", 5.0)  # SIP over TCP, silent
+
+
+# Second campaign (seed 17, 700 rounds): a lone surrogate quoted back -----------------------------
+
+
+SETUP_SURROGATE = '{"request":"setup","codecs":[{"name":"\\ud800"}],"id":"s"}'
+
+
+@pytest.mark.parametrize(
+    ("path", "protocol", "text"),
+    [
+        ("/asterisk/aeap", "speech_to_text", '{"request":"set\\ud800","id":"x"}'),
+        ("/asterisk/aeap", "speech_to_text", SETUP_SURROGATE),
+        ("/asterisk/media", "media", '{"event":"MEDIA_START\\ud800"}'),
+    ],
+)
+async def test_a_lone_surrogate_quoted_in_a_refusal_is_escaped(
+    start_service: ServiceFactory,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    protocol: str,
+    text: str,
+) -> None:
+    """The refusal quotes the bad input in its close reason (and AEAP's error_msg): a lone
+    surrogate used to make encoding it raise, leaving a traceback and no answer."""
+    service = await start_service(sink_config())
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(url(service, path), protocols=(protocol,)) as ws:
+            await ws.send_str(text)
+            while (msg := await ws.receive(timeout=10)).type == aiohttp.WSMsgType.TEXT:
+                assert "error_msg" in msg.data or "HANGUP" in msg.data  # AEAP; chan_websocket
+    assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1007, msg
+    assert "\\ud800" in str(msg.extra)
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"

@@ -30,16 +30,18 @@ from engine.base import Partial, Segment
 from engine.moonshine import MoonshineEngine
 from telephony.audio import PcmArray, resample_whole, ulaw_decode, ulaw_encode
 from tests.conftest import MODEL_CACHE
-from tests.speech import normalize, read_pcm, sox_convert, speech_wav
+from tests.speech import (
+    SENTENCES,
+    normalize,
+    read_pcm,
+    sox_convert,
+    speech_wav,
+    word_error_rate,
+)
 
 RATE = 16000
 CALL_CENTRE = (
-    "Thank you for calling. Please hold while I transfer you to the billing department.",
-    "I would like to check the status of my order from last week.",
-    "My account number is four five six seven and I need help with my bill.",
-    "Can you please repeat that? The line is very bad today.",
-    "I want to cancel my subscription and get a refund.",
-    "Your call is important to us. An agent will be with you shortly.",
+    *SENTENCES,  # the tests' six, then ten more with numbers, an address and a date
     "My zip code is three zero three one nine.",
     "I was charged twice for the same order on my credit card.",
     "Could you give me the tracking number for my package?",
@@ -87,13 +89,9 @@ async def transcribe(engine: MoonshineEngine, pcm: PcmArray) -> str:
 
 
 def errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    ref, hyp = normalize(reference), normalize(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, start=1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, start=1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[len(hyp)], len(ref)
+    """Word errors and reference words (so sets are scored over all their words)."""
+    words = len(normalize(reference))
+    return round(word_error_rate(reference, hypothesis) * words), words
 
 
 def pocketsphinx_decoder() -> object | None:
@@ -192,7 +190,7 @@ async def realtime(args: argparse.Namespace) -> None:
     pcm, ends = call_audio()
     print(
         f"concurrent callers in real time (20 ms frames), {len(pcm) / RATE:.0f} s each, "
-        f"{os.cpu_count()} cores; latency: end of speech → its final segment\n"
+        f"{os.cpu_count()} cores; latency: end of the last word (its time) → the segment\n"
     )
     print(
         f"| {'streams':>7} | {'partials':<8} | {'final p50':>9} | {'final p99':>9} "
@@ -241,9 +239,8 @@ async def _callers(
         async def read() -> None:
             nonlocal partials
             async for event in stream.events():
-                if isinstance(event, Segment):
-                    truth = min(ends, key=lambda e: abs(e - event.end_s))
-                    spoken_at = began + offset + truth
+                if isinstance(event, Segment):  # its last word's end: where the speech stopped
+                    spoken_at = began + offset + event.end_s
                     latencies.append(time.perf_counter() - spoken_at)
                 elif isinstance(event, Partial):
                     partials += 1

@@ -43,6 +43,12 @@ class DecodePool:
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def has_idle_thread(self) -> bool:
+        """Some thread would start a job now: nothing waits and not every thread is busy."""
+        with self._ready:
+            return not self._queue and self.busy < len(self._threads)
+
     def submit(self, priority: int, fn: Callable[[], T]) -> Future[T]:
         future: Future[T] = Future()
         with self._ready:

@@ -6,11 +6,15 @@ than its middle); it ends after `min_silence_s` of windows under `threshold - 0.
 after the last voiced window. A click shorter than `min_speech_s` is no utterance. One longer
 than `max_utterance_s` is cut at its quietest window in the second half (the likeliest pause
 between words), the rest going on as the next utterance. Chunking never changes the cuts.
+
+`on_pause` is told, `pad_s` into a pause, of the audio the utterance will have if the pause
+goes on to end it: a decoder can start on it while the pause is still being confirmed.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -77,6 +81,7 @@ class Utterances:
         self._silence = 0  # windows under the lower threshold at the end of `_windows`
         self._voiced = 0  # windows over the threshold in this utterance
         self.number = 0  # utterances started so far
+        self.on_pause: Callable[[OpenUtterance], None] | None = None
 
     @property
     def in_speech(self) -> bool:
@@ -143,11 +148,18 @@ class Utterances:
             self._silence = 0
         elif prob < threshold - _HYSTERESIS:
             self._silence += 1
+            if self._silence == self._pad < self._min_silence and self._voiced >= self._min_speech:
+                self._pausing()
         if self._silence >= self._min_silence:
             return self._end_at_pause()
         if len(self._windows) >= self._max_windows:
             return self._split()
         return None
+
+    def _pausing(self) -> None:
+        # What `_end_at_pause` will keep if the pause lasts: the speech, then pad_s of it.
+        if self.on_pause is not None:
+            self.on_pause(OpenUtterance(self.number, np.concatenate(self._windows), self._start))
 
     def _end_at_pause(self) -> Cut | None:
         keep = len(self._windows) - self._silence + self._pad  # speech, then pad_s of silence

@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Final
 
@@ -38,7 +39,7 @@ from engine.base import (
     Word,
 )
 from engine.decode_pool import FINAL, PARTIAL, DecodePool
-from engine.endpointing import Cut, EndpointConfig, Utterances
+from engine.endpointing import Cut, EndpointConfig, OpenUtterance, Utterances
 from engine.moonshine_model import SAMPLE_RATE, MoonshineModel, load
 from engine.pcm import PcmArray
 from engine.vad import SileroVad
@@ -158,6 +159,9 @@ class MoonshineStream(EngineStream):
         self._model = engine.model
         self._pool = engine.pool
         self._utterances = Utterances(SileroVad(), engine.endpoint)
+        self._utterances.on_pause = self._speculate
+        # A final decoded ahead, while a pause is confirmed: (start, length, its text to come).
+        self._ahead: tuple[int, int, Future[str]] | None = None
         self._partial_every = int(engine.partial_interval_s * SAMPLE_RATE)
         self._partial_at = (0, 0)  # (utterance number, its length) at the last partial
         self._partial_running = False
@@ -221,8 +225,28 @@ class MoonshineStream(EngineStream):
             self._decode_final(cut)
         self._settle(self._utterances.settled)
 
+    def _speculate(self, utterance: OpenUtterance) -> None:
+        """`pad_s` into a pause: decode what the final will be if the pause lasts, so the
+        final is out when the pause is confirmed (0.3 s sooner), not a decode after it.
+        At partial priority: a busy machine skips it and decodes at the cut as before."""
+        audio = utterance.audio
+        if self._ahead is not None:
+            self._ahead[2].cancel()  # an earlier pause that did not end the utterance
+        future = self._pool.submit(PARTIAL, functools.partial(self._model.transcribe, audio))
+        self._ahead = (utterance.start, len(audio), future)
+
+    def _final_text(self, cut: Cut) -> str:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:2] == (cut.start, len(cut.audio)):
+            future = ahead[2]
+            if not future.cancel():  # running or done: the same audio, the same text
+                return future.result()
+        elif ahead is not None:
+            ahead[2].cancel()  # speech went on: that guess is void
+        return self._model.transcribe(cut.audio)
+
     def _decode_final(self, cut: Cut) -> None:
-        text = self._model.transcribe(cut.audio)
+        text = self._final_text(cut)
         written = text.split()
         offset = cut.start / SAMPLE_RATE
         words = tuple(
@@ -241,11 +265,12 @@ class MoonshineStream(EngineStream):
 
     def _maybe_partial(self) -> None:
         """Decode the open utterance again once it has grown by `partial_interval_s`, unless a
-        partial of this stream is still running or its audio is already waiting (behind)."""
+        partial of this stream is still running, its audio is already waiting (behind), or no
+        decoding thread is free: partials only ever use time that finals do not need."""
         if self._partial_every <= 0 or self._partial_running or self.closing:
             return
-        if self.pending_samples > SAMPLE_RATE // 2:
-            return
+        if self.pending_samples > SAMPLE_RATE // 2 or not self._pool.has_idle_thread:
+            return  # behind, or every thread has work: partials wait for a quiet moment
         utterance = self._utterances.open_utterance()
         if utterance is None:
             return

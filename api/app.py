@@ -218,7 +218,10 @@ class Service:
         # Every transcript is on disk before anything else stops; webhooks get a few seconds
         # to go out, and whatever is left waits in the outbox for the next start.
         store = self.bridge.store
-        await asyncio.get_running_loop().run_in_executor(None, store.flush)
+        # A store whose disk is gone gets a few seconds more; what it still holds is then lost
+        # (counted), so the process exits within its supervisor's stop timeout.
+        flush_s = 5.0 if store.problem else 30.0
+        await asyncio.get_running_loop().run_in_executor(None, store.flush, flush_s)
         await self.webhooks.stop(deliver_for_s=min(5.0, deadline))
         for runner in reversed(self._runners):
             await runner.cleanup()

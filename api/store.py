@@ -358,7 +358,7 @@ class Store:
             return self._written.wait_for(lambda: self._pending == 0, timeout)
 
     def close(self) -> None:
-        if not self.flush(timeout=5.0 if self.problem else 30.0):
+        if not self.flush(timeout=1.0 if self.problem else 30.0):
             log.error("store closing with %d events unwritten: %s", self._pending, self.problem)
         self._stopping.set()  # a writer waiting for the database gives up: it will not come back
         self._queue.put(None)  # blocks only while the queue is full: the writer drains it

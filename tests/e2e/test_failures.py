@@ -249,6 +249,35 @@ async def test_a_full_disk_keeps_calls_going_and_their_events_wait_until_it_come
     assert before
 
 
+async def test_sigterm_with_the_disk_still_full_exits_in_time_and_corrupts_nothing(
+    tmp_path: Path, servers: list[ServerProcess]
+) -> None:
+    """The disk never comes back: a SIGTERM still ends the process promptly (its supervisor
+    would kill it otherwise), with status 0, losing only the waiting events."""
+    data = tmp_path / "data"
+    server = ServerProcess(
+        data, STT_BRIDGE_ENGINE_NAME="sink", STT_BRIDGE_SERVER_DRAIN_TIMEOUT_S="1"
+    )
+    server.log_to = tmp_path / "stderr.fifo"
+    log = LogPipe(server.log_to)
+    servers.append(server.start())
+    assert server.process is not None
+    async with aiohttp.ClientSession() as http:
+        await call_words(http, server, "kept", bytes(RATE), pace=0)
+        async with http.get(server.url("/v1/calls/kept", "http")) as r:
+            assert r.status == 200
+        set_file_size_limit(server.process.pid, 4096)
+        await call_words(http, server, "lost", bytes(RATE), pace=0)
+    began = time.monotonic()
+    assert await asyncio.to_thread(server.terminate) == 0
+    took = time.monotonic() - began
+    assert took < 15, f"SIGTERM took {took:.0f} s"
+    with sqlite3.connect(data / "stt-bridge.sqlite3") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert db.execute("SELECT id FROM calls").fetchall() == [("kept",)]
+    assert any("store closing with" in line for line in log.lines)
+
+
 # -- hostile webhook receivers --------------------------------------------------------------------
 
 

@@ -155,6 +155,7 @@ class Service:
             retention_s=config.data.retention_days * 86400,
             node_id=config.server.node_id,
             lease_s=config.data.lease_s,
+            max_queue=config.data.max_queue_events,
         )
         hub.bus.add_sink(store.record)
         metrics = Metrics(hub, store)

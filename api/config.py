@@ -46,6 +46,7 @@ class DataConfig:
     retention_days: float = 0.0  # delete calls older than this; 0 = keep everything
     url: str = ""  # "postgresql://user@host/db": a store shared by a cluster; "" = SQLite in dir
     lease_s: float = 10.0  # PostgreSQL: a node silent this long is dead; its live calls end
+    max_queue_events: int = 100_000  # events waiting for the disk at most (full: dropped, counted)
 
 
 @dataclass(frozen=True)

@@ -314,7 +314,7 @@ class Store:
         self._lease_db: Database | None = None
         self._notify_seq = 0
         self._read_lock = threading.Lock()
-        self._queue: queue.Queue[BusEvent | None] = queue.Queue(max_queue)
+        self._queue: queue.Queue[BusEvent | None] = queue.Queue(max(1, max_queue))  # 0: unbounded
         self._written = threading.Condition()
         self._pending = 0
         self.dropped = 0  # events lost because the queue was full (the disk stalled)

@@ -249,25 +249,36 @@ async def test_a_full_disk_keeps_calls_going_and_their_events_wait_until_it_come
     assert before
 
 
-async def test_sigterm_with_the_disk_still_full_exits_in_time_and_corrupts_nothing(
+async def test_with_the_disk_still_full_memory_stays_bounded_and_sigterm_exits_in_time(
     tmp_path: Path, servers: list[ServerProcess]
 ) -> None:
-    """The disk never comes back: a SIGTERM still ends the process promptly (its supervisor
-    would kill it otherwise), with status 0, losing only the waiting events."""
+    """The disk never comes back: waiting events stop at `data.max_queue_events` (beyond it they
+    are dropped and counted); a SIGTERM still ends the process promptly (its supervisor would
+    kill it otherwise), with status 0, losing only the waiting events."""
     data = tmp_path / "data"
     server = ServerProcess(
-        data, STT_BRIDGE_ENGINE_NAME="sink", STT_BRIDGE_SERVER_DRAIN_TIMEOUT_S="1"
+        data,
+        STT_BRIDGE_ENGINE_NAME="sink",
+        STT_BRIDGE_SERVER_DRAIN_TIMEOUT_S="1",
+        STT_BRIDGE_DATA_MAX_QUEUE_EVENTS="20",
     )
     server.log_to = tmp_path / "stderr.fifo"
     log = LogPipe(server.log_to)
     servers.append(server.start())
     assert server.process is not None
+    metrics_url = f"http://127.0.0.1:{server.ports['health']}/metrics"
     async with aiohttp.ClientSession() as http:
         await call_words(http, server, "kept", bytes(RATE), pace=0)
-        async with http.get(server.url("/v1/calls/kept", "http")) as r:
-            assert r.status == 200
+        async with asyncio.timeout(10):  # on disk
+            while (await json_of(http, server.url("/v1/calls/kept", "http")))[0] != 200:
+                await asyncio.sleep(0.1)
         set_file_size_limit(server.process.pid, 4096)
-        await call_words(http, server, "lost", bytes(RATE), pace=0)
+        for n in range(30):  # call_started and call_ended each: 60 events
+            await call_words(http, server, f"lost-{n}", bytes(RATE // 10), pace=0)
+        metrics = await get_text(http, metrics_url)
+    assert metric(metrics, "stt_bridge_store_queue_depth") <= 20
+    # The writer holds the batch it is retrying, the queue holds 20: the rest is dropped.
+    assert metric(metrics, "stt_bridge_store_events_dropped_total") >= 60 - 20 - 2
     began = time.monotonic()
     assert await asyncio.to_thread(server.terminate) == 0
     took = time.monotonic() - began

@@ -16,13 +16,13 @@ set: admission, `/ready` and `/info` use it.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -41,7 +41,6 @@ from engine.base import (
 from engine.decode_pool import FINAL, PARTIAL, DecodePool
 from engine.endpointing import Cut, EndpointConfig, OpenUtterance, Utterances
 from engine.moonshine_model import SAMPLE_RATE, MoonshineModel, load
-from engine.pcm import PcmArray
 from engine.vad import SileroVad
 from engine.vad import load as load_vad
 from engine.word_timing import word_times
@@ -78,6 +77,7 @@ class MoonshineEngine(Engine):
         self.endpoint = endpoint or EndpointConfig()
         self.model: MoonshineModel | None = None
         self.pool: DecodePool | None = None
+        self.vad_pool: DecodePool | None = None
         self._streams: set[MoonshineStream] = set()
         self._rtf = 0.0
 
@@ -99,6 +99,9 @@ class MoonshineEngine(Engine):
         if self._capacity <= 0:
             self._capacity = max(1, int(self._threads * TARGET_LOAD / (self._rtf + VAD_COST)))
         self.pool = DecodePool(self._threads, "moonshine")
+        # Pauses are found on a thread of their own, so a stream's end of utterance is seen
+        # on time even while every decoding thread is busy (0.5 % of a core per stream).
+        self.vad_pool = DecodePool(1, "moonshine-vad")
         log.info(
             "moonshine engine: real-time factor %.3f per core, %d threads, capacity %d streams",
             self._rtf,
@@ -114,12 +117,13 @@ class MoonshineEngine(Engine):
         return (time.perf_counter() - began) / CALIBRATION_S
 
     async def stop(self) -> None:
-        if self.pool is not None:
-            pool, self.pool = self.pool, None
-            await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
+        for pool in (self.vad_pool, self.pool):
+            if pool is not None:
+                await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
+        self.pool = self.vad_pool = None
 
     def open(self, call_id: str, leg: str = "caller") -> MoonshineStream:
-        if self.pool is None or self.model is None:
+        if self.pool is None or self.vad_pool is None or self.model is None:
             raise EngineUnavailable("the moonshine engine is not running")
         if len(self._streams) >= self._capacity:
             raise EngineFull(f"all {self._capacity} moonshine engine streams are busy")
@@ -148,16 +152,19 @@ class MoonshineEngine(Engine):
 
 
 class MoonshineStream(EngineStream):
-    """One leg: its VAD state and open utterance, advanced by one pool job at a time."""
+    """One leg: its VAD state and open utterance, advanced one job at a time: the VAD on the
+    engine's VAD thread, then the decodes of the utterances it ended on the decoding pool."""
 
     settles_on_take = False  # words come out per utterance: `_settle` says how far
 
     def __init__(self, engine: MoonshineEngine, call_id: str, leg: str) -> None:
         super().__init__(call_id, leg, engine._max_buffer_s, engine.sample_rate)
         assert engine.model is not None and engine.pool is not None
+        assert engine.vad_pool is not None
         self._engine = engine
         self._model = engine.model
         self._pool = engine.pool
+        self._vad_pool = engine.vad_pool
         self._utterances = Utterances(SileroVad(), engine.endpoint)
         self._utterances.on_pause = self._speculate
         # A final decoded ahead, while a pause is confirmed: (start, length, its text to come).
@@ -192,13 +199,13 @@ class MoonshineStream(EngineStream):
             while self.pending_samples or self._finalize:
                 if self.pending_samples:
                     pcm = self._take_pending(SAMPLE_RATE)  # a second at a time: partials keep up
-                    await self._run(functools.partial(self._advance, pcm))
+                    await self._decode(await self._vad(partial(self._utterances.feed, pcm)))
                 else:  # Finalize: once the audio before it is in
                     self._finalize = False
-                    await self._run(self._cut_now)
+                    await self._decode(await self._vad(self._utterances.cut_now))
                 self._maybe_partial()
             if self.closing:
-                await self._run(self._cut_now)
+                await self._decode(await self._vad(self._utterances.cut_now))
                 self._engine._release(self)
                 self._emit(Closed("flushed"))
         except Exception:
@@ -210,20 +217,15 @@ class MoonshineStream(EngineStream):
             self._engine._release(self)
             self._emit(Closed(ENGINE_ERROR))
 
-    async def _run(self, job: Callable[[], None]) -> None:
-        await asyncio.wrap_future(self._pool.submit(FINAL, job))
+    async def _vad(self, job: Callable[[], list[Cut]]) -> list[Cut]:
+        return await asyncio.wrap_future(self._vad_pool.submit(FINAL, job))
+
+    async def _decode(self, cuts: list[Cut]) -> None:
+        for cut in cuts:
+            await asyncio.wrap_future(self._pool.submit(FINAL, partial(self._decode_final, cut)))
+        self._settle(self._utterances.settled)
 
     # -- on a pool thread --
-
-    def _advance(self, pcm: PcmArray) -> None:
-        for cut in self._utterances.feed(pcm):
-            self._decode_final(cut)
-        self._settle(self._utterances.settled)
-
-    def _cut_now(self) -> None:
-        for cut in self._utterances.cut_now():
-            self._decode_final(cut)
-        self._settle(self._utterances.settled)
 
     def _speculate(self, utterance: OpenUtterance) -> None:
         """`pad_s` into a pause: decode what the final will be if the pause lasts, so the
@@ -232,7 +234,7 @@ class MoonshineStream(EngineStream):
         audio = utterance.audio
         if self._ahead is not None:
             self._ahead[2].cancel()  # an earlier pause that did not end the utterance
-        future = self._pool.submit(PARTIAL, functools.partial(self._model.transcribe, audio))
+        future = self._pool.submit(PARTIAL, partial(self._model.transcribe, audio))
         self._ahead = (utterance.start, len(audio), future)
 
     def _final_text(self, cut: Cut) -> str:

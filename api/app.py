@@ -97,6 +97,8 @@ def build_audio_app(bridge: Bridge) -> web.Application:
     calls.add_routes(app, bridge.store, bridge.hub)
     if bridge.cluster is not None:
         app[REMOTE_CALLS] = bridge.cluster.remote_live
+    elif bridge.remote_calls is not None:  # the node's other worker processes
+        app[REMOTE_CALLS] = bridge.remote_calls
     app.router.add_get("/", _root)
     app.router.add_get("/v1/stream", websocket.handle_stream)
     deepgram.add_routes(app, bridge.hub)
@@ -110,7 +112,7 @@ def build_audio_app(bridge: Bridge) -> web.Application:
         server = bridge.config.audiosocket
         app.cleanup_ctx.append(
             audiosocket.audiosocket_server(
-                server.host, server.port, bridge.hub, bridge.ports, limits
+                server.host, server.port, bridge.hub, bridge.ports, limits, bridge.shared
             )
         )
     if bridge.config.sip.enabled:
@@ -141,7 +143,9 @@ def build_web_app(bridge: Bridge) -> web.Application:
 class Service:
     """The running service: engine started, three sites listening."""
 
-    def __init__(self, config: Config, engine: Engine | None = None) -> None:
+    def __init__(self, config: Config, engine: Engine | None = None, shared: bool = False) -> None:
+        """`shared`: one of a node's worker processes (api/workers.py): every TCP port is bound
+        with SO_REUSEPORT, and a restart marks only this process's own calls interrupted."""
         if engine is None:
             engine, choice = build_engine(config.engine, config.data.dir)
         else:
@@ -156,10 +160,11 @@ class Service:
             node_id=config.server.node_id,
             lease_s=config.data.lease_s,
             max_queue=config.data.max_queue_events,
+            own_calls_only=shared,
         )
         hub.bus.add_sink(store.record)
         metrics = Metrics(hub, store)
-        self.bridge = Bridge(config, engine, choice, hub, store, metrics)
+        self.bridge = Bridge(config, engine, choice, hub, store, metrics, shared=shared)
         if store.postgres:
             self.bridge.cluster = Cluster(store, hub.bus)
         self.webhooks = WebhookSender(
@@ -192,7 +197,14 @@ class Service:
             await runner.setup()
             self.gates[name] = guard.gate_connections(runner, self.config.limits, name)
             context = tls if name in ("audio", "health") else None
-            site = web.TCPSite(runner, server.host, port, reuse_address=True, ssl_context=context)
+            site = web.TCPSite(
+                runner,
+                server.host,
+                port,
+                reuse_address=True,
+                reuse_port=self.bridge.shared or None,
+                ssl_context=context,
+            )
             await site.start()
             self._runners.append(runner)
             self.ports[name] = _bound_port(site)

@@ -14,7 +14,7 @@ from api.metrics import Metrics
 from api.store import Store
 from engine.base import Engine
 from engine.registry import EngineChoice
-from telephony.session import CallHub
+from telephony.session import CallHub, CallStarted
 
 if TYPE_CHECKING:
     from api.cluster import Cluster
@@ -36,6 +36,10 @@ class Bridge:
     sip: SipBackend | None = None  # the running SIP user agent, where SIP is enabled
     cluster: Cluster | None = None  # live events and the lease, on the PostgreSQL store
     sip_problem: str = ""  # why SIP is enabled but not listening (its port is taken)
+    # One of a node's worker processes (api/workers.py): its ports are shared (SO_REUSEPORT),
+    # and the calls live on the other workers, which `/v1/events` shows too.
+    shared: bool = False
+    remote_calls: dict[str, CallStarted] | None = None
 
     def keep_sip(self, backend: SipBackend | None, problem: str = "") -> None:
         self.sip = backend

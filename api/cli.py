@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--health-port", type=int, help="health/ready/info port (default: 8001)")
     serve.add_argument("--web-port", type=int, help="browser client port (default: 8000)")
     serve.add_argument("--engine", help="auto, cpu, kyutai or sink (default: engine.name)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="front-end processes sharing the ports, 0 = one per core (default: server.workers)",
+    )
 
     transcribe = commands.add_parser(
         "transcribe",
@@ -84,7 +89,7 @@ def _override(config: Config, args: argparse.Namespace) -> Config:
     import dataclasses
 
     server = config.server
-    for key in ("host", "port", "health_port", "web_port"):
+    for key in ("host", "port", "health_port", "web_port", "workers"):
         value = getattr(args, key, None)
         if value is not None:
             server = dataclasses.replace(server, **{key: value})
@@ -149,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stt-bridge: config: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.log.level, config.log.json)
+    if args.command == "serve" and config.server.workers != 1:
+        from api.workers import supervise
+
+        return run_loop(supervise(config))  # worker processes and an engine process (README)
     if args.command == "serve":
         from api.app import run
 

@@ -74,7 +74,7 @@ class Reassembly:
     def feed(self, payload: str) -> dict[str, Any] | None:
         """The event this payload completes, if it is another node's; else None."""
         sender, seq, index, count, chunk = payload.split(" ", 4)
-        if sender.split("/", 1)[0] == self.own_node:
+        if sender in (self.own_node, f"{self.own_node}/lease"):
             return None  # this node's own writer or lease: relayed here already
         if count == "1":
             parsed: dict[str, Any] = json.loads(chunk)

@@ -38,6 +38,7 @@ class ServerConfig:
     drain_timeout_s: float = 30.0  # on SIGTERM, how long live calls may go on
     node_id: str = ""  # this node's name in a cluster (recorded with each call); "" = host name
     drain_notice_s: float = 0.0  # on SIGTERM, fail /ready and SIP OPTIONS this long before draining
+    workers: int = 1  # front-end processes sharing every port (api/workers.py); 0 = one per core
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,18 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     if raw:
         raise ConfigError(f"unknown config section(s): {', '.join(sorted(raw))}")
     return Config(**sections)
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> Config:
+    """A config from `to_toml_dict`'s shape (how api/workers.py hands it to its processes)."""
+    return Config(
+        **{
+            section.name: _build(
+                _resolve(Config, section.name), dict(raw.get(section.name, {})), section.name
+            )
+            for section in dataclasses.fields(Config)
+        }
+    )
 
 
 def _build(section_type: type[Any], values: dict[str, Any], section: str) -> Any:

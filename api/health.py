@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import time
 
 from aiohttp import web
@@ -77,7 +78,9 @@ async def handle_info(request: web.Request) -> web.Response:
                 **info.extra,
             },
             "sip": sip.describe(bridge.config.sip, bridge.sip, bridge.sip_problem),
-            "calls_live": len(bridge.hub.calls),
+            "calls_live": len(bridge.hub.calls),  # this process's (with workers: this worker's)
+            "node": bridge.store.node_id,  # with workers, `<node_id>/w<k>`: the one answering
+            "pid": os.getpid(),
             "uptime_s": round(time.time() - bridge.started_at, 3),
         }
     )

@@ -54,6 +54,7 @@ PURGE_EVERY_S: Final = 3600.0  # retention runs at start and then this often
 DELIVERED_KEEP_S: Final = 86400.0  # delivered webhook bodies (transcripts) are kept a day
 CLAIM_S: Final = 60.0  # a claimed webhook goes back to the pool if not settled by then
 EVENTS_CHANNEL: Final = "stt_bridge_events"
+INTERRUPTED_REASON: Final = "bridge stopped mid-call"  # a call its process never saw end
 NOTIFY_CHUNK: Final = 7000  # NOTIFY payloads must stay under 8000 bytes: longer ones are chunked
 DB_ERRORS: Final = (sqlite3.Error, psycopg.Error)
 # The database cannot take writes now (disk full or read-only, I/O error, locked, connection
@@ -217,8 +218,8 @@ class Database:
         return self._lite.execute(sql, args)
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        self.execute("BEGIN")
+    def transaction(self, immediate: bool = False) -> Iterator[None]:
+        self.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
         try:
             yield
         except BaseException:
@@ -264,7 +265,8 @@ class Database:
 
 
 def migrate(db: Database) -> int:
-    with db.transaction():
+    # SQLite: take the write lock first, so processes opening one file together migrate in turn.
+    with db.transaction(immediate=not db.postgres):
         if db.postgres:  # nodes starting together: one migrates, the others wait and see it done
             db.execute("SELECT pg_advisory_xact_lock(715001)")
         db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -295,14 +297,18 @@ class Store:
         purge_every_s: float = PURGE_EVERY_S,
         node_id: str = "",
         lease_s: float = 10.0,
+        own_calls_only: bool = False,
     ) -> None:
         """`location`: the SQLite file, or a `postgresql://` URL (the cluster's shared store).
-        `node_id` (default: the host name) is recorded with every call this node takes."""
+        `node_id` (default: the host name) is recorded with every call this node takes.
+        `own_calls_only`: several processes share the SQLite file (a node's workers,
+        api/workers.py): at start, only calls this `node_id` left live are marked interrupted."""
         if not is_postgres(location):
             location = Path(location)
             location.parent.mkdir(parents=True, exist_ok=True)
         self.location = location
         self.postgres = is_postgres(location)
+        self.own_calls_only = own_calls_only or self.postgres
         self.node_id = node_id or socket.gethostname()
         self.lease_s = lease_s
         self.webhook_urls = tuple(webhook_urls)
@@ -370,12 +376,12 @@ class Store:
             self._lease_db.close()
 
     def _mark_interrupted(self) -> int:
-        """This node's calls left live by its last run (on SQLite: every live call)."""
-        mine = " AND node = ?" if self.postgres else ""
+        """This node's calls left live by its last run (on SQLite alone: every live call)."""
+        mine = " AND node = ?" if self.own_calls_only else ""
         cursor = self._writer_db.execute(
-            "UPDATE calls SET status = 'interrupted', reason = 'bridge stopped mid-call', "
+            f"UPDATE calls SET status = 'interrupted', reason = '{INTERRUPTED_REASON}', "
             f"ended_at = ? WHERE status = 'live'{mine}",
-            (time.time(), self.node_id) if self.postgres else (time.time(),),
+            (time.time(), self.node_id) if self.own_calls_only else (time.time(),),
         )
         if cursor.rowcount:
             log.warning("calls interrupted by the last shutdown", extra={"calls": cursor.rowcount})

@@ -277,9 +277,11 @@ def audiosocket_server(
     hub: CallHub,
     ports: dict[str, int],
     limits: LimitsConfig | None = None,
+    reuse_port: bool = False,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context: listen for Asterisk while the application runs. Connections over
-    `limits.connections_per_ip` / `connections_total` get a hangup message and are closed."""
+    `limits.connections_per_ip` / `connections_total` get a hangup message and are closed.
+    `reuse_port`: SO_REUSEPORT, the port shared by a node's worker processes."""
     limits = limits or LimitsConfig()
     gate = ConnectionGate(limits.connections_per_ip, limits.connections_total)
     refusals = SourceLog(log)
@@ -304,7 +306,7 @@ def audiosocket_server(
                 connections.discard(task)
                 gate.release(source)
 
-        server = await asyncio.start_server(on_connect, host, port)
+        server = await asyncio.start_server(on_connect, host, port, reuse_port=reuse_port or None)
         ports[FRONT_END] = server.sockets[0].getsockname()[1]
         log.info("audiosocket listening", extra={"port": ports[FRONT_END]})
         try:

@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.base import Partial, Segment
-from engine.moonshine import MoonshineEngine
+from engine.moonshine import MoonshineEngine, MoonshineStream
 from telephony.audio import PcmArray, resample_whole, ulaw_decode, ulaw_encode
 from tests.conftest import MODEL_CACHE
 from tests.speech import (
@@ -144,19 +144,15 @@ async def wer(args: argparse.Namespace) -> None:
         print(f"| {cell:<24} | {row[0]:>9} | {row[1]:>12} |")
 
 
-def call_audio() -> tuple[PcmArray, list[float]]:
-    """A caller: every sentence once, 1.2 s apart; and where each one's speech ends (s)."""
+def call_audio(first: int = 0) -> tuple[PcmArray, int]:
+    """A caller: eight sentences, 1.2 s apart, starting at sentence `first` (so that callers
+    do not all pause at once); and how many utterances that is."""
     gap = np.zeros(int(1.2 * RATE), dtype=np.int16)
     parts: list[PcmArray] = [gap]
-    ends = []
-    at = len(gap)
-    for n, text in enumerate(CALL_CENTRE[:8]):
-        pcm = phone_audio(text, "hibari", "1.0x", False, seed=n)
-        loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > 300)
-        ends.append((at + int(loud[-1])) / RATE)
-        parts += [pcm, gap]
-        at += len(pcm) + len(gap)
-    return np.concatenate(parts), ends
+    for k in range(8):
+        n = (first + k) % 8
+        parts += [phone_audio(CALL_CENTRE[n], "hibari", "1.0x", False, seed=n), gap]
+    return np.concatenate(parts), 8
 
 
 async def rtf(args: argparse.Namespace) -> None:
@@ -187,7 +183,7 @@ async def rtf(args: argparse.Namespace) -> None:
 
 
 async def realtime(args: argparse.Namespace) -> None:
-    pcm, ends = call_audio()
+    pcm, utterances = call_audio()
     print(
         f"concurrent callers in real time (20 ms frames), {len(pcm) / RATE:.0f} s each, "
         f"{os.cpu_count()} cores; latency: end of the last word (its time) → the segment\n"
@@ -200,14 +196,14 @@ async def realtime(args: argparse.Namespace) -> None:
     for interval in (0.0, 1.0):
         for count in args.streams:
             engine = await start(partial_interval_s=interval, capacity=count)
-            latencies, partials = await _callers(engine, pcm, ends, count)
+            latencies, partials = await _callers(engine, count)
             await engine.stop()
             cpu = _cpu_share()
             late = sum(x > 1.0 for x in latencies) / max(1, len(latencies))
             p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (float("nan"),) * 2
             print(
                 f"| {count:>7} | {'1 s' if interval else 'off':<8} | {p50:>8.2f}s | {p99:>8.2f}s "
-                f"| {late:>6.1%} | {partials / max(1, count * len(ends)):>12.1f} "
+                f"| {late:>6.1%} | {partials / max(1, count * utterances):>12.1f} "
                 f"| {cpu:>5.0f}% |"
             )
 
@@ -222,39 +218,35 @@ def _cpu_share() -> float:
     return share
 
 
-async def _callers(
-    engine: MoonshineEngine, pcm: PcmArray, ends: list[float], count: int
-) -> tuple[list[float], int]:
+async def _callers(engine: MoonshineEngine, count: int) -> tuple[list[float], int]:
+    """`count` callers, each a 20 ms frame every 20 ms from one timer (as a phone system's
+    media server would send them), starting 20 ms / count apart."""
     frame = RATE // 50
     began = time.perf_counter() + 0.2
     latencies: list[float] = []
     partials = 0
     _cpu_share()
+    streams = [engine.open(f"caller-{n}") for n in range(count)]
+    audio = [call_audio(first=n)[0] for n in range(count)]  # each from another sentence on
 
-    async def caller(n: int) -> None:
+    async def read(stream: MoonshineStream) -> None:
         nonlocal partials
-        stream = engine.open(f"caller-{n}")
-        offset = n * 0.37 % 1.0  # callers do not all speak in step
+        async for event in stream.events():
+            if isinstance(event, Segment):  # its last word's end: where the speech stopped
+                latencies.append(time.perf_counter() - (began + event.end_s))
+            elif isinstance(event, Partial):
+                partials += 1
 
-        async def read() -> None:
-            nonlocal partials
-            async for event in stream.events():
-                if isinstance(event, Segment):  # its last word's end: where the speech stopped
-                    spoken_at = began + offset + event.end_s
-                    latencies.append(time.perf_counter() - spoken_at)
-                elif isinstance(event, Partial):
-                    partials += 1
-
-        reader = asyncio.create_task(read())
-        for i, at in enumerate(range(0, len(pcm), frame)):
-            delay = began + offset + (i + 1) * 0.02 - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
+    readers = [asyncio.create_task(read(stream)) for stream in streams]
+    for i, at in enumerate(range(0, len(audio[0]), frame)):
+        delay = began + (i + 1) * 0.02 - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        for stream, pcm in zip(streams, audio, strict=True):
             stream.push(pcm[at : at + frame])
+    for stream in streams:
         stream.close()
-        await reader
-
-    await asyncio.gather(*(caller(n) for n in range(count)))
+    await asyncio.gather(*readers)
     return latencies, partials
 
 

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 VAD_COST: Final = 0.005  # share of a core the VAD takes per stream (measured: 0.16 ms / 32 ms)
 TARGET_LOAD: Final = 0.7  # admit streams up to this share of the decoding threads' time
+JOB_SAMPLES: Final = SAMPLE_RATE // 10  # audio that starts a VAD job: 100 ms
 CALIBRATION_S: Final = 5.0
 CALIBRATION_TOKENS: Final = 15  # what 5 s of speech decodes to, about
 ENGINE_ERROR: Final = "engine error"  # `Closed` reason of a stream whose decode raised
@@ -178,7 +179,10 @@ class MoonshineStream(EngineStream):
         self._worker: asyncio.Task[None] | None = None
 
     def _on_audio(self) -> None:
-        self._ensure_worker()
+        # 100 ms at a time, not every 20 ms packet: each job costs two thread hand-offs on
+        # the event loop, and the VAD decides per 32 ms anyway.
+        if self.pending_samples >= JOB_SAMPLES:
+            self._ensure_worker()
 
     def _on_close(self) -> None:
         self._ensure_worker()

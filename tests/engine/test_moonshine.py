@@ -221,8 +221,8 @@ async def test_partials_come_while_speaking_and_the_segment_replaces_them() -> N
     try:
         stream = engine.open("partials")
         for frame in np.split(phone_pcm(SENTENCES[1]), range(320, 100 * RATE, 320)):
-            stream.push(frame)  # 20 ms frames at 4x real time: a caller, but faster
-            await asyncio.sleep(0.005)
+            stream.push(frame)  # 20 ms frames in real time, as a caller speaks
+            await asyncio.sleep(0.02)
         stream.close()
         events = [event async for event in stream.events()]
     finally:

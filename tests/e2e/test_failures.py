@@ -84,6 +84,18 @@ async def call_words(
     return [m["text"] for m in messages if m["type"] == "word"]
 
 
+async def ended_call(
+    http: aiohttp.ClientSession, server: ServerProcess, call_id: str
+) -> dict[str, Any]:
+    """The call as /v1/calls shows it once its end is on disk (the store writes behind)."""
+    async with asyncio.timeout(10):
+        while True:
+            status, call = await json_of(http, server.url(f"/v1/calls/{call_id}", "http"))
+            if status == 200 and call["status"] != "live":
+                return dict(call)
+            await asyncio.sleep(0.1)
+
+
 async def test_a_client_sending_20x_real_time_is_bounded_and_disturbs_no_other_call(
     tmp_path: Path, servers: list[ServerProcess]
 ) -> None:
@@ -146,8 +158,7 @@ async def test_a_client_sending_20x_real_time_is_bounded_and_disturbs_no_other_c
         dropped_end = metric(
             await get_text(http, metrics_url), "stt_bridge_audio_dropped_seconds_total"
         )
-        async with http.get(server.url("/v1/calls/flood", "http")) as r:
-            flood_call = await r.json()
+        flood_call = await ended_call(http, server, "flood")
 
     assert sent_s >= factor * seconds * 0.9, f"sent only {sent_s:.0f} s of audio"
     assert words_beside == alone, "the real-time call beside the flood lost words"
@@ -212,6 +223,7 @@ async def test_a_full_disk_keeps_calls_going_and_their_events_wait_until_it_come
     health = f"http://127.0.0.1:{server.ports['health']}"
     async with aiohttp.ClientSession() as http:
         before = await call_words(http, server, "before", speech(5), pace=0)
+        await ended_call(http, server, "before")  # on disk
         set_file_size_limit(pid, 4096)  # every write to the database or its WAL fails now
         during = await call_words(http, server, "during", speech(1), pace=0)
         assert during, "the call went on and its words reached the caller"
@@ -232,6 +244,7 @@ async def test_a_full_disk_keeps_calls_going_and_their_events_wait_until_it_come
         async with asyncio.timeout(15):
             while (await json_of(http, f"{health}/ready"))[0] != 200:
                 await asyncio.sleep(0.2)
+        await ended_call(http, server, "during")  # its last event: all before it are written
         async with http.get(server.url("/v1/calls/during/transcript", "http")) as r:
             stored = await r.json()
         metrics = await get_text(http, f"{health}/metrics")
@@ -466,10 +479,13 @@ async def test_a_failing_decode_ends_each_call_it_hits_with_its_words_and_the_se
                 while not told[n] or told[n][-1]["type"] != "closed":
                     told[n].append(await ws.receive_json())
             await ws.close()
-        stored = {}
+        stored: dict[int, dict[str, Any]] = {}
         for n in calls:
-            async with http.get(f"{api}/call-{n}/transcript") as r:
-                stored[n] = await r.json()
+            async with asyncio.timeout(10):  # its end is on disk (the store writes behind)
+                while n not in stored or stored[n]["call"]["status"] == "live":
+                    await asyncio.sleep(0.05)
+                    async with http.get(f"{api}/call-{n}/transcript") as r:
+                        stored[n] = await r.json()
         broken = False
         ws = await http.ws_connect(f"{base}/v1/stream?call_id=after")
         await ws.send_bytes(speech(1) + pause)

@@ -290,9 +290,13 @@ async def test_a_cluster_survives_a_node_killed_mid_call(
     assert sip_words and ws_words
     await asyncio.sleep(PROBE_S * 2)  # Kamailio has probed every node once
 
-    # 1. All three nodes up: calls spread over every node.
-    sip = asyncio.create_task(sip_calls(cluster, cwd, 4, speech_ms + 300))
-    ws = [asyncio.create_task(ws_call(cluster, f"ws-a{n}", pcm, delay_s=n * 0.5)) for n in range(4)]
+    # 1. All three nodes up: calls spread over every node. With the later phases, 30 SIP
+    # calls through Kamailio and 30 WebSocket calls through HAProxy, paced so that about
+    # eleven are live at once (the machine has two cores for three nodes and their peers).
+    sip = asyncio.create_task(sip_calls(cluster, cwd, 21, speech_ms + 300, rate_per_s=1))
+    ws = [
+        asyncio.create_task(ws_call(cluster, f"ws-a{n}", pcm, delay_s=n * 0.8)) for n in range(24)
+    ]
     result = await sip
     assert result.returncode == 0, result.errors + result.stdout
     for words in await asyncio.gather(*ws):

@@ -14,6 +14,7 @@ many threads, each `run` releasing the GIL, so every stream shares one copy of t
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.resources
 import json
@@ -101,14 +102,23 @@ def prepare(files: ModelFiles, cache_dir: Path) -> dict[str, Path]:
         return out
     try:
         target.mkdir(parents=True, exist_ok=True)
-        probe = target / ".writable"
-        probe.write_bytes(b"")
-        probe.unlink()
+        lock = (target / ".lock").open("a")  # opening it for writing also proves we may write
     except OSError as exc:
         raise ModelLoadError(
             f"engine.cache_dir {cache_dir}: cannot write the prepared model there ({exc}); "
             "set engine.cache_dir (STT_BRIDGE_ENGINE_CACHE_DIR) to a writable folder"
         ) from None
+    with lock:
+        # Several processes may start at once on a new machine (workers, a test run): one
+        # converts, the others wait and then find its manifest.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _manifest_holds(manifest, out):
+            _convert_all(sources, out, target)
+            manifest.write_text(json.dumps({str(p): _digest(p) for p in out.values()}))
+    return out
+
+
+def _convert_all(sources: dict[str, Path], out: dict[str, Path], target: Path) -> None:
     from engine.ort_to_onnx import OrtFormatError, convert
 
     log.info("preparing the Moonshine model once (ORT → ONNX) in %s", target)
@@ -123,8 +133,6 @@ def prepare(files: ModelFiles, cache_dir: Path) -> dict[str, Path]:
         except (OrtFormatError, ValueError, OSError) as exc:
             raise ModelLoadError(f"{src}: not a usable model file ({exc})") from None
         log.info("  [%d/%d] %s ready in %.1f s", n, len(PARTS), part, time.monotonic() - began)
-    manifest.write_text(json.dumps({str(p): _digest(p) for p in out.values()}))
-    return out
 
 
 def _manifest_holds(manifest: Path, out: dict[str, Path]) -> bool:
@@ -202,12 +210,7 @@ class MoonshineModel:
         """Text of 16 kHz float audio in [-1, 1] (at most `MAX_AUDIO_S`); "" for no speech."""
         if len(audio) < SAMPLE_RATE // 10:
             audio = np.pad(audio, (0, SAMPLE_RATE // 10 - len(audio)))
-        hidden = self._encoder.run(None, {"input_values": audio[None, :]})[0]
-        feeds: dict[str, npt.NDArray[np.generic]] = {"encoder_hidden_states": hidden}
-        empty = np.zeros((1, HEADS, 0, HEAD_DIM), dtype=np.float32)
-        for name in self._past_names:
-            feeds[name] = empty
-        feeds["use_cache_branch"] = np.array([False])
+        feeds = self._encode(audio)
         tokens: list[int] = []
         last = START_TOKEN
         for step in range(int(len(audio) / SAMPLE_RATE * TOKENS_PER_S) + 10):
@@ -226,17 +229,22 @@ class MoonshineModel:
         utterance of that length, whatever the audio says (for measuring speed)."""
         rng = np.random.default_rng(0)
         audio = (rng.standard_normal(int(seconds * SAMPLE_RATE)) * 0.05).astype(np.float32)
+        feeds = self._encode(audio)
+        for step in range(tokens):
+            feeds["input_ids"] = np.array([[START_TOKEN + 10 + step]], dtype=np.int64)
+            _, *present = self._decoder.run(None, feeds)
+            self._keep(feeds, present, step)
+            feeds["use_cache_branch"] = np.array([True])
+
+    def _encode(self, audio: FloatAudio) -> dict[str, npt.NDArray[np.generic]]:
+        """The decoder's inputs for its first step: the encoded audio, an empty KV cache."""
         hidden = self._encoder.run(None, {"input_values": audio[None, :]})[0]
         feeds: dict[str, npt.NDArray[np.generic]] = {"encoder_hidden_states": hidden}
         empty = np.zeros((1, HEADS, 0, HEAD_DIM), dtype=np.float32)
         for name in self._past_names:
             feeds[name] = empty
         feeds["use_cache_branch"] = np.array([False])
-        for step in range(tokens):
-            feeds["input_ids"] = np.array([[START_TOKEN + 10 + step]], dtype=np.int64)
-            _, *present = self._decoder.run(None, feeds)
-            self._keep(feeds, present, step)
-            feeds["use_cache_branch"] = np.array([True])
+        return feeds
 
     def _keep(
         self, feeds: dict[str, npt.NDArray[np.generic]], present: list[Any], step: int

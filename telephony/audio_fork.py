@@ -14,7 +14,6 @@ The wire carries no rate or channel count, so they come from the metadata (`rate
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Mapping
@@ -170,9 +169,7 @@ async def handle_fork(request: web.Request) -> web.StreamResponse:
             await ws.close(code=rejection_for(exc).ws_close, message=str(exc).encode()[:120])
     finally:
         if call is not None:
-            for leg, resampler in resamplers.items():
-                call.leg(leg).push(resampler.flush())
-            await asyncio.shield(call.end(reason))
+            await call.end_flushing(resamplers, reason)
         if not ws.closed:
             await ws.close()
     return ws

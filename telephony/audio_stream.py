@@ -207,9 +207,7 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
             await ws.close(code=rejection_for(exc).ws_close, message=str(exc).encode()[:120])
     finally:
         if call is not None:
-            for leg, resampler in resamplers.items():
-                call.leg(leg).push(resampler.flush())
-            await asyncio.shield(call.end(reason))
+            await call.end_flushing(resamplers, reason)
         if not ws.closed:
             await ws.close()
     return ws

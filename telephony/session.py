@@ -27,7 +27,7 @@ from engine.base import (
     EngineStream,
     event_to_json,
 )
-from telephony.audio import PcmArray
+from telephony.audio import PcmArray, ResampleStream
 from telephony.limits import CALL_ID_MAX_CHARS, clean_label, clean_labels
 
 log = logging.getLogger(__name__)
@@ -279,6 +279,13 @@ class Call:
 
     def leg(self, name: str) -> Session:
         return self.legs[name]
+
+    async def end_flushing(self, resamplers: Mapping[str, ResampleStream], reason: str) -> None:
+        """Push what each leg's resampler still holds, then end the call. Shielded: a
+        cancelled handler (server shutdown) must still flush the transcript."""
+        for leg, resampler in resamplers.items():
+            self.leg(leg).push(resampler.flush())
+        await asyncio.shield(self.end(reason))
 
     @property
     def sample_rate(self) -> int:

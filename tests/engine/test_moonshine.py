@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -322,3 +324,25 @@ def test_a_damaged_prepared_model_is_prepared_again(tmp_path: Path) -> None:
     first["encoder_model"].write_bytes(original[: len(original) // 2])
     again = prepare(files, tmp_path)
     assert again == first and again["encoder_model"].read_bytes() == original
+
+
+def test_processes_starting_together_prepare_the_model_once(tmp_path: Path) -> None:
+    """Workers or a test run starting at once on a new machine: one converts, the others
+    wait for it and load the same files (none reads a half-written one)."""
+    script = (
+        "import sys; from pathlib import Path;"
+        "from engine.moonshine_model import ModelFiles, prepare;"
+        "paths = prepare(ModelFiles.locate(''), Path(sys.argv[1]));"
+        "print(sum(p.stat().st_size for p in paths.values()))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path)], cwd=root, stdout=subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    sizes = {run.communicate(timeout=120)[0].strip() for run in runs}
+    assert [run.returncode for run in runs] == [0, 0, 0]
+    assert len(sizes) == 1
+    assert len(list(tmp_path.glob("moonshine-*/*.onnx"))) == 2

@@ -14,6 +14,7 @@ The limits themselves are `api.config.LimitsConfig` ([limits] in the config file
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -184,14 +185,32 @@ def open_websocket(
 
 async def messages(ws: web.WebSocketResponse, request: web.Request) -> AsyncIterator[WSMessage]:
     """`async for msg in ws`, except that a client silent for `idle_timeout_s` (a whole
-    message must arrive in that time: trickling one frame does not count) is closed with 1008."""
+    message must arrive in that time: trickling one frame does not count) is closed with 1008.
+
+    One watchdog per connection checks the time of the last whole message, waking once per
+    `idle_timeout_s`: a timeout around every `receive` cost 6 % of the server's time at
+    100 calls (py-spy), an audio frame being a message every 20 ms.
+    """
+    loop = asyncio.get_running_loop()
     idle_s = limits_of(request).idle_timeout_s
-    while True:
-        try:
-            msg = await ws.receive(timeout=idle_s)
-        except TimeoutError:
-            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"idle timeout")
-            return
-        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-            return
-        yield msg
+    last = loop.time()
+
+    async def watch() -> None:
+        while not ws.closed:
+            wait = last + idle_s - loop.time()
+            if wait <= 0:
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"idle timeout")
+                return
+            await asyncio.sleep(wait)
+
+    watchdog = loop.create_task(watch()) if idle_s > 0 else None
+    try:
+        while True:
+            msg = await ws.receive()
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
+            last = loop.time()
+            yield msg
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()

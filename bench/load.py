@@ -50,7 +50,6 @@ import contextlib
 import gc
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -65,6 +64,10 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # before bench/ (its engine.py): the repository's packages
+
+from tests.e2e.server_process import loopback_env, loopback_ports  # noqa: E402
+
 FRAME_S = 0.02
 SLOTS = 20  # the 20 ms frame period in 1 ms slots; each call sends in one of them
 PING_EVERY = 50  # frames: one ping per second per call
@@ -72,25 +75,13 @@ END_SPREAD_S = 5.0  # calls hang up one after another over this long
 MAX_STARVED_PCT = 5.0  # --find-max repeats a probe when the bridge waited for its core longer
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class Server:
     def __init__(self, engine: str, cores: str | None, calls: int, workers: int = 1) -> None:
-        self.ports = {name: free_port() for name in ("audio", "health", "web", "audiosocket")}
+        self.ports = loopback_ports()
         self.data_dir = tempfile.mkdtemp(prefix="stt-bench-")
         env = {
             **os.environ,
-            "STT_BRIDGE_SERVER_HOST": "127.0.0.1",
-            "STT_BRIDGE_SERVER_PORT": str(self.ports["audio"]),
-            "STT_BRIDGE_SERVER_HEALTH_PORT": str(self.ports["health"]),
-            "STT_BRIDGE_SERVER_WEB_PORT": str(self.ports["web"]),
-            "STT_BRIDGE_AUDIOSOCKET_HOST": "127.0.0.1",
-            "STT_BRIDGE_AUDIOSOCKET_PORT": str(self.ports["audiosocket"]),
+            **loopback_env(self.ports),
             "STT_BRIDGE_ENGINE_NAME": engine,
             "STT_BRIDGE_ENGINE_CAPACITY": str(max(16, calls + 10)),
             "STT_BRIDGE_SERVER_DRAIN_TIMEOUT_S": "1",

@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,18 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine.remote import LEAD_SILENCE_S  # noqa: E402
+from tests.e2e.server_process import loopback_env, loopback_ports  # noqa: E402
 from tests.speech import SENTENCES, phone_bytes  # noqa: E402
 
 FRAME_S = 0.02
 FRAME_BYTES = 160  # μ-law 8 kHz, 20 ms
 GAP_S = 1.5  # silence between sentences
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -61,16 +54,11 @@ class Server:
     """`stt-bridge serve` as a process; CPU counted with its children (decoder processes)."""
 
     def __init__(self, **env: str) -> None:
-        self.ports = {name: free_port() for name in ("audio", "health", "web", "audiosocket")}
+        self.ports = loopback_ports()
         self.data_dir = tempfile.mkdtemp(prefix="stt-bench-remote-")
         environ = {
             **os.environ,
-            "STT_BRIDGE_SERVER_HOST": "127.0.0.1",
-            "STT_BRIDGE_SERVER_PORT": str(self.ports["audio"]),
-            "STT_BRIDGE_SERVER_HEALTH_PORT": str(self.ports["health"]),
-            "STT_BRIDGE_SERVER_WEB_PORT": str(self.ports["web"]),
-            "STT_BRIDGE_AUDIOSOCKET_HOST": "127.0.0.1",
-            "STT_BRIDGE_AUDIOSOCKET_PORT": str(self.ports["audiosocket"]),
+            **loopback_env(self.ports),
             "STT_BRIDGE_SIP_ENABLED": "false",
             "STT_BRIDGE_SERVER_DRAIN_TIMEOUT_S": "1",
             "STT_BRIDGE_LOG_LEVEL": "warning",

@@ -43,18 +43,30 @@ def alive(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"  # a zombie has ended, only not been reaped
 
 
+def loopback_ports() -> dict[str, int]:
+    """A free loopback port for each of the service's listeners."""
+    return {name: free_port() for name in ("audio", "health", "web", "audiosocket")}
+
+
+def loopback_env(ports: dict[str, int]) -> dict[str, str]:
+    """The `STT_BRIDGE_*` variables that put every listener on 127.0.0.1 at `ports`."""
+    return {
+        "STT_BRIDGE_SERVER_HOST": "127.0.0.1",
+        "STT_BRIDGE_SERVER_PORT": str(ports["audio"]),
+        "STT_BRIDGE_SERVER_HEALTH_PORT": str(ports["health"]),
+        "STT_BRIDGE_SERVER_WEB_PORT": str(ports["web"]),
+        "STT_BRIDGE_AUDIOSOCKET_HOST": "127.0.0.1",
+        "STT_BRIDGE_AUDIOSOCKET_PORT": str(ports["audiosocket"]),
+    }
+
+
 class ServerProcess:
     def __init__(self, data_dir: Path, **env: str) -> None:
         self.log_to: Path | None = None  # set before start(): the file that gets its stderr
-        self.ports = {name: free_port() for name in ("audio", "health", "web", "audiosocket")}
+        self.ports = loopback_ports()
         self.env = {
             **os.environ,
-            "STT_BRIDGE_SERVER_HOST": "127.0.0.1",
-            "STT_BRIDGE_SERVER_PORT": str(self.ports["audio"]),
-            "STT_BRIDGE_SERVER_HEALTH_PORT": str(self.ports["health"]),
-            "STT_BRIDGE_SERVER_WEB_PORT": str(self.ports["web"]),
-            "STT_BRIDGE_AUDIOSOCKET_HOST": "127.0.0.1",
-            "STT_BRIDGE_AUDIOSOCKET_PORT": str(self.ports["audiosocket"]),
+            **loopback_env(self.ports),
             "STT_BRIDGE_ENGINE_NAME": "moonshine",
             "STT_BRIDGE_ENGINE_CACHE_DIR": str(MODEL_CACHE),
             "STT_BRIDGE_DATA_DIR": str(data_dir),

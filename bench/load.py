@@ -454,8 +454,49 @@ def quantile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
+def start_profiler(server: Server, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy on the server (every process of it), sampling for `seconds`: collapsed stacks
+    ("raw") in `out`, summarised by `print_profile`."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        print("--profile: py-spy is not installed (pip install py-spy)", file=sys.stderr)
+        return None
+    command = [py_spy, "record", "--pid", str(server.process.pid), "--subprocesses"]
+    command += ["--duration", str(max(1, int(seconds))), "--rate", "200", "--nonblocking"]
+    command += ["--format", "raw", "--output", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def print_profile(path: Path, top: int = 25) -> None:
+    """The profile's top lines: share of the samples in each function itself, and under it."""
+    own: dict[str, int] = {}
+    under: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        frames = stack.split(";")[1:]  # the first is the process
+        if not frames:
+            continue
+        total += n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            under[frame] = under.get(frame, 0) + n
+    print(f"\nprofile: {total} samples while busy ({path})")
+    for title, table in (("self", own), ("inclusive", under)):
+        print(f"\n| {title} % | function |\n|---|---|")
+        for frame, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"| {100 * n / max(1, total):.1f} | {frame} |")
+
+
 async def run(
-    name: str, calls: int, seconds: float, engine: str, cores: str | None, workers: int = 1
+    name: str,
+    calls: int,
+    seconds: float,
+    engine: str,
+    cores: str | None,
+    workers: int = 1,
+    profile: Path | None = None,
 ) -> dict[str, float | None]:
     server = Server(engine, cores, calls, workers)
     fe = front_end(name)
@@ -491,6 +532,7 @@ async def run(
         gc.collect()
         gc.disable()
         sampler = asyncio.create_task(sample())
+        profiler = None if profile is None else start_profiler(server, seconds * 0.8, profile)
         steady = asyncio.create_task(asyncio.sleep(seconds * 0.95))
         sending = asyncio.create_task(ticker(live, fe, results))
         await steady
@@ -500,6 +542,8 @@ async def run(
         starved = (server.run_queue_wait_s() - wait0) / wall
         await sending
         await sampler
+        if profiler is not None:
+            await asyncio.to_thread(profiler.wait)
         ends = [c.connection.done for c in live]
         if ends:
             _, pending = await asyncio.wait(ends, timeout=60)
@@ -583,6 +627,12 @@ def main() -> None:
         help="bisect for the most calls with zero late frames, up to max(--calls)",
     )
     parser.add_argument("--step", type=int, default=25, help="--find-max resolution (calls)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="py-spy the server during each run into this file (collapsed stacks) and print "
+        "its top lines (the last run's)",
+    )
     args = parser.parse_args()
     client = (
         {int(c) for c in args.client_cores.split(",")}
@@ -602,7 +652,9 @@ def main() -> None:
     print("|" + "|".join("-" * (len(title) + 2) for _, title, _ in COLUMNS) + "|")
 
     def measure(calls: int) -> dict[str, float | None]:
-        r = asyncio.run(run(args.front_end, calls, args.seconds, args.engine, core, args.workers))
+        r = asyncio.run(
+            run(args.front_end, calls, args.seconds, args.engine, core, args.workers, args.profile)
+        )
         cells = ["-" if r[key] is None else fmt.format(r[key]) for key, _, fmt in COLUMNS]
         print("| " + " | ".join(cells) + " |", flush=True)
         return r
@@ -610,6 +662,8 @@ def main() -> None:
     if not args.find_max:
         for calls in args.calls:
             measure(calls)
+        if args.profile is not None and args.profile.exists():
+            print_profile(args.profile)
         return
     # Bisect, in steps of --step calls, for the most calls with no late frame at all.
     low, high = 0, max(args.calls) // args.step

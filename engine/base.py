@@ -169,6 +169,7 @@ class EngineStream(abc.ABC):
         self.stats = StreamStats()
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[EngineEvent | _Settled] = asyncio.Queue()
+        self._consumer_waiting = False  # events() waits on an empty queue: all handled
         self._pending: deque[PcmArray] = deque()
         self._pending_samples = 0
         self._max_pending = int(max_buffer_s * sample_rate)
@@ -247,7 +248,11 @@ class EngineStream(abc.ABC):
         `settled_samples` moves, every event before that point has been handled.
         """
         while True:
-            item = await self._events.get()
+            self._consumer_waiting = True
+            try:
+                item = await self._events.get()
+            finally:
+                self._consumer_waiting = False
             if isinstance(item, _Settled):
                 self._advance_settled(item.samples)
                 continue
@@ -353,6 +358,11 @@ class EngineStream(abc.ABC):
         if self._closed:
             return
         self.progress += 1
+        if isinstance(event, _Settled) and self._consumer_waiting and self._events.empty():
+            # Every event before it has been handled: no need to wake the consumer for it
+            # (engines settle every step, 12.5 times a second per stream).
+            self._advance_settled(event.samples)
+            return
         if isinstance(event, Closed):
             self._closed = True
         self._events.put_nowait(event)

@@ -242,7 +242,8 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
         status = rejection_for(refusal).http_status
         return web.json_response({"error": "unavailable", "reason": reason}, status=status)
 
-    ws = open_websocket(request, protocols=(SUBPROTOCOL,))  # Asterisk offers no extension
+    # Asterisk offers no extension
+    ws = open_websocket(request, protocols=(SUBPROTOCOL,), read_by_messages=True)
     await ws.prepare(request)
     codec = AsteriskMediaCodec(hub.engine.sample_rate)
     call: Call | None = None

@@ -116,7 +116,7 @@ HUB: Final = web.AppKey("audio_fork_hub", CallHub)
 
 
 async def handle_fork(request: web.Request) -> web.StreamResponse:
-    ws = open_websocket(request, protocols=(SUBPROTOCOL,))
+    ws = open_websocket(request, protocols=(SUBPROTOCOL,), read_by_messages=True)
     await ws.prepare(request)
     hub = request.app[HUB]
     path_id = request.match_info.get("call_id")

@@ -28,7 +28,7 @@ from engine.base import BridgeError, Closed, EngineEvent, event_to_json
 from telephony import audio_fork
 from telephony.audio import PcmArray, ResampleStream, deinterleave, pcm16_decode
 from telephony.errors import ProtocolError, rejection_for
-from telephony.limits import clean_labels, limits_of, messages, parse_json
+from telephony.limits import clean_labels, heartbeat_for, limits_of, messages, parse_json
 from telephony.session import Call, CallHub
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,9 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB]
     # libwsc offers permessage-deflate; declining it is allowed and keeps frames plain.
     size = limits_of(request).websocket_max_message_bytes
-    ws = web.WebSocketResponse(heartbeat=30.0, compress=False, max_msg_size=size)
+    ws = web.WebSocketResponse(
+        heartbeat=heartbeat_for(request, True), compress=False, max_msg_size=size
+    )
     await ws.prepare(request)
     path_id = request.match_info.get("call_id")
     loop = asyncio.get_running_loop()

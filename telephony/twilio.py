@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-import numpy as np
 from aiohttp import WSMsgType, web
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Start, VoiceResponse
 
 from engine.base import BridgeError
-from telephony.audio import ResampleStream, ulaw_decode
+from telephony.audio import AudioDecoder, Encoding
 from telephony.config import TwilioConfig
 from telephony.errors import ProtocolError, rejection_for
 from telephony.limits import messages, open_websocket, parse_json
@@ -45,6 +44,7 @@ GAP_TOLERANCE_SAMPLES: Final = 160
 # A jump beyond this (10 s, as RTP's) is a clock reset or a hostile timestamp, not loss: the
 # timeline resynchronises instead of allocating the gap as silence.
 MAX_GAP_SAMPLES: Final = 10 * RATE
+ULAW_SILENCE: Final = b"\xff"  # μ-law code of 0
 DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 
 
@@ -262,32 +262,37 @@ class _Legs:
 
     def __init__(self, call: Call) -> None:
         self.call = call
-        self._resamplers = {leg: ResampleStream(RATE, call.sample_rate) for leg in call.legs}
+        self._decoders = {
+            leg: AudioDecoder(Encoding.MULAW, RATE, call.sample_rate) for leg in call.legs
+        }
         self._samples = dict.fromkeys(call.legs, 0)
 
     def media(self, event: Media) -> None:
         leg = LEG_OF_TRACK[event.track]
-        if leg not in self._resamplers:
+        decoder = self._decoders.get(leg)
+        if decoder is None:
             return  # a track the start message did not announce
-        pcm = ulaw_decode(event.payload)
+        payload = event.payload
         at = event.timestamp_ms * RATE // 1000
         gap = at - self._samples[leg]
         if gap > MAX_GAP_SAMPLES:
             self._samples[leg] = at  # a clock jump: resynchronise, allocate nothing
         elif gap > GAP_TOLERANCE_SAMPLES:
-            pcm = np.concatenate([np.zeros(gap, dtype=np.int16), pcm])
-        self._samples[leg] += len(pcm)
-        self.call.leg(leg).push(self._resamplers[leg].process(pcm))
+            payload = ULAW_SILENCE * gap + payload
+        self._samples[leg] += len(payload)  # a μ-law byte is a sample
+        pcm = decoder.feed(payload)
+        if len(pcm):
+            self.call.leg(leg).push(pcm)
 
     def dtmf(self, digit: str) -> None:
         # Twilio reports keys on the inbound track; an outbound-only stream has only the
         # agent's leg, which then carries them.
         leg = "caller" if "caller" in self.call.legs else next(iter(self.call.legs))
-        self.call.leg(leg).dtmf(digit, self._resamplers[leg].seconds_in)
+        self.call.leg(leg).dtmf(digit, self._decoders[leg].seconds_in)
 
     def flush(self) -> None:
-        for leg, resampler in self._resamplers.items():
-            self.call.leg(leg).push(resampler.flush())
+        for leg, decoder in self._decoders.items():
+            self.call.leg(leg).push(decoder.flush())
 
 
 async def handle_media(request: web.Request) -> web.StreamResponse:
@@ -302,7 +307,7 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
                 extra={"front_end": FRONT_END, "remote": request.remote},
             )
             return web.Response(status=403, text="invalid X-Twilio-Signature")
-    ws = open_websocket(request)
+    ws = open_websocket(request, read_by_messages=True)
     await ws.prepare(request)
     codec = TwilioMediaCodec()
     call: Call | None = None

@@ -179,7 +179,7 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
 async def _serve(request: web.Request, params: ListenParams) -> web.StreamResponse:
     hub = request.app[HUB]
     codec = ListenCodec(params, hub.engine.sample_rate)
-    ws = open_websocket(request)
+    ws = open_websocket(request, read_by_messages=True)
     await ws.prepare(request)
 
     async def reply(leg: str, event: EngineEvent) -> None:

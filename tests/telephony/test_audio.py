@@ -115,3 +115,35 @@ def test_decoder_turns_8k_ulaw_into_24k() -> None:
 def test_decoder_rejects_unsupported_rate() -> None:
     with pytest.raises(ValueError, match="sample rate"):
         AudioDecoder(Encoding.PCM16, 11025, 24000)
+
+
+@pytest.mark.parametrize("encoding", [Encoding.MULAW, Encoding.PCM16])
+def test_decoder_batches_bytes_into_the_same_samples_as_decoding_then_resampling(
+    encoding: Encoding,
+) -> None:
+    """The decoder gathers wire bytes in 80 ms batches before decoding: the result is what
+    decoding every byte and resampling the samples gives, however the packets were cut (a
+    16-bit sample split between packets included)."""
+    rng = np.random.default_rng(7)
+    pcm = (np.sin(np.arange(8000) * 0.07) * 9000 + rng.normal(0, 500, 8000)).astype(np.int16)
+    wire = audio.ulaw_encode(pcm) if encoding is Encoding.MULAW else audio.pcm16_encode(pcm)
+    reference = AudioDecoder(encoding, 8000, 16000).decode(wire)
+    expected = audio.resample_whole(reference, 8000, 16000)
+    decoder = AudioDecoder(encoding, 8000, 16000)
+    cuts = np.cumsum(rng.integers(1, 400, size=200))
+    pieces = np.split(np.frombuffer(wire, dtype=np.uint8), cuts[cuts < len(wire)])
+    out = [decoder.feed(piece.tobytes()) for piece in pieces]
+    got = np.concatenate([*out, decoder.flush()])
+    assert len(got) == len(expected) == 16000
+    assert np.abs(got.astype(int) - expected).max() <= 1
+
+
+def test_decoder_counts_the_batch_it_is_still_gathering() -> None:
+    """`seconds_in` (DTMF timing) is the wire position, not what has been resampled."""
+    decoder = AudioDecoder(Encoding.MULAW, 8000, 16000)
+    assert len(decoder.feed(b"\xff" * 160)) == 0  # 20 ms: the batch is not whole yet
+    assert decoder.seconds_in == pytest.approx(0.02)
+    for _ in range(3):
+        decoder.feed(b"\xff" * 160)
+    assert decoder.seconds_in == pytest.approx(0.08)
+    assert len(decoder.flush()) > 0

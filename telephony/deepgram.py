@@ -32,7 +32,7 @@ from engine.base import BridgeError, Closed, EndOfTurn, EngineEvent, Partial, Se
 from telephony.audio import WIRE_RATES, AudioDecoder, Encoding, PcmArray, ResampleStream
 from telephony.audio import deinterleave as split_channels
 from telephony.errors import ProtocolError, rejection_for
-from telephony.limits import limits_of, open_websocket, parse_json
+from telephony.limits import limits_of, messages, open_websocket, parse_json
 from telephony.session import Call, CallHub
 
 log = logging.getLogger(__name__)
@@ -628,7 +628,7 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB]
     codec = DeepgramCodec(params, hub.engine.sample_rate, request_id, _model_info(hub))
     # Browsers send the key as `Sec-WebSocket-Protocol: token, KEY`: select `token`.
-    ws = open_websocket(request, protocols=("token",))
+    ws = open_websocket(request, protocols=("token",), read_by_messages=True)
     ws.headers.update(headers)
     if not ws.can_prepare(request).ok:  # not a WebSocket upgrade: no call to open
         description = "a WebSocket upgrade is required"
@@ -677,11 +677,12 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
         )
     # The operator's idle limit applies too, when it is shorter than Deepgram's 10 s.
     idle_s = min(IDLE_TIMEOUT_S, limits_of(request).idle_timeout_s)
-    await _serve(ws, call, codec, send, idle_s)
+    await _serve(request, ws, call, codec, send, idle_s)
     return ws
 
 
 async def _serve(
+    request: web.Request,
     ws: web.WebSocketResponse,
     call: Call,
     codec: DeepgramCodec,
@@ -707,15 +708,15 @@ async def _serve(
         for leg, stream in zip(legs, streams, strict=True):
             await send(codec.finalized(leg, stream.settled_samples / stream.sample_rate))
 
+    async def idle() -> None:
+        nonlocal reason, close_code, close_reason
+        reason = "idle timeout"
+        close_code = WSCloseCode.INTERNAL_ERROR
+        close_reason = f"NET-0001: no audio or message received for {idle_s:g} s"
+        await ws.close(code=close_code, message=close_reason.encode()[:120])
+
     try:
-        while True:
-            try:
-                msg = await ws.receive(timeout=idle_s)
-            except TimeoutError:
-                reason = "idle timeout"
-                close_code = WSCloseCode.INTERNAL_ERROR
-                close_reason = f"NET-0001: no audio or message received for {idle_s:g} s"
-                break
+        async for msg in messages(ws, request, idle_s, idle):
             if msg.type == WSMsgType.BINARY:
                 if not msg.data:  # the old protocol's end of audio
                     reason, close_stream = "client CloseStream", True
@@ -745,9 +746,8 @@ async def _serve(
                 elif isinstance(message, Configure):
                     await send([codec.configure_failure()])
                 # KeepAlive: receiving it was the point
-            else:  # CLOSE, CLOSING, CLOSED, ERROR
-                if msg.type == WSMsgType.ERROR:
-                    reason = f"connection error: {ws.exception()}"
+            elif msg.type == WSMsgType.ERROR:
+                reason = f"connection error: {ws.exception()}"
                 break
     finally:
         if close_code != WSCloseCode.OK and not ws.closed:

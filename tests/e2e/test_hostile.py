@@ -540,3 +540,26 @@ async def test_a_lone_surrogate_quoted_in_a_refusal_is_escaped(
     assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1007, msg
     assert "\\ud800" in str(msg.extra)
     assert not [r for r in caplog.records if r.exc_info], "no traceback"
+
+
+async def test_audiosocket_call_gone_silent_is_hung_up_and_ended(
+    start_service: ServiceFactory,
+) -> None:
+    """A live AudioSocket call whose peer stops sending gets the protocol's hangup once
+    `idle_timeout_s` passes with nothing received, and its call ends."""
+    service = await start_service(sink_config(handshake_timeout_s=0.5, idle_timeout_s=1.0))
+    call_id = uuid.uuid4()
+    async with watch_events(service) as events:
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.ports["audiosocket"])
+        writer.write(AudioSocketCodec.encode_uuid(call_id))
+        for _ in range(10):  # 200 ms of audio, then nothing
+            writer.write(AudioSocketCodec.encode_audio(b"\x00\x00" * 160))
+        await writer.drain()
+        started = time.monotonic()
+        answer = await asyncio.wait_for(reader.read(), 8)  # until the server closes
+        waited = time.monotonic() - started
+        writer.close()
+        ended = await events.wait_ended(1, timeout=8)
+    assert answer == AudioSocketCodec.encode_hangup()
+    assert 0.9 < waited < 4  # the idle limit, not the 0.5 s handshake limit, once identified
+    assert "nothing received for 1 s" in ended[str(call_id)]["reason"]

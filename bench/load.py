@@ -37,8 +37,8 @@ What it reports, per run:
 
 - CPU per frame: the bridge's CPU time (every process of it) over the 20 ms frames the calls
   sent meanwhile, in µs: on a shared machine the steady figure, when late frames are noise.
-    front ends: ws (raw 24 kHz on /), stream (μ-law 8 kHz on /v1/stream), audiosocket, twilio,
-    freeswitch. AudioSocket has no ping: its latency columns are empty; loop lag still applies.
+    front ends: ws (raw 24 kHz on /), stream (μ-law 8 kHz on /v1/stream), deepgram (μ-law
+    8 kHz on /v1/listen), audiosocket, twilio, freeswitch. AudioSocket has no ping: its latency columns are empty; loop lag still applies.
 """
 
 from __future__ import annotations
@@ -308,6 +308,13 @@ def front_end(name: str) -> FrontEnd:
             ws_frame(BINARY, b"\xff" * 160),
             ws_frame(TEXT, b'{"type":"stop"}'),
         )
+    if name == "deepgram":
+        return FrontEnd(
+            "audio",
+            "/v1/listen?encoding=mulaw&sample_rate=8000",
+            ws_frame(BINARY, b"\xff" * 160),
+            ws_frame(TEXT, b'{"type":"CloseStream"}'),
+        )
     if name == "twilio":
         payload = base64.b64encode(b"\xff" * 160).decode()
 
@@ -334,7 +341,7 @@ def front_end(name: str) -> FrontEnd:
     raise ValueError(name)
 
 
-FRONT_ENDS = ("ws", "stream", "audiosocket", "twilio", "freeswitch")
+FRONT_ENDS = ("ws", "stream", "deepgram", "audiosocket", "twilio", "freeswitch")
 
 
 def hello(fe: FrontEnd, name: str, port: int) -> tuple[bytes, bytes]:

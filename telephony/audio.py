@@ -115,6 +115,8 @@ def pcm16_encode(pcm: PcmArray) -> bytes:
 
 def deinterleave(pcm: PcmArray, channels: int) -> list[PcmArray]:
     """Split interleaved samples into one array per channel (drops a trailing partial frame)."""
+    if channels == 1:
+        return [pcm]
     usable = len(pcm) - len(pcm) % channels
     frames = pcm[:usable].reshape(-1, channels)
     return [np.ascontiguousarray(frames[:, c]) for c in range(channels)]

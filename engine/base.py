@@ -92,6 +92,11 @@ ENGINE_LOST: Final = "engine_lost"
 """`Closed` reason of a stream whose engine went away mid-call (a remote engine node died): the
 words before it are kept, and the call ends with this reason (telephony/session.py)."""
 
+ENGINE_FULL: Final = "engine_full"
+"""`Closed` reason of a stream no engine node would take after all (a remote engine: every
+node it tried said "no free channels", though their last probe showed room). The front end
+answers as it answers a full engine at the start (telephony/errors.py)."""
+
 
 EngineEvent = Word | Partial | EndOfTurn | Segment | Closed
 

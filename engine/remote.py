@@ -50,6 +50,7 @@ import numpy as np
 import numpy.typing as npt
 
 from engine.base import (
+    ENGINE_FULL,
     ENGINE_LOST,
     Closed,
     EndOfTurn,
@@ -71,7 +72,6 @@ SAMPLE_RATE: Final = 24000  # the protocol's only rate
 FRAME_SIZE: Final = 1920  # 80 ms: what Kyutai's clients send per message, one model step
 DEFAULT_PATH: Final = "/api/asr-streaming"
 NO_FREE_CHANNELS: Final = "no free channels"
-ENGINE_FULL: Final = "engine_full"  # Closed reason: every node refused the stream
 FLUSH_TIMEOUT: Final = "engine_timeout"  # Closed reason: the closing flush never came back
 # Sent first, as Kyutai's clients send 1 s ("needed for the 2.6B model"); 12 whole model frames,
 # which is also 30 whole 32 ms VAD windows at 16 kHz (a Moonshine node cuts the same as without).

@@ -24,7 +24,7 @@ from aiohttp import WSMsgType, web
 
 from engine.base import BridgeError, EngineFull
 from telephony.audio import AudioDecoder, Encoding, PcmArray
-from telephony.errors import ProtocolError, rejection_for
+from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
 from telephony.limits import CALL_ID_MAX_CHARS, clean_labels, messages, open_websocket, parse_json
 from telephony.session import Call, CallHub, Draining
 
@@ -269,6 +269,8 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
                 pcm = codec.receive_audio(msg.data)
                 if call is not None:
                     call.leg("caller").push(pcm)
+                    if call.ended:  # by the engine (a lost engine node)
+                        break
             elif msg.type == WSMsgType.ERROR:
                 reason = f"connection error: {ws.exception()}"
                 break
@@ -285,7 +287,8 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
             call.leg("caller").push(codec.end_of_audio())
             await asyncio.shield(call.end(reason))
         if not ws.closed:
-            await ws.close()
+            code, message = ws_close_at_end(call)
+            await ws.close(code=code, message=message)
     return ws
 
 

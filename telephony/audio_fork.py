@@ -24,7 +24,7 @@ from aiohttp import WSMsgType, web
 
 from engine.base import BridgeError, EngineEvent, event_to_json
 from telephony.audio import PcmArray, ResampleStream, deinterleave, pcm16_decode
-from telephony.errors import ProtocolError, rejection_for
+from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
 from telephony.limits import messages, open_websocket, parse_json
 from telephony.session import Call, CallHub
 
@@ -161,6 +161,8 @@ async def handle_fork(request: web.Request) -> web.StreamResponse:
                     break
                 for leg, pcm in zip(codec.format.legs, codec.receive_audio(msg.data), strict=True):
                     call.leg(leg).push(resamplers[leg].process(pcm))
+                if call.ended:  # by the engine (a lost engine node)
+                    break
     except BridgeError as exc:
         log.warning("freeswitch fork refused: %s", exc, extra={"front_end": FRONT_END})
         reason = f"rejected: {exc}"
@@ -171,7 +173,8 @@ async def handle_fork(request: web.Request) -> web.StreamResponse:
         if call is not None:
             await call.end_flushing(resamplers, reason)
         if not ws.closed:
-            await ws.close()
+            code, message = ws_close_at_end(call)
+            await ws.close(code=code, message=message)
     return ws
 
 

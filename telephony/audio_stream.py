@@ -27,7 +27,7 @@ from aiohttp import WSMsgType, web
 from engine.base import BridgeError, Closed, EngineEvent, event_to_json
 from telephony import audio_fork
 from telephony.audio import PcmArray, ResampleStream, deinterleave, pcm16_decode
-from telephony.errors import ProtocolError, rejection_for
+from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
 from telephony.limits import clean_labels, heartbeat_for, limits_of, messages, parse_json
 from telephony.session import Call, CallHub
 
@@ -192,6 +192,8 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
                     held.clear()
                 else:
                     push(msg.data)
+                if call.ended:  # by the engine (a lost engine node)
+                    break
             elif msg.type == WSMsgType.ERROR:
                 reason = f"connection error: {ws.exception()}"
                 break
@@ -211,7 +213,8 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
         if call is not None:
             await call.end_flushing(resamplers, reason)
         if not ws.closed:
-            await ws.close()
+            code, message = ws_close_at_end(call)
+            await ws.close(code=code, message=message)
     return ws
 
 

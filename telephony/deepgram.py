@@ -31,7 +31,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from engine.base import BridgeError, Closed, EndOfTurn, EngineEvent, Partial, Segment, Word
 from telephony.audio import WIRE_RATES, AudioDecoder, Encoding, PcmArray, ResampleStream
 from telephony.audio import deinterleave as split_channels
-from telephony.errors import ProtocolError, rejection_for
+from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
 from telephony.limits import limits_of, messages, open_websocket, parse_json
 from telephony.session import Call, CallHub
 
@@ -723,6 +723,10 @@ async def _serve(
                     break
                 for leg, pcm in zip(codec.legs, codec.receive_audio(msg.data), strict=True):
                     call.leg(leg).push(pcm)
+                if call.ended:  # by the engine (a lost engine node)
+                    reason = call.engine_reason
+                    close_code, close_reason = ws_close_at_end(call)[0], call.engine_reason
+                    break
             elif msg.type == WSMsgType.TEXT:
                 try:
                     message = parse_client_message(msg.data)

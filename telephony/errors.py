@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from engine.base import BridgeError, EngineFull, EngineUnavailable
-from telephony.session import Draining, DuplicateCall
+from engine.base import ENGINE_FULL, ENGINE_LOST, BridgeError, EngineFull, EngineUnavailable
+from telephony.session import Call, Draining, DuplicateCall
 
 
 class ProtocolError(BridgeError):
@@ -55,3 +55,22 @@ def rejection_for(exc: BaseException) -> Rejection:
         if kind in REJECTIONS:
             return REJECTIONS[kind]
     return _UNKNOWN
+
+
+# Calls the engine itself ended (a remote engine): the rejection each end stands for. A stream
+# no node would take after all is answered as a full engine at the start would have been; a
+# lost node's calls are told to try again (new calls go to the nodes left).
+ENGINE_ENDS: Final[dict[str, type[BridgeError]]] = {
+    ENGINE_FULL: EngineFull,
+    ENGINE_LOST: EngineUnavailable,
+}
+
+
+def ws_close_at_end(call: Call | None) -> tuple[int, bytes]:
+    """A WebSocket front end's close code and reason once its call is over: 1000, or the
+    rejection of the engine's own end of the call (`ENGINE_ENDS`)."""
+    reason = call.engine_reason if call is not None else ""
+    kind = ENGINE_ENDS.get(reason)
+    if kind is None:
+        return 1000, b""
+    return REJECTIONS[kind].ws_close, reason.encode()

@@ -29,7 +29,7 @@ from twilio.twiml.voice_response import Start, VoiceResponse
 from engine.base import BridgeError
 from telephony.audio import AudioDecoder, Encoding
 from telephony.config import TwilioConfig
-from telephony.errors import ProtocolError, rejection_for
+from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
 from telephony.limits import messages, open_websocket, parse_json
 from telephony.session import Call, CallHub
 
@@ -328,6 +328,8 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
                 legs = _Legs(call)
             elif isinstance(event, Media) and legs is not None:
                 legs.media(event)
+                if legs.call.ended:  # by the engine (a lost engine node)
+                    break
             elif isinstance(event, DtmfDigit) and legs is not None:
                 legs.dtmf(event.digit)
             elif isinstance(event, StreamStopped):
@@ -345,7 +347,8 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
         if call is not None:
             await asyncio.shield(call.end(reason))
         if not ws.closed:
-            await ws.close()
+            code, message = ws_close_at_end(call)
+            await ws.close(code=code, message=message)
     return ws
 
 

@@ -26,11 +26,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSMsgType, web
 
-from engine.base import BridgeError, EngineEvent, event_to_json
+from engine.base import BridgeError, Closed, EngineEvent, event_to_json
 from telephony.audio import SUPPORTED_RATES, AudioDecoder, Encoding, PcmArray
-from telephony.errors import ProtocolError, rejection_for
+from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
 from telephony.limits import messages, open_websocket, parse_json
 from telephony.session import CallHub, Session
 
@@ -184,6 +184,11 @@ async def _serve(request: web.Request, params: ListenParams) -> web.StreamRespon
 
     async def reply(leg: str, event: EngineEvent) -> None:
         await ws.send_str(codec.encode_event(event))
+        if isinstance(event, Closed) and call.engine_reason:
+            # The engine ended the call (a lost node): say so now, not at the client's next
+            # frame (a client waiting for words may send none).
+            code, message = ws_close_at_end(call)
+            await ws.close(code=code, message=message)
 
     labels = {"encoding": params.encoding.value, "sample_rate": str(params.sample_rate)}
     if request.remote:
@@ -220,7 +225,8 @@ async def _serve(request: web.Request, params: ListenParams) -> web.StreamRespon
         # Shielded: a cancelled handler (server shutdown) must still flush the transcript.
         await asyncio.shield(call.end(reason))
         if not ws.closed:
-            await ws.close(code=WSCloseCode.OK)
+            code, message = ws_close_at_end(call)
+            await ws.close(code=code, message=message)
     return ws
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
+from aiohttp import WSMsgType
 
 from api.app import Service
 from engine.config import EngineConfig
@@ -57,9 +58,11 @@ async def call(
     pace_s: float = 0.0,
     call_id: str | None = None,
     finalize: bool = False,
+    close_codes: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """`/v1/stream` at 24 kHz in 20 ms frames (then `Finalize`, waiting for `finalized`), then
-    stop: every message until `closed`."""
+    stop: every message until `closed` (and the close code the server gave into
+    `close_codes`)."""
     query = f"?sample_rate={RATE}" + (f"&call_id={call_id}" if call_id else "")
     url = f"ws://127.0.0.1:{front.ports['audio']}/v1/stream{query}"
     messages: list[dict[str, Any]] = []
@@ -86,6 +89,12 @@ async def call(
         if not receiver.done():
             await ws.send_str(json.dumps({"type": "stop"}))
         await asyncio.wait_for(receiver, 60)
+        if close_codes is not None:
+            closing = await ws.receive(timeout=10)
+            while closing.type == WSMsgType.TEXT:
+                closing = await ws.receive(timeout=10)
+            assert closing.type == WSMsgType.CLOSE, closing
+            close_codes.append(closing.data)  # the server's close frame
     return messages
 
 
@@ -245,8 +254,10 @@ async def test_moshi_server_nodes_refusing_no_free_channels(
         # Both full, unknown to the front end: the call is taken, then ends engine_full.
         busy += [await occupy(http, big.ports["audio"]) for _ in range(2)]
         await asyncio.sleep(PROBE_S * 2)  # the probe clears what refusals taught it
-        messages = await call(front, pcm[: RATE // 2], call_id="all-full")
+        codes: list[int] = []
+        messages = await call(front, pcm[: RATE // 2], call_id="all-full", close_codes=codes)
         assert messages[-1] == {"type": "closed", "reason": "engine_full"}
+        assert codes == [1013]  # as a full engine at the start: try again later
         stored = await get_json(f"http://127.0.0.1:{front.ports['audio']}/v1/calls/all-full")
         assert (stored["status"], stored["reason"]) == ("ended", "engine_full")
         for ws in busy:
@@ -301,7 +312,10 @@ async def test_a_node_killed_mid_call(
     first, second = sentence(0), sentence(3)
     gap = np.zeros(RATE * 3, dtype=np.int16)
     audio = np.concatenate([first, gap, second])
-    talking = asyncio.create_task(call(front, audio, pace_s=0.02, call_id="doomed"))
+    codes: list[int] = []
+    talking = asyncio.create_task(
+        call(front, audio, pace_s=0.02, call_id="doomed", close_codes=codes)
+    )
     # Wait for the first sentence's words, then kill the node that carries the call.
     events = f"http://127.0.0.1:{front.ports['audio']}/v1/calls/doomed/transcript"
 
@@ -317,6 +331,7 @@ async def test_a_node_killed_mid_call(
     node_processes[carrier].kill()
     messages = await asyncio.wait_for(talking, 30)
     assert messages[-1] == {"type": "closed", "reason": "engine_lost"}
+    assert codes == [1013]  # try again: a new call goes to the node left
     kept = words(messages)  # the utterances the node finished before it died
     offline = await offline_of(node_processes[1 - carrier], first, tmp_path)
     assert 0 < len(kept) < len(offline)

@@ -296,8 +296,9 @@ class EngineStream(abc.ABC):
         if not self._pending:
             return np.zeros(0, dtype=np.int16)
         if max_samples is None or self._pending_samples <= max_samples:
-            out = np.concatenate(self._pending)
-            self._pending.clear()
+            pending = self._pending
+            out = pending[0] if len(pending) == 1 else np.concatenate(pending)
+            pending.clear()
         else:
             parts: list[PcmArray] = []
             need = max_samples

@@ -289,5 +289,5 @@ class AudioDecoder:
         del pending[:usable]
         table = _DECODE_FLOAT.get(self.encoding)
         if table is not None:
-            return table[np.frombuffer(data, dtype=np.uint8)]
+            return np.take(table, np.frombuffer(data, dtype=np.uint8))
         return np.frombuffer(data, dtype="<i2").astype(np.float32)

@@ -26,6 +26,8 @@ What it reports, per run:
   `waited for CPU`: the share of that time the bridge's event loop was ready to run but the core
   was busy with another process (noise from a shared machine: with it above a few %, the
   latency columns measure the neighbours, not the bridge).
+- client CPU: share of one core this client used meanwhile (what the calls' senders cost: on
+  a machine of two cores, the bridge has what the client leaves).
 - memory: RSS growth per call once every call is up, and its growth per call over the rest of
   the run (flat = no leak; run long with `--seconds 300`).
 - server loop lag p99: the bridge's own event-loop lag histogram (`/metrics`), bucket bound.
@@ -37,8 +39,10 @@ What it reports, per run:
 
 - CPU per frame: the bridge's CPU time (every process of it) over the 20 ms frames the calls
   sent meanwhile, in µs: on a shared machine the steady figure, when late frames are noise.
-    front ends: ws (raw 24 kHz on /), stream (μ-law 8 kHz on /v1/stream), deepgram (μ-law
-    8 kHz on /v1/listen), audiosocket, twilio, freeswitch. AudioSocket has no ping: its latency columns are empty; loop lag still applies.
+
+front ends: ws (raw 24 kHz on /), stream (μ-law 8 kHz on /v1/stream), deepgram (μ-law 8 kHz
+on /v1/listen), audiosocket, twilio, freeswitch. AudioSocket has no ping: its latency columns
+are empty; loop lag still applies.
 """
 
 from __future__ import annotations
@@ -525,6 +529,7 @@ async def run(
         await asyncio.sleep(0.5)  # every call started on the bridge
         rss_up = server.rss_kib()
         cpu0, wall0, wait0 = server.cpu_seconds(), time.monotonic(), server.run_queue_wait_s()
+        client0 = time.process_time()
         kernel0 = server.cpu_split()[1]
         rss_samples: list[int] = []
 
@@ -545,6 +550,7 @@ async def run(
         await steady
         wall = time.monotonic() - wall0
         cpu = (server.cpu_seconds() - cpu0) / wall
+        client_cpu = (time.process_time() - client0) / wall
         kernel = (server.cpu_split()[1] - kernel0) / wall
         starved = (server.run_queue_wait_s() - wait0) / wall
         await sending
@@ -575,6 +581,7 @@ async def run(
         "us_per_frame": 1e6 * cpu * FRAME_S / calls,
         "kernel_pct": 100 * kernel,
         "starved_pct": 100 * starved,
+        "client_cpu_pct": 100 * client_cpu,
         "kib_per_call": (rss_up - rss_idle) / calls,
         "growth_kib_per_call": (rss_samples[1] - rss_samples[0]) / calls,
         "push_p50_ms": None if ping_p50 is None else 1000 * ping_p50,
@@ -602,6 +609,7 @@ COLUMNS = (
     ("cpu_per_call_pct", "CPU %/call", "{:.3f}"),
     ("us_per_frame", "CPU µs/frame", "{:.1f}"),
     ("starved_pct", "waited for CPU %", "{:.1f}"),
+    ("client_cpu_pct", "client CPU %", "{:.1f}"),
     ("kib_per_call", "KiB/call", "{:.1f}"),
     ("growth_kib_per_call", "growth KiB/call", "{:.2f}"),
     ("push_p50_ms", "frame→push p50 ms", "{:.2f}"),

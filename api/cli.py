@@ -154,14 +154,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stt-bridge: config: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.log.level, config.log.json)
-    if args.command == "serve" and config.server.workers != 1:
-        from api.workers import supervise
-
-        return run_loop(supervise(config))  # worker processes and an engine process (README)
     if args.command == "serve":
+        from api import workers
+
+        problem = workers.devices_problem(config.engine)
+        if problem:
+            print(f"stt-bridge: config: {problem}", file=sys.stderr)
+            return 2
+        if workers.supervised(config):  # workers, or several engine.devices
+            return run_loop(workers.supervise(config))  # worker and engine processes (README)
         from api.app import run
 
-        return run_loop(run(config))  # 70: the engine failed, restart the service
+        # 70: the engine failed, restart the service
+        return run_loop(run(workers.single_process_config(config)))
     return run_loop(_transcribe(config, args))
 
 

@@ -3,13 +3,16 @@ the model runs in a process of its own, so one model (one GPU) serves every work
 
 `stt-bridge serve` with `server.workers != 1` (0: one per core) is the supervisor. Its children:
 
-- the engine process (`python -m api.workers engine DIR PORT`): the configured engine behind
+- the engine processes (`python -m api.workers engine DIR PORT I`), one per `engine.devices`
+  entry (none: one, on `engine.device`): the configured engine on that device behind
   `/api/asr-streaming` (telephony/moshi_asr.py, moshi-server's protocol) and `/info` (its free
-  slots) on a loopback port, nothing else; streams need a random key made at start. Kyutai on
-  one GPU thus steps every call of every worker in one batch. Engines that own no model (`sink`)
-  run inside each worker instead, and with `engine.name = "remote"` the workers use its nodes.
-- worker k (`python -m api.workers worker DIR K PORT`): the whole service (api/app.py) with
-  `engine.name = "remote"` pointed at the engine process (engine/remote.py), node id
+  slots, device, pid) on a loopback port, nothing else; streams need a random key made at start.
+  Kyutai on one GPU thus steps every call of every worker in one batch. Engines that own no
+  model (`sink`) run inside each worker instead, and with `engine.name = "remote"` the workers
+  use its nodes. Moonshine takes no `devices`: its one process already decodes on every core.
+- worker k (`python -m api.workers worker DIR K`): the whole service (api/app.py) with
+  `engine.name = "remote"` pointed at every engine process (engine/remote.py: each call to the
+  one with the most free slots; each node's URL says its device, `?device=cuda:0`), node id
   `<node_id>/w<k>`, every TCP port (audio/API, health, web, AudioSocket) bound with SO_REUSEPORT:
   the kernel spreads connections across workers. SIP (UDP, a dialog and its RTP in one
   process) runs in worker 0 only; the others do not bind it.
@@ -18,12 +21,16 @@ the model runs in a process of its own, so one model (one GPU) serves every work
   (`/v1/events`, `/v1/calls/{id}/events`, via `EventBus.relay`), so any connection sees every
   call. On PostgreSQL (`data.url`) api/cluster.py relays between workers as between nodes.
 
+`/metrics`, whichever worker answers, is the node's: every child writes its counters, gauges and
+histograms to prometheus_client's multiprocess files in DIR/metrics (PROMETHEUS_MULTIPROC_DIR),
+the supervisor marks a child that exits dead there, and api/metrics.py serves their sum.
+
 The store: each worker writes its own calls to the one SQLite file (WAL; writers take turns
 under SQLite's lock), and the outbox claim is one atomic UPDATE, so each webhook goes out once.
 The supervisor migrates the file and marks calls a previous run left live before any worker
 opens it. A worker that dies is started again; at its start it marks only its own calls left
 live `interrupted` (their words stay), and the relay tells the other workers those calls ended.
-SIGTERM to the supervisor: every worker drains its calls, then the engine process stops.
+SIGTERM to the supervisor: every worker drains its calls, then the engine processes stop.
 """
 
 from __future__ import annotations
@@ -44,16 +51,19 @@ import socket
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
 
 from aiohttp import web
+from prometheus_client.multiprocess import mark_process_dead
 
 from api import __version__, logs
 from api.config import Config, config_from_dict, to_toml_dict
 from api.store import INTERRUPTED_REASON, Store
-from engine.registry import build_engine
+from engine.config import EngineConfig
+from engine.registry import ALIASES, build_engine, choose_engine
 from telephony import moshi_asr
 from telephony.limits import LIMITS
 from telephony.session import BusEvent, CallEnded, CallHub, CallStarted, EventBus, bus_event_to_json
@@ -61,6 +71,9 @@ from telephony.session import BusEvent, CallEnded, CallHub, CallStarted, EventBu
 log = logging.getLogger(__name__)
 
 CONFIG_FILE: Final = "config.json"
+ENGINES_FILE: Final = "engines.json"  # the engine processes' `engine.urls` entries, for workers
+METRICS_DIR: Final = "metrics"  # prometheus_client's multiprocess files: the node's /metrics
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 EVENTS_SOCKET: Final = "events.sock"
 READY: Final = "ready"  # a child's first line on stdout once it serves
 IN_WORKER_ENGINES: Final = ("sink", "remote")  # no model of their own: no engine process
@@ -78,25 +91,89 @@ def worker_count(config: Config) -> int:
     return workers if workers > 0 else (os.cpu_count() or 1)
 
 
+def supervised(config: Config) -> bool:
+    """`stt-bridge serve` runs the supervisor: for workers, and for more than one engine device
+    (even with one worker: every device gets its engine process)."""
+    return config.server.workers != 1 or len(config.engine.devices) > 1
+
+
 def engine_process_needed(config: Config) -> bool:
     return config.engine.name not in IN_WORKER_ENGINES
+
+
+def engine_devices(config: Config) -> tuple[str, ...]:
+    """The engine processes, one per device: `engine.devices`, else the one `engine.device`;
+    none for engines that run inside each worker."""
+    if not engine_process_needed(config):
+        return ()
+    return config.engine.devices or (config.engine.device,)
+
+
+def devices_problem(engine: EngineConfig, chosen: str = "") -> str:
+    """Why `engine.devices` does not fit the engine ("" when it does). `chosen`: the engine
+    that runs, `auto` resolved; "" = as configured (`auto` passes until it is resolved)."""
+    if not engine.devices:
+        return ""
+    name = chosen or ALIASES.get(engine.name, engine.name)
+    if name in IN_WORKER_ENGINES:
+        return f"engine.devices: the {name} engine has no model to place on a device"
+    if name == "moonshine":
+        return (
+            "engine.devices: Moonshine runs on the CPU in one process, whose engine.threads "
+            "decode on every core with one model; devices places Kyutai, a process per GPU"
+        )
+    return ""
+
+
+def on_device(config: Config, device: str) -> Config:
+    return dataclasses.replace(config, engine=dataclasses.replace(config.engine, device=device))
+
+
+def single_process_config(config: Config) -> Config:
+    """The config `stt-bridge serve` runs without the supervisor: one `engine.devices` entry is
+    the device of the engine in the process."""
+    return on_device(config, config.engine.devices[0]) if config.engine.devices else config
 
 
 def node_id(config: Config) -> str:
     return config.server.node_id or socket.gethostname()
 
 
-def worker_config(config: Config, worker: int, engine_port: int, key: str) -> Config:
-    """Worker `worker`'s config: its own node id, SIP in worker 0 only, and the engine process
-    (when there is one) as its remote engine."""
+@dataclasses.dataclass
+class EngineProcess:
+    """One engine process: its device, its loopback port (kept across restarts), its process."""
+
+    index: int
+    device: str  # as configured
+    port: int = 0
+    runs_on: str = ""  # the device the engine reported (`auto` resolved)
+    process: asyncio.subprocess.Process | None = None
+
+    def node(self) -> str:
+        """Its `engine.urls` entry for the workers; the query (ignored by the engine process)
+        names its device wherever the node shows: /info, /metrics, logs."""
+        device = urllib.parse.quote(self.runs_on or self.device, safe=":")
+        return (
+            f"ws://127.0.0.1:{self.port}{moshi_asr.PATH}?device={device} "
+            f"health=http://127.0.0.1:{self.port}"
+        )
+
+    def describe(self) -> str:
+        pid = self.process.pid if self.process is not None else 0
+        return f"{self.runs_on or self.device} (pid {pid}, :{self.port})"
+
+
+def worker_config(config: Config, worker: int, nodes: list[str], key: str) -> Config:
+    """Worker `worker`'s config: its own node id, SIP in worker 0 only, and the engine processes
+    (when there are any) as the nodes of its remote engine."""
     server = dataclasses.replace(config.server, workers=1, node_id=f"{node_id(config)}/w{worker}")
     engine = config.engine
-    if engine_port:
-        url = f"ws://127.0.0.1:{engine_port} health=http://127.0.0.1:{engine_port}"
+    if nodes:
         engine = dataclasses.replace(
             engine,
             name="remote",
-            urls=(url,),
+            urls=tuple(nodes),
+            devices=(),
             api_key=key,
             probe_interval_s=min(engine.probe_interval_s, 1.0),
         )
@@ -242,11 +319,11 @@ class Supervisor:
         self.config = config
         self.count = worker_count(config)
         self.dir = Path(tempfile.mkdtemp(prefix="stt-bridge-workers-"))
+        self.metrics_dir = self.dir / METRICS_DIR
         self.key = secrets.token_urlsafe(24)
-        self.engine_port = 0
         self.relay = EventRelay()
         self.workers: dict[int, asyncio.subprocess.Process] = {}
-        self.engine: asyncio.subprocess.Process | None = None
+        self.engines = [EngineProcess(i, d) for i, d in enumerate(engine_devices(config))]
         self.ports: dict[str, int] = {}
         self.restarts = 0
         self.stopping = False
@@ -257,6 +334,7 @@ class Supervisor:
         config_file = self.dir / CONFIG_FILE
         config_file.touch(mode=0o600)
         config_file.write_text(json.dumps({"config": to_toml_dict(self.config), "key": self.key}))
+        self.metrics_dir.mkdir()
         # Migrations and the calls a previous run left live, once, before any worker opens it.
         loop = asyncio.get_running_loop()
         store = await loop.run_in_executor(
@@ -264,20 +342,39 @@ class Supervisor:
         )
         await loop.run_in_executor(None, store.close)
         await self.relay.start(self.dir / EVENTS_SOCKET)
-        if engine_process_needed(self.config):
-            self.engine, first = await self._spawn("engine", str(self.engine_port))
-            self.engine_port = int(first)
-            self._watch("engine", -1)
-        started = await asyncio.gather(
-            *(self._spawn("worker", str(k), str(self.engine_port)) for k in range(self.count))
-        )
+        await asyncio.gather(*(self._start_engine(engine) for engine in self.engines))
+        for engine in self.engines:
+            self._watch("engine", engine.index)
+        nodes = [engine.node() for engine in self.engines]
+        (self.dir / ENGINES_FILE).write_text(json.dumps(nodes))
+        started = await asyncio.gather(*(self._spawn("worker", str(k)) for k in range(self.count)))
         for k, (process, first) in enumerate(started):
             self.workers[k] = process
             self._watch("worker", k)
             if k == 0:
                 self.ports = json.loads(first)
 
-    async def _spawn(self, role: str, *args: str) -> tuple[asyncio.subprocess.Process, str]:
+    def _engine_env(self) -> dict[str, str]:
+        """Engine processes that share the CPU share its cores: torch's threads (OMP) split
+        between them, unless OMP_NUM_THREADS is set. Left to their defaults, each would spin as
+        many threads as there are cores and every step would wait on the others'."""
+        on_cpu = [e for e in self.engines if not e.device.startswith("cuda")]
+        if len(on_cpu) < 2 or "OMP_NUM_THREADS" in os.environ:
+            return {}
+        threads = str(max(1, (os.cpu_count() or 1) // len(on_cpu)))
+        return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+    async def _start_engine(self, engine: EngineProcess) -> None:
+        extra = self._engine_env() if not engine.device.startswith("cuda") else {}
+        engine.process, first = await self._spawn(
+            "engine", str(engine.port), str(engine.index), env=extra
+        )
+        ready = json.loads(first)
+        engine.port, engine.runs_on = int(ready["port"]), str(ready["device"])
+
+    async def _spawn(
+        self, role: str, *args: str, env: dict[str, str] | None = None
+    ) -> tuple[asyncio.subprocess.Process, str]:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -287,60 +384,88 @@ class Supervisor:
             *args,
             stdout=asyncio.subprocess.PIPE,
             start_new_session=True,  # Ctrl-C reaches the supervisor only, which drains in order
+            # Read by prometheus_client when imported: its metrics then live in files there.
+            env={**os.environ, MULTIPROC_ENV: str(self.metrics_dir), **(env or {})},
         )
         assert process.stdout is not None
         line = (await process.stdout.readline()).decode()
         if not line.startswith(READY):
             await process.wait()
+            self._dead(process)
             raise ChildFailed(f"{role} {' '.join(args)} exited {process.returncode} at start")
         task = asyncio.get_running_loop().create_task(_discard(process.stdout))
         self._drains.add(task)
         task.add_done_callback(self._drains.discard)
         return process, line.split(" ", 1)[1].strip()
 
-    def _watch(self, role: str, worker: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._restart_forever(role, worker))
+    def _dead(self, process: asyncio.subprocess.Process) -> None:
+        """Its live gauges (calls live, ...) leave the node's /metrics; its counters stay."""
+        mark_process_dead(process.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
+
+    def _watch(self, role: str, index: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._restart_forever(role, index))
         self._watchers.append(task)
 
-    def _process(self, role: str, worker: int) -> asyncio.subprocess.Process | None:
-        return self.engine if role == "engine" else self.workers.get(worker)
+    def _process(self, role: str, index: int) -> asyncio.subprocess.Process | None:
+        return self.engines[index].process if role == "engine" else self.workers.get(index)
 
-    async def _restart_forever(self, role: str, worker: int) -> None:
+    def _name(self, role: str, index: int) -> str:
+        if role == "worker":
+            return f"worker {index}"
+        engine = self.engines[index]
+        return f"engine process {index} on {engine.runs_on or engine.device}"
+
+    async def _restart_forever(self, role: str, index: int) -> None:
         delay = RESTART_MIN_S
         while True:
-            process = self._process(role, worker)
+            process = self._process(role, index)
             assert process is not None
             code = await process.wait()
+            self._dead(process)
             if self.stopping:
                 return
-            name = "engine process" if role == "engine" else f"worker {worker}"
+            name = self._name(role, index)
             log.error("%s (pid %d) exited %s: restarting it", name, process.pid, code)
             while not self.stopping:
                 await asyncio.sleep(delay)
                 try:
                     if role == "engine":
-                        self.engine, _ = await self._spawn("engine", str(self.engine_port))
+                        await self._start_engine(self.engines[index])
                     else:
-                        args = (str(worker), str(self.engine_port))
-                        self.workers[worker], _ = await self._spawn("worker", *args)
+                        self.workers[index], _ = await self._spawn("worker", str(index))
                 except ChildFailed as exc:
                     log.error("restart failed: %s", exc)
                     delay = min(RESTART_MAX_S, delay * 2)
                     continue
                 self.restarts += 1
                 delay = RESTART_MIN_S
+                restarted = self._process(role, index)
+                assert restarted is not None
+                log.info("%s restarted: pid %d", name, restarted.pid)
                 break
 
+    def describe(self) -> str:
+        """The startup line's middle: workers, and which engine process runs on which device."""
+        workers = f"{self.count} worker{'s' if self.count != 1 else ''}"
+        name = self.config.engine.name
+        if not self.engines:
+            return f"{workers}, engine {name} in each worker"
+        if len(self.engines) == 1:
+            return f"{workers}, engine {name} on {self.engines[0].describe()}"
+        where = ", ".join(f"[{e.index}] {e.describe()}" for e in self.engines)
+        return f"{workers}, engine {name} in {len(self.engines)} processes: {where}"
+
     async def stop(self) -> int:
-        """Every worker drains its calls, then the engine process stops. 0 when all went well."""
+        """Every worker drains its calls, then the engine processes stop. 0 when all went well."""
         self.stopping = True
         server = self.config.server
         codes = await _terminate(
             list(self.workers.values()),
             server.drain_notice_s + server.drain_timeout_s + STOP_MARGIN_S,
         )
-        if self.engine is not None:
-            codes += await _terminate([self.engine], ENGINE_STOP_S)
+        engines = [e.process for e in self.engines if e.process is not None]
+        if engines:
+            codes += await _terminate(engines, ENGINE_STOP_S)
         for task in self._watchers:
             task.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
@@ -374,7 +499,15 @@ async def supervise(config: Config) -> int:
     """`stt-bridge serve` with workers: start them, serve until SIGTERM/SIGINT, drain them."""
     server = config.server
     if 0 in (server.port, server.health_port, server.web_port):
-        print("stt-bridge: config: server.workers needs fixed ports, not 0", file=sys.stderr)
+        print(
+            "stt-bridge: config: server.workers (or several engine.devices) needs fixed ports, "
+            "not 0",
+            file=sys.stderr,
+        )
+        return 2
+    problem = devices_problem(config.engine)
+    if problem:
+        print(f"stt-bridge: config: {problem}", file=sys.stderr)
         return 2
     supervisor = Supervisor(config)
     stop = asyncio.Event()
@@ -387,14 +520,9 @@ async def supervise(config: Config) -> int:
         print(f"stt-bridge: {exc}", file=sys.stderr)
         await supervisor.stop()
         return 1
-    engine = (
-        f"engine {config.engine.name} in pid {supervisor.engine.pid}"
-        if supervisor.engine is not None
-        else f"engine {config.engine.name} in each worker"
-    )
     ports = supervisor.ports
     print(
-        f"stt-bridge {__version__}: {supervisor.count} workers, {engine}; "
+        f"stt-bridge {__version__}: {supervisor.describe()}; "
         f"audio+API :{ports['audio']}, health :{ports['health']}, web client :{ports['web']}",
         flush=True,
     )
@@ -425,11 +553,13 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
-async def run_worker(workdir: Path, worker: int, engine_port: int) -> int:
+async def run_worker(workdir: Path, worker: int) -> int:
     from api.app import Service, serve
 
     config, key = _load(workdir)
-    service = Service(worker_config(config, worker, engine_port, key), shared=True)
+    nodes = json.loads((workdir / ENGINES_FILE).read_text())
+    service = Service(worker_config(config, worker, nodes, key), shared=True)
+    service.bridge.metrics.serve_node(workdir / METRICS_DIR)
     stop = _stop_event()
     link = None
     if service.bridge.cluster is None:  # on PostgreSQL the cluster relays between workers
@@ -460,14 +590,23 @@ def _require_key(key: str) -> Callable[..., Awaitable[web.StreamResponse]]:
     return middleware
 
 
-async def run_engine(workdir: Path, port: int) -> int:
-    """The engine process: `/api/asr-streaming` and `/info` on loopback, for the workers."""
+async def run_engine(workdir: Path, port: int, index: int) -> int:
+    """Engine process `index`: `/api/asr-streaming` and `/info` on loopback, for the workers,
+    with the engine on the `index`th device."""
     from api.app import EXIT_ENGINE_FAILED
+    from api.metrics import observe_steps
 
     config, key = _load(workdir)
+    config = on_device(config, engine_devices(config)[index])
+    choice = choose_engine(config.engine)
+    problem = devices_problem(config.engine, choice.name)  # `auto` resolved only now
+    if problem:
+        print(f"stt-bridge: config: {problem}", file=sys.stderr)
+        return 2
     engine, choice = build_engine(config.engine, config.data.dir)
     await engine.start()
     hub = CallHub(engine)
+    observe_steps(engine)  # into the node's /metrics (the multiprocess files)
 
     async def info(request: web.Request) -> web.Response:
         described = engine.info()
@@ -481,6 +620,7 @@ async def run_engine(workdir: Path, port: int) -> int:
                     "capacity": described.capacity,
                     "free_slots": engine.free_slots,
                 },
+                "engine_process": index,
                 "pid": os.getpid(),
                 "calls_live": len(hub.calls),
             }
@@ -499,7 +639,8 @@ async def run_engine(workdir: Path, port: int) -> int:
     stop = _stop_event()
     gc.collect()
     gc.freeze()
-    print(f"{READY} {_bound_port(site)}", flush=True)
+    ready = {"port": _bound_port(site), "device": engine.info().device}
+    print(f"{READY} {json.dumps(ready)}", flush=True)
     code = 0
     while not stop.is_set():
         if engine.failure is not None:
@@ -528,8 +669,8 @@ def main(argv: list[str]) -> int:
     config, _ = _load(workdir)
     logs.configure(config.log.level, config.log.json)
     if role == "engine":
-        return run_loop(run_engine(workdir, int(argv[2])))
-    return run_loop(run_worker(workdir, int(argv[2]), int(argv[3])))
+        return run_loop(run_engine(workdir, int(argv[2]), int(argv[3])))
+    return run_loop(run_worker(workdir, int(argv[2])))
 
 
 if __name__ == "__main__":

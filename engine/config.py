@@ -25,6 +25,9 @@ class EngineConfig:
     max_utterance_s: float = 20.0  # moonshine: longer ones are cut at their quietest point (<= 64)
     batch_size: int = 0  # kyutai: slots stepped together; 0 = the model's (1b: 64, 2.6b: 16)
     device: str = "auto"  # kyutai: auto (cuda when present, bf16) | cuda | cuda:N | cpu (fp32)
+    # kyutai: one engine process per entry, each on that device (["cuda:0", "cuda:1"]), every
+    # worker's calls spread over them (api/workers.py); () = one, on `device`
+    devices: tuple[str, ...] = ()
     model_revision: str = ""  # kyutai: a hub revision (branch, tag, commit); "" = main
     cuda_graphs: bool = True  # kyutai: capture each step as a CUDA graph (CUDA only)
     torch_compile: bool = False  # kyutai: let moshi torch.compile its small kernels

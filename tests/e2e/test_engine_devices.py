@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.solo, pytest.mark.timeout(120)]
 
 RATE = 24000
 FRAME = 1920  # 80 ms
+STEPS = "stt_bridge_engine_step_seconds_count "
 
 
 class Supervised(ServerProcess):
@@ -146,6 +147,12 @@ async def test_an_engine_process_per_device_each_takes_calls_and_restarts(
         assert f"cpu (pid {e['pid']}, :{port})" in server.banner
     # Two calls at once: one on each engine process (the one with the most free slots).
     assert await two_calls_at_once(server, "a") == [1, 1]
+    # The node's /metrics has the engine processes' batched steps.
+    metrics_url = f"http://127.0.0.1:{server.ports['health']}/metrics"
+    async with aiohttp.ClientSession() as http, http.get(metrics_url) as response:
+        metrics = await response.text()
+    (steps,) = [line for line in metrics.splitlines() if line.startswith(STEPS)]
+    assert float(steps.split()[1]) > 0, steps
 
     # Engine process 0 killed: it is started again on its port, with a new pid.
     victim = engines[0]["pid"]

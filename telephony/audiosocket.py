@@ -5,21 +5,21 @@ Each message is a 3-byte header (kind, big-endian payload length) and the payloa
 mono audio at 8/12/16/24/32/44.1/48/96/192 kHz, 0xFF error. One bad header ends the session:
 the protocol has no way to resync. See ../shared/protocols/audiosocket.md.
 
-`AudioSocketCodec` is the protocol without I/O; `serve_connection` is the asyncio adapter and
-`audiosocket_server` the cleanup context that listens while the service runs.
+`AudioSocketCodec` is the protocol without I/O; `AudioSocketConnection` is the asyncio adapter
+(a protocol, not a stream reader) and `audiosocket_server` the cleanup context that listens while
+the service runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import struct
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 from aiohttp import web
 
@@ -98,15 +98,26 @@ class AudioSocketCodec:
     """Bytes from Asterisk in, events out; the messages we send, as bytes."""
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
-        self._buffer = bytearray()
+        self._pending = bytearray()  # the start of a message cut by a read
+        self._needed = 0  # how long `_pending` must grow before a message can be complete
         self._max_payload = max_payload
         self.call_id: uuid.UUID | None = None
 
     def feed(self, data: bytes) -> list[AudioSocketEvent]:
-        self._buffer += data
+        # Parsed in place at an offset: a read of whole messages (the usual case) is sliced
+        # once per payload, not copied into a buffer and cut out of it again.
+        if self._pending:
+            self._pending += data
+            if len(self._pending) < self._needed:  # a trickling peer costs O(bytes), no more
+                return []
+            buffer = bytes(self._pending)
+        else:
+            buffer = data
+        offset, size = 0, len(buffer)
+        self._needed = HEADER.size
         events: list[AudioSocketEvent] = []
-        while len(self._buffer) >= HEADER.size:
-            kind, length = HEADER.unpack_from(self._buffer)
+        while size - offset >= HEADER.size:
+            kind, length = HEADER.unpack_from(buffer, offset)
             if length > self._max_payload:
                 raise AudioSocketError(f"payload of {length} bytes (kind {kind:#04x}) is too long")
             if kind not in AUDIO_KINDS and kind not in (
@@ -116,18 +127,20 @@ class AudioSocketCodec:
                 KIND_ERROR,
             ):
                 raise AudioSocketError(f"unknown message kind {kind:#04x}")
-            if len(self._buffer) < HEADER.size + length:
+            start = offset + HEADER.size
+            if size < start + length:
+                self._needed = HEADER.size + length
                 break
-            payload = bytes(self._buffer[HEADER.size : HEADER.size + length])
-            del self._buffer[: HEADER.size + length]
-            events.append(self._message(kind, payload))
+            offset = start + length
+            events.append(self._message(kind, buffer[start:offset]))
+        self._pending[:] = buffer[offset:]
         return events
 
     def end_of_stream(self) -> None:
         """The peer closed the connection: fine at a message boundary, an error mid-message."""
-        if self._buffer:
+        if self._pending:
             raise AudioSocketError(
-                f"connection closed inside a message ({len(self._buffer)} bytes)"
+                f"connection closed inside a message ({len(self._pending)} bytes)"
             )
 
     def _message(self, kind: int, payload: bytes) -> AudioSocketEvent:
@@ -201,90 +214,167 @@ class _Leg:
             self.session.push(tail)
 
 
-async def serve_connection(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    hub: CallHub,
-    limits: LimitsConfig | None = None,
-) -> None:
-    """One Asterisk connection: one call, until either side hangs up. A peer that sends no
-    UUID within `handshake_timeout_s`, or nothing for `idle_timeout_s`, is hung up on."""
-    limits = limits or LimitsConfig()
-    peer = writer.get_extra_info("peername")
-    remote = f"{peer[0]}:{peer[1]}" if peer else "unknown"
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    codec = AudioSocketCodec(limits.audiosocket_max_payload_bytes)
-    call: Call | None = None
-    leg: _Leg | None = None
-    reason = "caller hung up"
-    loop = asyncio.get_running_loop()
-    last = loop.time()
-
-    async def watch() -> None:
-        """One watchdog per connection, not a timeout around every read: `wait_for` made a
-        task per 20 ms frame, a fifth of the server's time (py-spy, 200 calls)."""
-        while True:
-            limit = limits.handshake_timeout_s if call is None else limits.idle_timeout_s
-            if limit <= 0:  # no limit
-                await asyncio.sleep(1.0)
-                continue
-            wait = last + limit - loop.time()
-            if wait <= 0:
-                reader.set_exception(AudioSocketError(f"nothing received for {limit:g} s"))
-                return
-            await asyncio.sleep(wait)
-
-    watchdog = loop.create_task(watch())
-    try:
-        while True:
-            data = await reader.read(65536)
-            last = loop.time()
-            if not data:
-                codec.end_of_stream()
-                break
-            for event in codec.feed(data):
-                if isinstance(event, Identified):
-                    call = hub.open_call(
-                        FRONT_END,
-                        call_id=str(event.call_id),
-                        labels={"uuid": str(event.call_id), "remote": remote},
-                    )
-                    leg = _Leg(call)
-                elif isinstance(event, Audio) and leg is not None:
-                    leg.audio(event)
-                elif isinstance(event, Dtmf) and leg is not None:
-                    leg.dtmf(event.digit)
-                elif isinstance(event, Hangup | PeerError):
-                    reason = (
-                        "peer hangup" if isinstance(event, Hangup) else f"peer error {event.code}"
-                    )
-                    raise _Done
-    except _Done:
-        pass
-    except BridgeError as exc:
-        # Full, draining, or bad framing: hang up this call only (the protocol has no codes).
-        log.warning(
-            "audiosocket call refused: %s", exc, extra={"front_end": FRONT_END, "remote": remote}
-        )
-        reason = f"rejected: {exc}"
-        writer.write(codec.encode_hangup())
-    except ConnectionError as exc:
-        reason = f"connection lost: {exc}"
-    finally:
-        watchdog.cancel()
-        if leg is not None:
-            leg.flush()
-        if call is not None:
-            await asyncio.shield(call.end(reason))
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-
 class _Done(Exception):
     """The peer ended the call on purpose."""
+
+
+class _Listener:
+    """What the connections of one listening socket share."""
+
+    def __init__(self, hub: CallHub, limits: LimitsConfig) -> None:
+        self.hub = hub
+        self.limits = limits
+        self.gate = ConnectionGate(limits.connections_per_ip, limits.connections_total)
+        self.refusals = SourceLog(log)
+        self.live: set[AudioSocketConnection] = set()
+        self.ending: set[asyncio.Task[None]] = set()  # calls whose transcripts are finishing
+
+    async def close(self) -> None:
+        """End the calls still up (words kept) and wait until every transcript is finished."""
+        for connection in list(self.live):
+            connection.end("service stopped")
+        await asyncio.gather(*self.ending, return_exceptions=True)
+
+
+class AudioSocketConnection(asyncio.Protocol):
+    """One Asterisk connection: one call, until either side hangs up.
+
+    A protocol rather than a stream reader: each read is decoded and pushed inside
+    `data_received`, with no task woken per 20 ms frame (resuming a coroutine per read was a
+    third of this front end's cost). A peer that sends no UUID within `handshake_timeout_s`, or
+    nothing for `idle_timeout_s`, is hung up on; so is a call the engine ends itself.
+    Connections over `limits.connections_per_ip` / `connections_total` get a hangup message.
+    """
+
+    def __init__(self, listener: _Listener) -> None:
+        self._listener = listener
+        self._codec = AudioSocketCodec(listener.limits.audiosocket_max_payload_bytes)
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._source = "unknown"
+        self._remote = "unknown"
+        self._admitted = False
+        self._call: Call | None = None
+        self._leg: _Leg | None = None
+        self._last = self._loop.time()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._over = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCP transport is an asyncio.Transport in all but its class.
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self._source, self._remote = str(peer[0]), f"{peer[0]}:{peer[1]}"
+        listener = self._listener
+        self._admitted = listener.gate.admit(self._source)
+        if not self._admitted:
+            listener.refusals.warning(
+                self._source, "audiosocket connection from %s refused (limits)", self._source
+            )
+            self._transport.write(AudioSocketCodec.encode_hangup())
+            self._transport.close()
+            self._over = True
+            return
+        listener.live.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._watch()
+
+    def data_received(self, data: bytes) -> None:
+        if self._over:
+            return
+        self._last = self._loop.time()
+        try:
+            for event in self._codec.feed(data):
+                self._handle(event)
+        except _Done:
+            return
+        except BridgeError as exc:
+            self._refuse(exc)
+            return
+        if self._call is not None and self._call.ended and not self._over:
+            # The engine ended the call (its node was lost): hanging up is all we can say.
+            self._refuse(f"engine ended the call ({self._call.engine_reason})")
+
+    def eof_received(self) -> bool:
+        try:
+            self._codec.end_of_stream()
+        except AudioSocketError as exc:
+            self._refuse(exc)
+        self.end("caller hung up")
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.end(f"connection lost: {exc}" if exc else "caller hung up")
+        if self._admitted:
+            self._admitted = False
+            self._listener.live.discard(self)
+            self._listener.gate.release(self._source)
+
+    def end(self, reason: str) -> None:
+        """Once: flush the leg, close the connection, end the call (its transcript finishes in
+        a task the service waits for at shutdown)."""
+        if self._over:
+            return
+        self._over = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._leg is not None:
+            self._leg.flush()
+        if self._transport is not None:
+            self._transport.close()
+        if self._call is not None:
+            ending = self._listener.ending
+            task = self._loop.create_task(self._call.end(reason))
+            ending.add(task)
+            task.add_done_callback(ending.discard)
+
+    def _handle(self, event: AudioSocketEvent) -> None:
+        if isinstance(event, Audio):  # first: nearly every message is audio
+            if self._leg is not None:
+                self._leg.audio(event)
+        elif isinstance(event, Identified):
+            self._call = self._listener.hub.open_call(
+                FRONT_END,
+                call_id=str(event.call_id),
+                labels={"uuid": str(event.call_id), "remote": self._remote},
+            )
+            self._leg = _Leg(self._call)
+        elif isinstance(event, Dtmf):
+            if self._leg is not None:
+                self._leg.dtmf(event.digit)
+        else:
+            self.end("peer hangup" if isinstance(event, Hangup) else f"peer error {event.code}")
+            raise _Done
+
+    def _refuse(self, why: BridgeError | str) -> None:
+        """Full, draining, bad framing, silence or an engine gone: hang up this call only
+        (the protocol has no codes)."""
+        log.warning(
+            "audiosocket call refused: %s",
+            why,
+            extra={"front_end": FRONT_END, "remote": self._remote},
+        )
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(AudioSocketCodec.encode_hangup())
+        self.end(f"rejected: {why}")
+
+    def _watch(self) -> None:
+        """One timer per connection, re-armed for what is left of the limit, not one per read."""
+        if self._over:
+            return
+        limits = self._listener.limits
+        limit = limits.handshake_timeout_s if self._call is None else limits.idle_timeout_s
+        if limit <= 0:  # no limit
+            self._watchdog = self._loop.call_later(1.0, self._watch)
+            return
+        wait = self._last + limit - self._loop.time()
+        if wait <= 0:
+            self._refuse(AudioSocketError(f"nothing received for {limit:g} s"))
+            return
+        self._watchdog = self._loop.call_later(wait, self._watch)
 
 
 def audiosocket_server(
@@ -295,43 +385,22 @@ def audiosocket_server(
     limits: LimitsConfig | None = None,
     reuse_port: bool = False,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A cleanup context: listen for Asterisk while the application runs. Connections over
-    `limits.connections_per_ip` / `connections_total` get a hangup message and are closed.
+    """A cleanup context: listen for Asterisk while the application runs.
     `reuse_port`: SO_REUSEPORT, the port shared by a node's worker processes."""
-    limits = limits or LimitsConfig()
-    gate = ConnectionGate(limits.connections_per_ip, limits.connections_total)
-    refusals = SourceLog(log)
+    listener = _Listener(hub, limits or LimitsConfig())
 
     async def context(app: web.Application) -> AsyncIterator[None]:
-        connections: set[asyncio.Task[None]] = set()
-
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            peer = writer.get_extra_info("peername")
-            source = str(peer[0]) if peer else "unknown"
-            if not gate.admit(source):
-                refusals.warning(source, "audiosocket connection from %s refused (limits)", source)
-                writer.write(AudioSocketCodec.encode_hangup())
-                writer.close()
-                return
-            task = asyncio.current_task()
-            assert task is not None
-            connections.add(task)
-            try:
-                await serve_connection(reader, writer, hub, limits)
-            finally:
-                connections.discard(task)
-                gate.release(source)
-
-        server = await asyncio.start_server(on_connect, host, port, reuse_port=reuse_port or None)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: AudioSocketConnection(listener), host, port, reuse_port=reuse_port or None
+        )
         ports[FRONT_END] = server.sockets[0].getsockname()[1]
         log.info("audiosocket listening", extra={"port": ports[FRONT_END]})
         try:
             yield
         finally:
             server.close()
-            for task in list(connections):
-                task.cancel()
-            await asyncio.gather(*connections, return_exceptions=True)
+            await listener.close()
             await server.wait_closed()
 
     return context

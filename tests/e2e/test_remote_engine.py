@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from api.app import Service
 from engine.config import EngineConfig
 from engine.remote import LEAD_SILENCE_S
 from telephony.audio import PcmArray
+from telephony.audiosocket import AudioSocketCodec
 from tests.conftest import ServiceFactory, make_config
 from tests.e2e.frontends import offline_words
 from tests.e2e.server_process import ServerProcess
@@ -96,6 +98,24 @@ async def call(
             assert closing.type == WSMsgType.CLOSE, closing
             close_codes.append(closing.data)  # the server's close frame
     return messages
+
+
+async def audiosocket_until_hung_up(front: Service, pcm: PcmArray) -> uuid.UUID:
+    """An AudioSocket call sending `pcm` (24 kHz) in paced 20 ms frames until the bridge
+    hangs up; its call id."""
+    call_id = uuid.uuid4()
+    reader, writer = await asyncio.open_connection("127.0.0.1", front.ports["audiosocket"])
+    writer.write(AudioSocketCodec.encode_uuid(call_id))
+    answer = asyncio.create_task(reader.read(3))
+    for offset in range(0, len(pcm), 480):
+        if answer.done():
+            break
+        writer.write(AudioSocketCodec.encode_audio(pcm[offset : offset + 480].tobytes(), RATE))
+        await asyncio.sleep(0.02)
+    assert await asyncio.wait_for(answer, 10) == AudioSocketCodec.encode_hangup()
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # and the connection closed
+    writer.close()
+    return call_id
 
 
 def as_heard(pcm: PcmArray) -> PcmArray:
@@ -259,6 +279,10 @@ async def test_moshi_server_nodes_refusing_no_free_channels(
         assert messages[-1] == {"type": "closed", "reason": "engine_full"}
         assert codes == [1013]  # as a full engine at the start: try again later
         stored = await get_json(f"http://127.0.0.1:{front.ports['audio']}/v1/calls/all-full")
+        assert (stored["status"], stored["reason"]) == ("ended", "engine_full")
+        # AudioSocket has no codes: its call is hung up, with the same reason stored.
+        call_id = await audiosocket_until_hung_up(front, pcm)
+        stored = await get_json(f"http://127.0.0.1:{front.ports['audio']}/v1/calls/{call_id}")
         assert (stored["status"], stored["reason"]) == ("ended", "engine_full")
         for ws in busy:
             await ws.close()

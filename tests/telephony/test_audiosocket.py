@@ -110,3 +110,15 @@ def test_truncated_message_at_end_of_stream() -> None:
     assert codec.feed(SILENCE_8K[:100]) == []
     with pytest.raises(AudioSocketError, match="inside a message"):
         codec.end_of_stream()
+
+
+def test_a_long_message_trickled_a_byte_at_a_time_is_whole() -> None:
+    """The largest payload, one byte per read: one event with every byte, in order."""
+    codec = identified()
+    payload = bytes(range(256)) * 128  # 32768 bytes: MAX_PAYLOAD
+    message = AudioSocketCodec.encode_audio(payload, 16000)
+    events = []
+    for i in range(len(message)):
+        events += codec.feed(message[i : i + 1])
+    assert events == [Audio(16000, payload)]
+    codec.end_of_stream()

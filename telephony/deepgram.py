@@ -355,6 +355,13 @@ class DeepgramCodec:
         self.model = model
         self.created = created or datetime.now(UTC)
         self._wire = AudioDecoder(params.encoding, params.sample_rate, params.sample_rate)
+        # One channel: wire bytes batched, decoded and resampled per 80 ms (AudioDecoder),
+        # not decoded per packet and batched after.
+        self._mono = (
+            AudioDecoder(params.encoding, params.sample_rate, engine_rate)
+            if params.channels == 1
+            else None
+        )
         self._frame_bytes = params.encoding.bytes_per_sample * params.channels
         self._carry = b""
         self._resamplers = {
@@ -379,6 +386,8 @@ class DeepgramCodec:
         """One array per leg (same order as `legs`), at the engine's rate."""
         self._sha256.update(data)
         self._bytes += len(data)
+        if self._mono is not None:
+            return [self._mono.feed(data)]
         data = self._carry + data
         usable = len(data) - len(data) % self._frame_bytes
         self._carry = data[usable:]
@@ -396,6 +405,8 @@ class DeepgramCodec:
 
     def end_of_audio(self) -> list[PcmArray]:
         """What the resamplers still hold once the client has no more audio."""
+        if self._mono is not None:
+            return [self._mono.flush()]
         return [self._resamplers[leg].flush() for leg in self.legs]
 
     @property

@@ -41,6 +41,11 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# One decoder for every message: `json.loads` with an argument builds a new one per call, which
+# cost more than the parse itself (Twilio media, 388 bytes: 12.7 µs against 4.0 µs).
+_DECODER: Final = json.JSONDecoder(parse_constant=_no_constant)
+
+
 def _depth_over(text: str, limit: int) -> bool:
     """True when brackets nest deeper than `limit` (strings skipped); cheap when there are few."""
     if text.count("[") + text.count("{") <= limit:
@@ -73,7 +78,7 @@ def parse_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     if _depth_over(text, max_depth):
         raise JsonTooDeep(f"JSON nested deeper than {max_depth} levels")
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return _DECODER.decode(text)
     except RecursionError:
         raise JsonTooDeep("JSON nested too deeply") from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from api.app import Service
 from api.config import (
@@ -21,6 +23,14 @@ from api.config import (
 from engine.config import EngineConfig
 from engine.moonshine import MoonshineEngine
 from tests.pg import Postgres
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every test runs on the loop the service runs on (`api/cli.py`): uvloop. Its transports
+    are not asyncio's classes, and a difference must show here, not first in production."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 def make_config(data_dir: Path | None = None, data_url: str = "", **engine: Any) -> Config:

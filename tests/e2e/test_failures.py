@@ -367,8 +367,7 @@ class HostileReceiver:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        assert isinstance(site._server, asyncio.Server)
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self._runner.addresses[0][1]
         self._raw = await asyncio.start_server(self._half_answer, "127.0.0.1", 0)
         self.raw_port = self._raw.sockets[0].getsockname()[1]
 

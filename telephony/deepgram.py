@@ -354,19 +354,21 @@ class DeepgramCodec:
         self.request_id = request_id
         self.model = model
         self.created = created or datetime.now(UTC)
-        self._wire = AudioDecoder(params.encoding, params.sample_rate, params.sample_rate)
-        # One channel: wire bytes batched, decoded and resampled per 80 ms (AudioDecoder),
-        # not decoded per packet and batched after.
+        # One channel: wire bytes batched, decoded and resampled per 80 ms (AudioDecoder).
+        # Several: decoded per packet, split, then each channel resampled on its own.
         self._mono = (
             AudioDecoder(params.encoding, params.sample_rate, engine_rate)
             if params.channels == 1
             else None
         )
+        self._wire = AudioDecoder(params.encoding, params.sample_rate, params.sample_rate)
         self._frame_bytes = params.encoding.bytes_per_sample * params.channels
         self._carry = b""
-        self._resamplers = {
-            leg: ResampleStream(params.sample_rate, engine_rate) for leg in self.legs
-        }
+        self._resamplers = (
+            {leg: ResampleStream(params.sample_rate, engine_rate) for leg in self.legs}
+            if self._mono is None
+            else {}
+        )
         self._sha256 = hashlib.sha256()
         self._bytes = 0
         total = params.channels if len(self.legs) > 1 else 1

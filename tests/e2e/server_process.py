@@ -74,6 +74,7 @@ class ServerProcess:
             **env,
         }
         self.process: subprocess.Popen[str] | None = None
+        self.banner = ""  # the startup line: every port, and which process runs where
 
     def start(self) -> ServerProcess:
         stderr = None if self.log_to is None else self.log_to.open("a")
@@ -83,8 +84,8 @@ class ServerProcess:
         if stderr is not None:
             stderr.close()  # the child has its own copy
         assert self.process.stdout is not None
-        banner = self.process.stdout.readline()  # printed once every port listens
-        assert "stt-bridge" in banner, banner
+        self.banner = self.process.stdout.readline()  # printed once every port listens
+        assert "stt-bridge" in self.banner, self.banner
         return self
 
     def url(self, path: str, scheme: str = "ws") -> str:

@@ -34,32 +34,14 @@ FRAME = 1920  # 80 ms
 STEPS = "stt_bridge_engine_step_seconds_count "
 
 
-class Supervised(ServerProcess):
-    """A `ServerProcess` that keeps its startup line."""
-
-    banner = ""
-
-    def start(self) -> Supervised:
-        stderr = None if self.log_to is None else self.log_to.open("a")
-        self.process = subprocess.Popen(
-            [*CLI, "serve"], env=self.env, stdout=subprocess.PIPE, stderr=stderr, text=True
-        )
-        if stderr is not None:
-            stderr.close()  # the child has its own copy
-        assert self.process.stdout is not None
-        self.banner = self.process.stdout.readline()
-        assert "stt-bridge" in self.banner, self.banner
-        return self
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("stt-tiny"), "tiny", seed=3)
 
 
 @pytest.fixture
-def server(tmp_path: Path, checkpoint: Path) -> Iterator[Supervised]:
-    process = Supervised(
+def server(tmp_path: Path, checkpoint: Path) -> Iterator[ServerProcess]:
+    process = ServerProcess(
         tmp_path / "data",
         STT_BRIDGE_SERVER_WORKERS="1",
         STT_BRIDGE_ENGINE_NAME="kyutai",
@@ -129,7 +111,7 @@ async def two_calls_at_once(server: ServerProcess, tag: str) -> list[int]:
 
 
 async def test_an_engine_process_per_device_each_takes_calls_and_restarts(
-    server: Supervised,
+    server: ServerProcess,
 ) -> None:
     # The startup line: one worker, two engine processes, each with its device and pid.
     pids = server.children()

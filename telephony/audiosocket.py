@@ -295,8 +295,9 @@ class AudioSocketConnection(asyncio.Protocol):
             self._refuse(exc)
             return
         if self._call is not None and self._call.ended and not self._over:
-            # The engine ended the call (its node was lost): hanging up is all we can say.
-            self._refuse(f"engine ended the call ({self._call.engine_reason})")
+            # Ended on our side (an engine node lost, a drain's deadline): hanging up is all
+            # this protocol can say.
+            self._refuse(f"call ended ({self._call.engine_reason or 'by the service'})")
 
     def eof_received(self) -> bool:
         try:

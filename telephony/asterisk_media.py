@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from engine.base import BridgeError, EngineFull
 from telephony.audio import AudioDecoder, Encoding, PcmArray
@@ -248,8 +248,15 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
     codec = AsteriskMediaCodec(hub.engine.sample_rate)
     call: Call | None = None
     reason = "closed by Asterisk"
+
+    def push(msg: WSMessage) -> bool:  # the loop's BINARY branch, once the call is open
+        if msg.type != WSMsgType.BINARY or call is None or call.ended:
+            return False
+        call.leg("caller").push(codec.receive_audio(msg.data))
+        return True
+
     try:
-        async for msg in messages(ws, request):
+        async for msg in messages(ws, request, direct=push):
             if msg.type == WSMsgType.TEXT:
                 event = codec.receive_text(msg.data)
                 if isinstance(event, MediaStart):

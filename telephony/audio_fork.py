@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from engine.base import BridgeError, EngineEvent, event_to_json
 from telephony.audio import PcmArray, ResampleStream, deinterleave, pcm16_decode
@@ -143,8 +143,16 @@ async def handle_fork(request: web.Request) -> web.StreamResponse:
             resamplers[leg] = ResampleStream(fmt.rate, opened.sample_rate)
         return opened, AudioForkCodec(fmt)
 
+    def push(msg: WSMessage) -> bool:  # the loop's BINARY branch, once the call is open
+        if msg.type != WSMsgType.BINARY or not msg.data or call is None or call.ended:
+            return False
+        assert codec is not None
+        for leg, pcm in zip(codec.format.legs, codec.receive_audio(msg.data), strict=True):
+            call.leg(leg).push(resamplers[leg].process(pcm))
+        return True
+
     try:
-        async for msg in messages(ws, request):
+        async for msg in messages(ws, request, direct=push):
             if msg.type == WSMsgType.TEXT:
                 if call is None:
                     call, codec = open_call(msg.data)

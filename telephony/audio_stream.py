@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from engine.base import BridgeError, Closed, EngineEvent, event_to_json
 from telephony import audio_fork
@@ -163,8 +163,14 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
         for leg, pcm in zip(codec.format.legs, codec.receive_audio(data), strict=True):
             call.leg(leg).push(resamplers[leg].process(pcm))
 
+    def push_direct(msg: WSMessage) -> bool:  # the loop's BINARY branch, once the call is open
+        if msg.type != WSMsgType.BINARY or call is None or call.ended:
+            return False
+        push(msg.data)
+        return True
+
     try:
-        async for msg in messages(ws, request):
+        async for msg in messages(ws, request, direct=push_direct):
             if msg.type == WSMsgType.TEXT:
                 if metadata is None and call is None:
                     metadata = parse_metadata(msg.data[:TEXT_MAX])

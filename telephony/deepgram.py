@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import numpy as np
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from engine.base import BridgeError, Closed, EndOfTurn, EngineEvent, Partial, Segment, Word
 from telephony.audio import WIRE_RATES, AudioDecoder, Encoding, PcmArray, ResampleStream
@@ -728,8 +728,15 @@ async def _serve(
         close_reason = f"NET-0001: no audio or message received for {idle_s:g} s"
         await ws.close(code=close_code, message=close_reason.encode()[:120])
 
+    def push(msg: WSMessage) -> bool:  # the loop's BINARY branch, as frames are parsed
+        if msg.type != WSMsgType.BINARY or not msg.data or call.ended:
+            return False
+        for leg, pcm in zip(codec.legs, codec.receive_audio(msg.data), strict=True):
+            call.leg(leg).push(pcm)
+        return True
+
     try:
-        async for msg in messages(ws, request, idle_s, idle):
+        async for msg in messages(ws, request, idle_s, idle, direct=push):
             if msg.type == WSMsgType.BINARY:
                 if not msg.data:  # the old protocol's end of audio
                     reason, close_stream = "client CloseStream", True

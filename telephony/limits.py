@@ -24,6 +24,7 @@ from typing import Any, Final
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from telephony.config import LimitsConfig
+from telephony.direct_ws import DIRECT_SUPPORTED, DirectHandler, DirectWebSocket
 
 LIMITS: Final = web.AppKey("limits", LimitsConfig)
 MAX_JSON_DEPTH: Final = 64
@@ -202,11 +203,13 @@ def open_websocket(
     read_by_messages: bool = False,
 ) -> web.WebSocketResponse:
     """A WebSocketResponse with the configured message size (over it: close 1009).
-    `read_by_messages`: the handler reads it through `messages` (see `heartbeat_for`)."""
+    `read_by_messages`: the handler reads it through `messages` (see `heartbeat_for`), which
+    may then hand messages to a `direct` function as they are parsed (telephony/direct_ws.py)."""
     limits = limits_of(request)
     size = limits.websocket_max_message_bytes if max_msg_size is None else max_msg_size
     heartbeat = heartbeat_for(request, read_by_messages)
-    return web.WebSocketResponse(protocols=protocols, heartbeat=heartbeat, max_msg_size=size)
+    kind = DirectWebSocket if read_by_messages and DIRECT_SUPPORTED else web.WebSocketResponse
+    return kind(protocols=protocols, heartbeat=heartbeat, max_msg_size=size)
 
 
 async def messages(
@@ -214,6 +217,7 @@ async def messages(
     request: web.Request,
     idle_s: float | None = None,
     on_idle: Callable[[], Awaitable[None]] | None = None,
+    direct: DirectHandler | None = None,
 ) -> AsyncIterator[WSMessage]:
     """`async for msg in ws`, except that a client silent for `idle_timeout_s` (a whole
     message must arrive in that time: trickling one frame does not count) is closed with 1008.
@@ -223,6 +227,12 @@ async def messages(
     One watchdog per connection checks the time of the last whole message, waking once per
     `idle_timeout_s`: a timeout around every `receive` cost 6 % of the server's time at
     100 calls (py-spy), an audio frame being a message every 20 ms.
+
+    `direct(msg)`, on a socket from `open_websocket(read_by_messages=True)`, is offered each
+    message as it is parsed while this loop waits with nothing queued (telephony/direct_ws.py):
+    True when it handled it, False to have it yielded here in order. It must do exactly what
+    the loop body does with such a message: on an aiohttp without the hook every message is
+    yielded. What it raises is raised here, in place of that message.
     """
     loop = asyncio.get_running_loop()
     if idle_s is None:
@@ -241,14 +251,38 @@ async def messages(
                 return
             await asyncio.sleep(wait)
 
+    queue = ws.direct_queue if isinstance(ws, DirectWebSocket) else None
+    if queue is not None and direct is not None:
+
+        def handled(msg: WSMessage) -> bool:
+            nonlocal last
+            if direct(msg):
+                last = loop.time()
+                return True
+            return False
+
+        queue.direct = handled
+
     watchdog = loop.create_task(watch()) if idle_s > 0 else None
     try:
         while True:
-            msg = await ws.receive()
+            if queue is None:
+                msg = await ws.receive()
+            else:
+                queue.waiting = True
+                try:
+                    msg = await ws.receive()
+                finally:
+                    queue.waiting = False
+                if queue.error is not None:
+                    error, queue.error = queue.error, None
+                    raise error
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return
             last = loop.time()
             yield msg
     finally:
+        if queue is not None:
+            queue.direct = None
         if watchdog is not None:
             watchdog.cancel()

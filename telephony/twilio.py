@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Start, VoiceResponse
 
@@ -313,8 +313,21 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
     call: Call | None = None
     legs: _Legs | None = None
     reason = "socket closed without stop"
+
+    def media(msg: WSMessage) -> bool:
+        """The loop's media branch, as frames are parsed. Anything else is parsed again in
+        the loop, which is harmless: only `start` changes the codec, and this takes none
+        before the call is open (a second one raises here as there)."""
+        if msg.type != WSMsgType.TEXT or legs is None or legs.call.ended:
+            return False
+        event = codec.receive(msg.data)
+        if not isinstance(event, Media):
+            return False
+        legs.media(event)
+        return True
+
     try:
-        async for msg in messages(ws, request):
+        async for msg in messages(ws, request, direct=media):
             if msg.type != WSMsgType.TEXT:
                 continue
             event = codec.receive(msg.data)

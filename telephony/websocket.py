@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from engine.base import BridgeError, Closed, EngineEvent, event_to_json
 from telephony.audio import SUPPORTED_RATES, AudioDecoder, Encoding, PcmArray
@@ -202,8 +202,15 @@ async def _serve(request: web.Request, params: ListenParams) -> web.StreamRespon
 
     leg = call.leg("caller")
     reason = "client closed"
+
+    def push(msg: WSMessage) -> bool:  # the loop's BINARY branch, as frames are parsed
+        if msg.type != WSMsgType.BINARY or call.ended:
+            return False
+        leg.push(codec.receive_bytes(msg.data))
+        return True
+
     try:
-        async for msg in messages(ws, request):
+        async for msg in messages(ws, request, direct=push):
             if msg.type == WSMsgType.BINARY:
                 leg.push(codec.receive_bytes(msg.data))
                 if call.ended:  # by the engine (a lost engine node): its `closed` went out

@@ -109,8 +109,9 @@ async def test_microphone_words_appear_on_the_page(
 
         def glance() -> str:
             partial = browser.find_element(By.ID, "partial")
-            if partial.text and partial.value_of_css_property("font-style") == "italic":
-                shown_partials.append(partial.text)
+            text = partial.text  # read once: the page may replace it between two reads
+            if text and partial.value_of_css_property("font-style") == "italic":
+                shown_partials.append(text)
             return str(browser.find_element(By.ID, "transcript").text.strip())
 
         for _ in range(300):

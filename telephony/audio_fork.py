@@ -143,16 +143,19 @@ async def handle_fork(request: web.Request) -> web.StreamResponse:
             resamplers[leg] = ResampleStream(fmt.rate, opened.sample_rate)
         return opened, AudioForkCodec(fmt)
 
-    def push(msg: WSMessage) -> bool:  # the loop's BINARY branch, once the call is open
+    def push(data: bytes) -> None:
+        assert call is not None and codec is not None
+        for leg, pcm in zip(codec.format.legs, codec.receive_audio(data), strict=True):
+            call.leg(leg).push(resamplers[leg].process(pcm))
+
+    def push_direct(msg: WSMessage) -> bool:  # the loop's BINARY branch, once the call is open
         if msg.type != WSMsgType.BINARY or not msg.data or call is None or call.ended:
             return False
-        assert codec is not None
-        for leg, pcm in zip(codec.format.legs, codec.receive_audio(msg.data), strict=True):
-            call.leg(leg).push(resamplers[leg].process(pcm))
+        push(msg.data)
         return True
 
     try:
-        async for msg in messages(ws, request, direct=push):
+        async for msg in messages(ws, request, direct=push_direct):
             if msg.type == WSMsgType.TEXT:
                 if call is None:
                     call, codec = open_call(msg.data)
@@ -163,12 +166,10 @@ async def handle_fork(request: web.Request) -> web.StreamResponse:
             elif msg.type == WSMsgType.BINARY:
                 if call is None:  # the metadata frame was lost (it happens under load)
                     call, codec = open_call(None)
-                assert codec is not None
                 if not msg.data:
                     reason = "graceful shutdown"
                     break
-                for leg, pcm in zip(codec.format.legs, codec.receive_audio(msg.data), strict=True):
-                    call.leg(leg).push(resamplers[leg].process(pcm))
+                push(msg.data)
                 if call.ended:  # by the engine (a lost engine node)
                     break
     except BridgeError as exc:

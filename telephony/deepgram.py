@@ -728,21 +728,23 @@ async def _serve(
         close_reason = f"NET-0001: no audio or message received for {idle_s:g} s"
         await ws.close(code=close_code, message=close_reason.encode()[:120])
 
-    def push(msg: WSMessage) -> bool:  # the loop's BINARY branch, as frames are parsed
+    def push(data: bytes) -> None:
+        for leg, pcm in zip(codec.legs, codec.receive_audio(data), strict=True):
+            call.leg(leg).push(pcm)
+
+    def push_direct(msg: WSMessage) -> bool:  # the loop's BINARY branch, as frames are parsed
         if msg.type != WSMsgType.BINARY or not msg.data or call.ended:
             return False
-        for leg, pcm in zip(codec.legs, codec.receive_audio(msg.data), strict=True):
-            call.leg(leg).push(pcm)
+        push(msg.data)
         return True
 
     try:
-        async for msg in messages(ws, request, idle_s, idle, direct=push):
+        async for msg in messages(ws, request, idle_s, idle, direct=push_direct):
             if msg.type == WSMsgType.BINARY:
                 if not msg.data:  # the old protocol's end of audio
                     reason, close_stream = "client CloseStream", True
                     break
-                for leg, pcm in zip(codec.legs, codec.receive_audio(msg.data), strict=True):
-                    call.leg(leg).push(pcm)
+                push(msg.data)
                 if call.ended:  # by the engine (a lost engine node)
                     reason = call.engine_reason
                     close_code, close_reason = ws_close_at_end(call)[0], call.engine_reason

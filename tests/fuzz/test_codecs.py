@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from telephony.audio_fork import AudioForkCodec, AudioForkError, StreamFormat, stream_format
@@ -296,6 +296,37 @@ def test_deep_json_is_a_value_error(depth: int) -> None:
         assert parse_json(text) is not None
     except JsonTooDeep:
         assert depth > 64
+
+
+# Any JSON a peer may send, escaped lone surrogates and integers up to 64 bits included.
+json_texts = st.text() | st.text(st.characters(min_codepoint=0xD7F0, max_codepoint=0xE010))
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | json_texts,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(json_texts, inner, max_size=5),
+    max_leaves=20,
+)
+
+
+@FAST
+@given(json_values)
+@example({"callId": "\ud800", "n": 2**63 - 1})
+def test_wire_json_reads_as_the_standard_library_does(value: Any) -> None:
+    """parse_json (orjson, the standard library for what orjson refuses) gives what json.loads
+    gives, lone surrogates included (orjson refuses them, the fallback reads them)."""
+    text = json.dumps(value)
+    assert parse_json(text) == json.loads(text)
+    assert parse_json(text.encode()) == json.loads(text)
+
+
+def test_wire_json_refuses_nan_and_infinity() -> None:
+    for text in ('{"a": NaN}', "[Infinity]", "-Infinity"):
+        with contextlib.suppress(ValueError):
+            parse_json(text)
+            raise AssertionError(f"{text} was read")
 
 
 @FAST

@@ -6,6 +6,7 @@ killed with SIGKILL mid-call."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import uuid
@@ -167,6 +168,22 @@ async def until(check: Callable[[], Any], timeout: float = 15.0) -> None:
             await asyncio.sleep(0.05)
 
 
+async def stored_once_ended(service: Service, call_id: str) -> dict[str, Any]:
+    """The call as the store has it once its end is written (or as it stands after 10 s): the
+    store writes on its own thread, so the end may land after the client saw the close."""
+    url = f"http://127.0.0.1:{service.ports['audio']}/v1/calls/{call_id}"
+    stored: dict[str, Any] = {}
+
+    async def ended() -> bool:
+        nonlocal stored
+        stored = await get_json(url)
+        return stored.get("status") == "ended"
+
+    with contextlib.suppress(TimeoutError):
+        await until(ended, timeout=10.0)
+    return stored
+
+
 async def calls_on(node: Service) -> int:
     listed = await get_json(f"http://127.0.0.1:{node.ports['audio']}/v1/calls")
     return len(listed["calls"])
@@ -278,11 +295,11 @@ async def test_moshi_server_nodes_refusing_no_free_channels(
         messages = await call(front, pcm[: RATE // 2], call_id="all-full", close_codes=codes)
         assert messages[-1] == {"type": "closed", "reason": "engine_full"}
         assert codes == [1013]  # as a full engine at the start: try again later
-        stored = await get_json(f"http://127.0.0.1:{front.ports['audio']}/v1/calls/all-full")
+        stored = await stored_once_ended(front, "all-full")
         assert (stored["status"], stored["reason"]) == ("ended", "engine_full")
         # AudioSocket has no codes: its call is hung up, with the same reason stored.
         call_id = await audiosocket_until_hung_up(front, pcm)
-        stored = await get_json(f"http://127.0.0.1:{front.ports['audio']}/v1/calls/{call_id}")
+        stored = await stored_once_ended(front, str(call_id))
         assert (stored["status"], stored["reason"]) == ("ended", "engine_full")
         for ws in busy:
             await ws.close()

@@ -261,8 +261,10 @@ async def messages(
                 return
             await asyncio.sleep(wait)
 
-    queue = ws.direct_queue if isinstance(ws, DirectWebSocket) else None
-    if queue is not None and direct is not None:
+    # Without a `direct` function (or without the hook) this is the plain loop.
+    queue = ws.direct_queue if direct is not None and isinstance(ws, DirectWebSocket) else None
+    if queue is not None:
+        assert direct is not None
 
         def handled(msg: WSMessage) -> bool:
             nonlocal last

@@ -1,7 +1,7 @@
 """The engine contract every speech-to-text engine implements.
 
-`Engine.open(call_id, leg)` gives an `EngineStream` or raises `EngineFull`. The stream takes
-mono int16 at the engine's own rate (`Engine.sample_rate`), any length, with `push` (never
+`Engine.open(call_id, leg, keyterms)` gives an `EngineStream` or raises `EngineFull`. The stream
+takes mono int16 at the engine's own rate (`Engine.sample_rate`), any length, with `push` (never
 blocks the event loop; a bounded buffer drops the oldest audio on overflow and counts it) or
 `write` (waits for room: offline use).
 `close()` flushes: the engine finishes every word spoken so far, emits it, then `Closed`.
@@ -52,6 +52,7 @@ class Word:
     text: str
     start_s: float
     end_s: float
+    confidence: float | None = None  # 0..1 from the model's token probabilities; None: unknown
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Segment:
     start_s: float
     end_s: float
     words: tuple[Word, ...] = ()
+    confidence: float | None = None  # 0..1 from its words' (engine/confidence.py); None: unknown
 
 
 @dataclass(frozen=True)
@@ -118,18 +120,29 @@ class _Settled:
     samples: int
 
 
+def _word_json(word: Word) -> dict[str, Any]:
+    out: dict[str, Any] = {"text": word.text, "start": word.start_s, "end": word.end_s}
+    if word.confidence is not None:
+        out["confidence"] = round(word.confidence, 3)
+    return out
+
+
 def event_to_json(event: EngineEvent) -> dict[str, Any]:
-    """The wire form shared by every JSON front end and `/v1/events`."""
+    """The wire form shared by every JSON front end and `/v1/events`: `confidence` (0..1, three
+    places) on words and segments only when the engine gives one."""
     if isinstance(event, Word):
-        return {"type": "word", "text": event.text, "start": event.start_s, "end": event.end_s}
+        return {"type": "word", **_word_json(event)}
     if isinstance(event, Segment):
-        return {
+        segment: dict[str, Any] = {
             "type": "segment",
             "text": event.text,
             "start": event.start_s,
             "end": event.end_s,
-            "words": [{"text": w.text, "start": w.start_s, "end": w.end_s} for w in event.words],
+            "words": [_word_json(w) for w in event.words],
         }
+        if event.confidence is not None:
+            segment["confidence"] = round(event.confidence, 3)
+        return segment
     if isinstance(event, Partial):
         return {"type": "partial", "text": event.text, "start": event.start_s, "end": event.end_s}
     if isinstance(event, EndOfTurn):
@@ -421,8 +434,14 @@ class Engine(abc.ABC):
     def free_slots(self) -> int: ...
 
     @abc.abstractmethod
-    def open(self, call_id: str, leg: str = "caller") -> EngineStream:
-        """A stream in a free slot, or `EngineFull`."""
+    def open(
+        self, call_id: str, leg: str = "caller", keyterms: tuple[str, ...] = ()
+    ) -> EngineStream:
+        """A stream in a free slot, or `EngineFull`.
+
+        `keyterms`: words this stream's decoder should favour, already checked
+        (engine/keyterms.py `check_keyterms`); the engine adds its server-wide ones. Engines
+        that cannot bias their decoder accept and ignore them."""
 
     @abc.abstractmethod
     def info(self) -> EngineInfo: ...

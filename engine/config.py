@@ -33,3 +33,6 @@ class EngineConfig:
     torch_compile: bool = False  # kyutai: let moshi torch.compile its small kernels
     end_of_turn_threshold: float = 0.5  # kyutai: P(pause) of the VAD head that ends a turn
     end_of_turn_silence_s: float = 1.2  # kyutai without a VAD head, remote: a pause in the words
+    # moonshine, kyutai: words every stream's decoder favours, besides the stream's own
+    # (engine/keyterms.py limits); env STT_BRIDGE_ENGINE_KEYTERMS comma-separated
+    keyterms: tuple[str, ...] = ()

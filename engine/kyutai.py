@@ -44,6 +44,7 @@ from engine.base import (
     Word,
 )
 from engine.batcher import Batcher, BoolMask, FloatFrames, StepResult
+from engine.keyterms import check_keyterms, merge_keyterms
 from engine.pcm import pcm16_to_float
 
 if TYPE_CHECKING:
@@ -355,8 +356,16 @@ class KyutaiStream(EngineStream):
 
     settles_on_take = False
 
-    def __init__(self, engine: KyutaiEngine, call_id: str, leg: str, max_buffer_s: float) -> None:
+    def __init__(
+        self,
+        engine: KyutaiEngine,
+        call_id: str,
+        leg: str,
+        max_buffer_s: float,
+        keyterms: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(call_id, leg, max_buffer_s, SAMPLE_RATE)
+        self.keyterms = keyterms
         model = engine.model
         assert model is not None
         self._engine = engine
@@ -498,8 +507,10 @@ class KyutaiEngine(Engine):
         end_of_turn_threshold: float = 0.5,
         end_of_turn_silence_s: float = 1.2,
         random_weights: bool = False,
+        keyterms: tuple[str, ...] = (),
     ) -> None:
         self.model_name = model
+        self.keyterms = check_keyterms(keyterms)  # every stream's, besides its own
         self._revision = revision or None
         self._requested_batch = batch_size
         self._device_setting = device
@@ -579,11 +590,14 @@ class KyutaiEngine(Engine):
             await asyncio.get_running_loop().run_in_executor(self._executor, self.model.close)
         self._executor.shutdown(wait=True)
 
-    def open(self, call_id: str, leg: str = "caller") -> KyutaiStream:
+    def open(
+        self, call_id: str, leg: str = "caller", keyterms: tuple[str, ...] = ()
+    ) -> KyutaiStream:
         batcher = self.batcher
         if batcher.failure is not None:
             raise EngineUnavailable(f"kyutai engine failed: {batcher.failure}")
-        stream = KyutaiStream(self, call_id, leg, self._max_buffer_s)  # EngineFull when full
+        terms = merge_keyterms(self.keyterms, keyterms)
+        stream = KyutaiStream(self, call_id, leg, self._max_buffer_s, terms)  # EngineFull when full
         self._streams.add(stream)
         return stream
 

@@ -40,6 +40,7 @@ from engine.base import (
 )
 from engine.decode_pool import FINAL, PARTIAL, DecodePool
 from engine.endpointing import Cut, EndpointConfig, OpenUtterance, Utterances
+from engine.keyterms import check_keyterms, merge_keyterms
 from engine.moonshine_model import SAMPLE_RATE, MoonshineModel, load
 from engine.vad import SileroVad
 from engine.vad import load as load_vad
@@ -68,8 +69,10 @@ class MoonshineEngine(Engine):
         max_buffer_s: float = 10.0,
         partial_interval_s: float = 1.0,
         endpoint: EndpointConfig | None = None,
+        keyterms: tuple[str, ...] = (),
     ) -> None:
         self._model_name = model
+        self.keyterms = check_keyterms(keyterms)  # every stream's, besides its own
         self._cache_dir = cache_dir
         self._capacity = capacity
         self._threads = threads or os.cpu_count() or 1
@@ -123,12 +126,14 @@ class MoonshineEngine(Engine):
                 await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
         self.pool = self.vad_pool = None
 
-    def open(self, call_id: str, leg: str = "caller") -> MoonshineStream:
+    def open(
+        self, call_id: str, leg: str = "caller", keyterms: tuple[str, ...] = ()
+    ) -> MoonshineStream:
         if self.pool is None or self.vad_pool is None or self.model is None:
             raise EngineUnavailable("the moonshine engine is not running")
         if len(self._streams) >= self._capacity:
             raise EngineFull(f"all {self._capacity} moonshine engine streams are busy")
-        stream = MoonshineStream(self, call_id, leg)
+        stream = MoonshineStream(self, call_id, leg, merge_keyterms(self.keyterms, keyterms))
         self._streams.add(stream)
         return stream
 
@@ -158,8 +163,15 @@ class MoonshineStream(EngineStream):
 
     settles_on_take = False  # words come out per utterance: `_settle` says how far
 
-    def __init__(self, engine: MoonshineEngine, call_id: str, leg: str) -> None:
+    def __init__(
+        self,
+        engine: MoonshineEngine,
+        call_id: str,
+        leg: str,
+        keyterms: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(call_id, leg, engine._max_buffer_s, engine.sample_rate)
+        self.keyterms = keyterms
         assert engine.model is not None and engine.pool is not None
         assert engine.vad_pool is not None
         self._engine = engine

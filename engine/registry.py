@@ -53,6 +53,7 @@ def build_engine(config: EngineConfig, data_dir: str = "data") -> tuple[Engine, 
                 min_silence_s=config.min_silence_s,
                 max_utterance_s=min(config.max_utterance_s, 64.0),
             ),
+            keyterms=config.keyterms,
         )
         return moonshine, choice
     if choice.name == "kyutai":
@@ -68,6 +69,7 @@ def build_engine(config: EngineConfig, data_dir: str = "data") -> tuple[Engine, 
             max_buffer_s=config.max_buffer_s,
             end_of_turn_threshold=config.end_of_turn_threshold,
             end_of_turn_silence_s=config.end_of_turn_silence_s,
+            keyterms=config.keyterms,
         )
         return kyutai, choice
     if choice.name == "remote":

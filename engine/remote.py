@@ -396,7 +396,9 @@ class RemoteEngine(Engine):
         now = time.monotonic()
         return sum(n.free(now) for n in self.nodes_)
 
-    def open(self, call_id: str, leg: str = "caller") -> RemoteStream:
+    def open(
+        self, call_id: str, leg: str = "caller", keyterms: tuple[str, ...] = ()
+    ) -> RemoteStream:
         if self._http is None:
             raise EngineUnavailable("the remote engine is not running")
         candidates = self.candidates()

@@ -31,7 +31,7 @@ class SinkEngine(Engine):
     def free_slots(self) -> int:
         return self._capacity - len(self._streams)
 
-    def open(self, call_id: str, leg: str = "caller") -> SinkStream:
+    def open(self, call_id: str, leg: str = "caller", keyterms: tuple[str, ...] = ()) -> SinkStream:
         if len(self._streams) >= self._capacity:
             raise EngineFull(f"all {self._capacity} sink engine streams are busy")
         stream = SinkStream(self, call_id, leg, self._max_buffer_s)

@@ -56,7 +56,9 @@ class ScriptedEngine(Engine):
     def free_slots(self) -> int:
         return 1
 
-    def open(self, call_id: str, leg: str = "caller") -> EngineStream:
+    def open(
+        self, call_id: str, leg: str = "caller", keyterms: tuple[str, ...] = ()
+    ) -> EngineStream:
         self.streams.append(ScriptedStream(call_id, leg, *self.script))
         return self.streams[-1]
 

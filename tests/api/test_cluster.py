@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import statistics
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -203,6 +204,61 @@ async def test_a_dead_nodes_calls_are_interrupted_and_its_webhooks_delivered(
         rows = db.execute("SELECT node, delivered_by FROM outbox ORDER BY id").fetchall()
     assert rows == [("dead", "b"), ("dead", "b"), ("b", "b")]
     dead.close()
+
+
+async def test_a_node_whose_event_loop_is_busy_is_not_declared_dead(
+    postgres: Postgres, start_service: ServiceFactory
+) -> None:
+    """Node a has a call live when its event loop is kept busy (CPU-bound Python, not a sleep)
+    for three leases. Another node's lease check runs meanwhile on its own thread, as on a
+    node of its own: a's lease, renewed from a's lease thread, never runs out, so a is not
+    declared dead, its call stays live, and the call then ends normally."""
+    url = postgres.fresh_database()
+    watcher = Store(url, node_id="watcher", lease_s=LEASE_S)
+    a = await start_service(node_config(url, "a"))
+    declared: list[str] = []
+    checks: list[float] = []
+    stop = threading.Event()
+
+    def nodes() -> set[str]:
+        with psycopg.connect(url) as db:
+            return {row[0] for row in db.execute("SELECT id FROM nodes").fetchall()}
+
+    def check_leases() -> None:  # what another node's cluster-lease thread does
+        while not stop.wait(LEASE_S / 4):
+            declared.extend(event.call_id for event in watcher.heartbeat())
+            checks.append(time.monotonic())
+
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"ws://127.0.0.1:{a.ports['audio']}/v1/stream?call_id=busy")
+        await ws.send_bytes(bytes(9600))
+        await flush(a)
+        assert (await get(a, "/v1/calls/busy"))[1]["status"] == "live"
+        assert nodes() == {"a", "watcher"}  # a holds a lease that can run out
+        checker = threading.Thread(target=check_leases, name="other-node-lease")
+        checker.start()
+        try:
+            busy_until = time.monotonic() + 3 * LEASE_S
+            spins = 0
+            while time.monotonic() < busy_until:  # the loop runs nothing else meanwhile
+                spins += sum(range(1000)) > 0
+            await asyncio.sleep(LEASE_S)  # and the other node looks once more after it
+        finally:
+            stop.set()
+            checker.join()
+        assert spins > 1000
+        # The other node looked all through the block, and never found a's lease run out.
+        assert sum(busy_until - 3 * LEASE_S < t < busy_until for t in checks) >= 8
+        assert declared == []
+        assert nodes() == {"a", "watcher"}
+        assert (await get(a, "/v1/calls/busy"))[1]["status"] == "live"
+        await ws.send_str('{"type": "stop"}')
+        async for _ in ws:
+            pass
+    await flush(a)
+    _, call = await get(a, "/v1/calls/busy")
+    assert (call["status"], call["reason"]) == ("ended", "client stop")
+    watcher.close()
 
 
 async def test_options_answer_503_when_full_or_leaving(start_service: ServiceFactory) -> None:

@@ -38,10 +38,12 @@ from engine.base import (
     Segment,
     Word,
 )
+from engine.confidence import segment_confidence
+from engine.config import user_dir
 from engine.decode_pool import FINAL, PARTIAL, DecodePool
 from engine.endpointing import Cut, EndpointConfig, OpenUtterance, Utterances
 from engine.keyterms import check_keyterms, merge_keyterms
-from engine.moonshine_model import SAMPLE_RATE, MoonshineModel, load
+from engine.moonshine_model import SAMPLE_RATE, MoonshineModel, Transcript, load
 from engine.vad import SileroVad
 from engine.vad import load as load_vad
 from engine.word_timing import word_times
@@ -63,7 +65,7 @@ class MoonshineEngine(Engine):
     def __init__(
         self,
         model: str = "",
-        cache_dir: Path = Path("data/cache"),
+        cache_dir: Path | None = None,  # None: the user's cache folder
         capacity: int = 0,
         threads: int = 0,
         max_buffer_s: float = 10.0,
@@ -73,7 +75,7 @@ class MoonshineEngine(Engine):
     ) -> None:
         self._model_name = model
         self.keyterms = check_keyterms(keyterms)  # every stream's, besides its own
-        self._cache_dir = cache_dir
+        self._cache_dir = cache_dir or user_dir("cache")
         self._capacity = capacity
         self._threads = threads or os.cpu_count() or 1
         self._max_buffer_s = max_buffer_s
@@ -172,6 +174,9 @@ class MoonshineStream(EngineStream):
     ) -> None:
         super().__init__(call_id, leg, engine._max_buffer_s, engine.sample_rate)
         self.keyterms = keyterms
+        assert engine.model is not None
+        # Finals, partials and the final decoded ahead all take the same bias.
+        self._keyterms = engine.model.keyterm_index(keyterms) if keyterms else None
         assert engine.model is not None and engine.pool is not None
         assert engine.vad_pool is not None
         self._engine = engine
@@ -181,7 +186,7 @@ class MoonshineStream(EngineStream):
         self._utterances = Utterances(SileroVad(), engine.endpoint)
         self._utterances.on_pause = self._speculate
         # A final decoded ahead, while a pause is confirmed: (start, length, its text to come).
-        self._ahead: tuple[int, int, Future[str]] | None = None
+        self._ahead: tuple[int, int, Future[Transcript]] | None = None
         self._partial_every = int(engine.partial_interval_s * SAMPLE_RATE)
         self._partial_at = (0, 0)  # (utterance number, its length) at the last partial
         self._partial_running = False
@@ -250,10 +255,10 @@ class MoonshineStream(EngineStream):
         audio = utterance.audio
         if self._ahead is not None:
             self._ahead[2].cancel()  # an earlier pause that did not end the utterance
-        future = self._pool.submit(PARTIAL, partial(self._model.transcribe, audio))
+        future = self._pool.submit(PARTIAL, partial(self._model.decode, audio, self._keyterms))
         self._ahead = (utterance.start, len(audio), future)
 
-    def _final_text(self, cut: Cut) -> str:
+    def _final_text(self, cut: Cut) -> Transcript:
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[:2] == (cut.start, len(cut.audio)):
             future = ahead[2]
@@ -261,23 +266,26 @@ class MoonshineStream(EngineStream):
                 return future.result()
         elif ahead is not None:
             ahead[2].cancel()  # speech went on: that guess is void
-        return self._model.transcribe(cut.audio)
+        return self._model.decode(cut.audio, self._keyterms)
 
     def _decode_final(self, cut: Cut) -> None:
-        text = self._final_text(cut)
+        transcript = self._final_text(cut)
+        text = transcript.text
         written = text.split()
+        confidences = transcript.word_confidences()
         offset = cut.start / SAMPLE_RATE
         words = tuple(
-            Word(w, round(offset + start, 3), round(offset + end, 3))
-            for w, (start, end) in zip(
-                written, word_times(written, cut.audio, SAMPLE_RATE), strict=True
+            Word(w, round(offset + start, 3), round(offset + end, 3), round(confidence, 4))
+            for w, (start, end), confidence in zip(
+                written, word_times(written, cut.audio, SAMPLE_RATE), confidences, strict=True
             )
         )
         with self._emitting:
             for word in words:
                 self._emit(word)
             if words:  # noise that decodes to nothing is no turn
-                self._emit(Segment(text, words[0].start_s, words[-1].end_s, words))
+                confidence = segment_confidence([w.confidence or 0.0 for w in words])
+                self._emit(Segment(text, words[0].start_s, words[-1].end_s, words, confidence))
                 if cut.ends_turn:
                     self._emit(EndOfTurn(round(cut.end / SAMPLE_RATE, 3)))
 
@@ -302,7 +310,7 @@ class MoonshineStream(EngineStream):
 
         def decode() -> None:
             try:
-                text = self._model.transcribe(utterance.audio)
+                text = self._model.decode(utterance.audio, self._keyterms).text
                 with self._emitting:  # the final of this utterance has not come out yet:
                     state = self._utterances
                     if text and state.in_speech and state.number == utterance.number:

@@ -28,6 +28,9 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from engine.confidence import word_confidences
+from engine.keyterm_bias import KeytermBias, KeytermIndex
+
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE: Final = 16000
@@ -40,8 +43,23 @@ LAYERS: Final = 8
 HEADS: Final = 8
 HEAD_DIM: Final = 52
 PARTS: Final = ("encoder_model", "decoder_model_merged")
+FIRST_TEXT_TOKEN: Final = 259  # 0-2 special, 3-258 the bytes: never keyterm spellings
+KEYTERM_INDEXES_KEPT: Final = 64  # keyterm lists whose prefix trees are kept for reuse
 
 FloatAudio = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """A decode: its text, the tokens that wrote it and the model's probability of each."""
+
+    text: str
+    pieces: tuple[str, ...]  # "".join(pieces).strip() == text
+    probabilities: tuple[float, ...]
+
+    def word_confidences(self) -> list[float]:
+        """One per word of `text.split()` (engine/confidence.py)."""
+        return word_confidences(self.pieces, self.probabilities)
 
 
 class ModelLoadError(RuntimeError):
@@ -151,6 +169,12 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def token_probability(logits: npt.NDArray[np.float32], token: int) -> float:
+    """Softmax probability of `token` (numerically stable)."""
+    shifted = np.exp(logits - logits.max())
+    return float(shifted[token] / shifted.sum())
+
+
 def read_tokenizer(path: Path) -> list[str]:
     """`tokenizer.bin`: one length-prefixed byte string per token id (a 7-bit varint length)."""
     try:
@@ -205,24 +229,49 @@ class MoonshineModel:
             i.name for i in self._decoder.get_inputs() if i.name.startswith("past_key_values.")
         ]
         self._present_names = [o.name for o in self._decoder.get_outputs()][1:]
+        self._indexes: dict[tuple[str, ...], KeytermIndex] = {}
+        self._indexes_lock = threading.Lock()
 
     def transcribe(self, audio: FloatAudio) -> str:
         """Text of 16 kHz float audio in [-1, 1] (at most `MAX_AUDIO_S`); "" for no speech."""
+        return self.decode(audio).text
+
+    def decode(self, audio: FloatAudio, keyterms: KeytermIndex | None = None) -> Transcript:
+        """`transcribe` with each token's probability and, given `keyterms`, biased towards
+        them (engine/keyterm_bias.py)."""
         if len(audio) < SAMPLE_RATE // 10:
             audio = np.pad(audio, (0, SAMPLE_RATE // 10 - len(audio)))
+        bias = KeytermBias(keyterms) if keyterms else None
         feeds = self._encode(audio)
         tokens: list[int] = []
+        probabilities: list[float] = []
         last = START_TOKEN
         for step in range(int(len(audio) / SAMPLE_RATE * TOKENS_PER_S) + 10):
             feeds["input_ids"] = np.array([[last]], dtype=np.int64)
             logits, *present = self._decoder.run(None, feeds)
-            last = int(np.argmax(logits[0, -1]))
+            row = logits[0, -1]
+            last = bias.choose(row) if bias is not None else int(np.argmax(row))
             if last == END_TOKEN:
                 break
+            # The model's own probability of the token (softmax of the unbiased logits).
+            probabilities.append(token_probability(row, last))
             tokens.append(last)
             self._keep(feeds, present, step)
             feeds["use_cache_branch"] = np.array([True])
-        return self.detokenize(tokens)
+        kept = [(t, p) for t, p in zip(tokens, probabilities, strict=True) if self._is_text(t)]
+        pieces = tuple(self._tokens[t] for t, _ in kept)
+        return Transcript("".join(pieces).strip(), pieces, tuple(p for _, p in kept))
+
+    def keyterm_index(self, terms: tuple[str, ...]) -> KeytermIndex:
+        """The prefix tree of `terms` over this model's tokens (kept for the next stream)."""
+        with self._indexes_lock:
+            index = self._indexes.get(terms)
+            if index is None:
+                index = KeytermIndex(self._tokens, terms, first_text_id=FIRST_TEXT_TOKEN)
+                if len(self._indexes) >= KEYTERM_INDEXES_KEPT:
+                    self._indexes.pop(next(iter(self._indexes)))
+                self._indexes[terms] = index
+            return index
 
     def cost_probe(self, seconds: float, tokens: int) -> None:
         """Encode `seconds` of audio and run `tokens` decoder steps: the work of a typical
@@ -257,7 +306,10 @@ class MoonshineModel:
                 feeds[past] = value
 
     def detokenize(self, tokens: list[int]) -> str:
-        return "".join(self._tokens[t] for t in tokens if 2 < t < len(self._tokens)).strip()
+        return "".join(self._tokens[t] for t in tokens if self._is_text(t)).strip()
+
+    def _is_text(self, token: int) -> bool:
+        return 2 < token < len(self._tokens)
 
 
 _loaded: dict[str, MoonshineModel] = {}

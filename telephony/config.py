@@ -33,6 +33,8 @@ class LimitsConfig:
     websocket_max_message_bytes: int = 4 * 1024 * 1024  # one WebSocket message (close 1009)
     moshi_max_message_bytes: int = 16 * 1024 * 1024  # one /api/asr-streaming message
     http_max_body_bytes: int = 1024 * 1024  # a plain request body (413); POST audio has its own
+    min_body_bytes_per_s: float = 500.0  # a request body slower than this after the grace: 408
+    body_rate_grace_s: float = 10.0  # seconds a body may take before its rate counts
     audiosocket_max_payload_bytes: int = 32768  # one AudioSocket message
     sip_requests_per_s: float = 50.0  # SIP messages from one address (beyond: 503)
     event_subscribers: int = 64  # open /v1/events and /v1/calls/{id}/events streams (1013)

@@ -12,6 +12,7 @@ from typing import Final
 
 from engine.base import ENGINE_FULL, ENGINE_LOST, BridgeError, EngineFull, EngineUnavailable
 from telephony.session import Call, Draining, DuplicateCall
+from telephony.transcript import InvalidOptions
 
 
 class ProtocolError(BridgeError):
@@ -46,6 +47,7 @@ REJECTIONS: Final[dict[type[BridgeError], Rejection]] = {
     EngineUnavailable: Rejection(503, "Service Unavailable", 1013, 503),
     DuplicateCall: Rejection(482, "Loop Detected", 1008, 409),
     ProtocolError: Rejection(400, "Bad Request", 1007, 400),
+    InvalidOptions: Rejection(400, "Bad Request", 1007, 400),
 }
 _UNKNOWN: Final = Rejection(500, "Server Internal Error", 1011, 500)
 

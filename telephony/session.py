@@ -29,6 +29,7 @@ from engine.base import (
 )
 from telephony.audio import PcmArray, ResampleStream
 from telephony.limits import CALL_ID_MAX_CHARS, clean_label, clean_labels
+from telephony.transcript import HOLD_S, NO_OPTIONS, TranscriptOptions, TranscriptStage
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class CallStarted:
     legs: tuple[str, ...]
     labels: Mapping[str, str]
     at: float  # wall clock, seconds since the epoch
+    redaction: tuple[str, ...] = ()  # the kinds redacted from every leg (the store keeps them)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ def bus_event_to_json(event: BusEvent) -> dict[str, Any]:
             "legs": list(event.legs),
             "labels": dict(event.labels),
             "at": event.at,
+            "redaction": list(event.redaction),
         }
     if isinstance(event, CallEnded):
         return {
@@ -186,15 +189,20 @@ class EventBus:
 
 ReplyCallback = Callable[[str, EngineEvent], Awaitable[None]]
 FLUSH_STALL_S = 60.0
+HOLD_POLL_S = 0.1  # how often a leg holding a number run checks whether it is over
 
 
 class Session:
     """One leg of a call: audio in, the engine's events fanned out."""
 
-    def __init__(self, call: Call, leg: str, stream: EngineStream) -> None:
+    def __init__(
+        self, call: Call, leg: str, stream: EngineStream, stage: TranscriptStage | None = None
+    ) -> None:
         self.call = call
         self.leg = leg
         self.stream = stream
+        self.stage = stage  # redaction: every event of the leg passes it before going out
+        self._release_held = False  # wait_settled asks the pump to let held words go
         self.samples_in = 0
         self._pump = asyncio.get_running_loop().create_task(self._fan_out())
 
@@ -245,23 +253,68 @@ class Session:
         )
         self._pump.cancel()
 
+    async def wait_settled(self, samples: int) -> bool:
+        """Wait until every word of the leg's first `samples` samples is out (a client's
+        Finalize, moshi-server's marker): settled in the engine, and not held by redaction
+        for a number run that might go on (it is judged now, as the stream's end would)."""
+        if not await self.stream.wait_settled(samples):
+            return False
+        while self.stage is not None and self.stage.holding and not self._pump.done():
+            self._release_held = True
+            await asyncio.sleep(HOLD_POLL_S / 4)
+        return True
+
     async def _fan_out(self) -> None:
-        async for event in self.stream.events():
-            # Ended by the engine (not asked to close), or not flushed (ENGINE_LOST, an engine
-            # error): that is why the call ended, whatever the front end says.
-            if isinstance(event, Closed) and (not self.stream.closing or event.reason != "flushed"):
-                self.call.engine_ended(event.reason)
-            self.call.hub.bus.publish(LegEvent(self.call.id, self.leg, event))
-            if self.call.reply is not None:
+        events = aiter(self.stream.events())
+        stage = self.stage
+        upcoming: asyncio.Task[EngineEvent] | None = None
+        try:
+            while True:
+                if upcoming is None:
+                    upcoming = asyncio.ensure_future(anext(events))
+                if stage is not None and stage.holding:
+                    # Words held for a number run go out once the engine has settled far
+                    # enough past it with nothing more (or a client asks for its finals).
+                    await asyncio.wait((upcoming,), timeout=HOLD_POLL_S)
+                    if not upcoming.done():
+                        if self._release_held:
+                            self._release_held = False
+                            released = stage.flush()
+                        else:
+                            settled = self.stream.settled_samples / self.stream.sample_rate
+                            released = stage.expire(settled)
+                        for event in released:
+                            await self._send(event)
+                        continue
                 try:
-                    await self.call.reply(self.leg, event)
-                except Exception as exc:  # the connection is gone; the transcript is not
-                    log.info(
-                        "reply failed: %s",
-                        exc,
-                        extra={"call_id": self.call.id, "leg": self.leg},
-                    )
-                    self.call.reply = None
+                    event = await upcoming
+                except StopAsyncIteration:
+                    return
+                upcoming = None
+                # Ended by the engine (not asked to close), or not flushed (ENGINE_LOST, an
+                # engine error): that is why the call ended, whatever the front end says.
+                if isinstance(event, Closed) and (
+                    not self.stream.closing or event.reason != "flushed"
+                ):
+                    self.call.engine_ended(event.reason)
+                for out in stage.feed(event) if stage is not None else (event,):
+                    await self._send(out)
+        finally:
+            if upcoming is not None and not upcoming.done():
+                upcoming.cancel()
+
+    async def _send(self, event: EngineEvent) -> None:
+        self.call.hub.bus.publish(LegEvent(self.call.id, self.leg, event))
+        if self.call.reply is not None:
+            try:
+                await self.call.reply(self.leg, event)
+            except Exception as exc:  # the connection is gone; the transcript is not
+                log.info(
+                    "reply failed: %s",
+                    exc,
+                    extra={"call_id": self.call.id, "leg": self.leg},
+                )
+                self.call.reply = None
 
 
 @dataclass(eq=False)
@@ -335,9 +388,20 @@ class Call:
 class CallHub:
     """Admission and the registry of live calls."""
 
-    def __init__(self, engine: Engine, bus: EventBus | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        bus: EventBus | None = None,
+        redact: frozenset[str] = frozenset(),
+        hold_s: float = HOLD_S,
+    ) -> None:
         self.engine = engine
         self.bus = bus or EventBus()
+        self.redact = redact  # `[privacy] redact`: every call's, whatever its stream asks
+        self.hold_s = hold_s
+        # People's names (pii; telephony/names.py), loaded by api/app.py at start: until then
+        # names are found by their cues alone ("my name is ...").
+        self.names: frozenset[str] = frozenset()
         self.calls: dict[str, Call] = {}
         self.draining = False
         # A drain announced but not begun: health checks and SIP OPTIONS fail, so load balancers
@@ -354,8 +418,12 @@ class CallHub:
         call_id: str | None = None,
         labels: Mapping[str, str] | None = None,
         reply: ReplyCallback | None = None,
+        options: TranscriptOptions = NO_OPTIONS,
     ) -> Call:
-        """Admit a call with all its legs, or raise (`EngineFull`, `Draining`, `DuplicateCall`)."""
+        """Admit a call with all its legs, or raise (`EngineFull`, `Draining`, `DuplicateCall`).
+
+        `options` are the stream's own: its redaction kinds add to the hub's (a stream can
+        never remove one), its keyterms go to the engine."""
         try:
             if self.draining:
                 raise Draining("the service is draining")
@@ -367,7 +435,7 @@ class CallHub:
             streams: list[EngineStream] = []
             try:
                 for leg in legs:
-                    streams.append(self.engine.open(call_id, leg))
+                    streams.append(self.engine.open(call_id, leg, keyterms=options.keyterms))
             except BridgeError:
                 for stream in streams:
                     stream.close()
@@ -377,13 +445,23 @@ class CallHub:
                 self.on_reject(front_end, type(exc).__name__)
             raise
         call = Call(call_id, front_end, clean_labels(labels or {}), self, reply)
+        kinds = self.redact | options.redact
         for leg, stream in zip(legs, streams, strict=True):
-            call.legs[leg] = Session(call, leg, stream)
+            stage = TranscriptStage(kinds, self.hold_s, self.is_name) if kinds else None
+            call.legs[leg] = Session(call, leg, stream, stage)
         self.calls[call_id] = call
         self._ended.clear()
-        self.bus.publish(CallStarted(call_id, front_end, legs, dict(call.labels), call.started_at))
+        self.bus.publish(
+            CallStarted(
+                call_id, front_end, legs, dict(call.labels), call.started_at, tuple(sorted(kinds))
+            )
+        )
         log.info("call started", extra={"call_id": call_id, "front_end": front_end})
         return call
+
+    def is_name(self, word: str) -> bool:
+        """A lower-cased word that is a person's name (the list as loaded now)."""
+        return word in self.names
 
     def _forget(self, call: Call) -> None:
         self.calls.pop(call.id, None)

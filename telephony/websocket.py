@@ -6,6 +6,8 @@ Two routes on the audio port:
 - `/v1/stream?encoding=pcm16|mulaw|alaw&sample_rate=8000|16000|24000|48000&call_id=..`:
   the same with telephone encodings (it was `/v1/listen`, which now speaks Deepgram's protocol:
   telephony/deepgram.py).
+Both take `redact=pci,ssn,numbers,pii` and `keyterm=` (repeatable) in the query; every other
+query parameter becomes a label of the call (`customer=ACME-42`).
 Both answer with text frames, one JSON object each (`word`, `segment`, `end_of_turn`, then
 `closed` after the flush). The client ends with `{"type":"stop"}` (or Deepgram's
 `{"type":"CloseStream"}`) or by closing; either way every word is flushed. `{"type":"KeepAlive"}`
@@ -22,17 +24,18 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from aiohttp import WSMessage, WSMsgType, web
+from multidict import MultiMapping
 
 from engine.base import BridgeError, Closed, EngineEvent, event_to_json
 from telephony.audio import SUPPORTED_RATES, AudioDecoder, Encoding, PcmArray
 from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
 from telephony.limits import messages, open_websocket, parse_json
 from telephony.session import CallHub, Session
+from telephony.transcript import NO_OPTIONS, TranscriptOptions, transcript_options
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ class ListenParams:
     encoding: Encoding = Encoding.PCM16
     sample_rate: int = 24000
     call_id: str | None = None
+    options: TranscriptOptions = NO_OPTIONS
+    labels: dict[str, str] = field(default_factory=dict)  # the query's other parameters
 
 
 @dataclass(frozen=True)
@@ -85,9 +90,29 @@ _CONTROL: Final[dict[str, ControlMessage]] = {
 FINALIZE_WAIT_S: Final = 5.0
 
 _CALL_ID_MAX: Final = 128
+PROTOCOL_PARAMETERS: Final = frozenset({"encoding", "sample_rate", "call_id", "redact", "keyterm"})
+MAX_QUERY_LABELS: Final = 32  # query parameters that become labels; more is a 400
 
 
-def parse_listen_params(query: Mapping[str, str]) -> ListenParams:
+def query_labels(query: MultiMapping[str]) -> dict[str, str]:
+    """The query parameters that are not the protocol's own, as labels (the first of a
+    repeated one); each is cleaned where the call opens (telephony/limits.py)."""
+    labels: dict[str, str] = {}
+    for name, value in query.items():
+        if name not in PROTOCOL_PARAMETERS and name not in labels:
+            labels[name] = value
+    if len(labels) > MAX_QUERY_LABELS:
+        raise BadParameters(f"at most {MAX_QUERY_LABELS} query parameters become labels")
+    return labels
+
+
+def parse_root_params(query: MultiMapping[str]) -> ListenParams:
+    """`/`: raw 24 kHz int16 always; the transcript options and labels only."""
+    options = transcript_options(query.getall("redact", ()), query.getall("keyterm", ()))
+    return ListenParams(options=options, labels=query_labels(query))
+
+
+def parse_listen_params(query: MultiMapping[str]) -> ListenParams:
     encoding_text = query.get("encoding", Encoding.PCM16.value)
     try:
         encoding = Encoding(encoding_text)
@@ -105,7 +130,8 @@ def parse_listen_params(query: Mapping[str, str]) -> ListenParams:
     call_id = query.get("call_id") or None
     if call_id is not None and (len(call_id) > _CALL_ID_MAX or not call_id.isprintable()):
         raise BadParameters(f"call_id must be printable and at most {_CALL_ID_MAX} characters")
-    return ListenParams(encoding, sample_rate, call_id)
+    options = transcript_options(query.getall("redact", ()), query.getall("keyterm", ()))
+    return ListenParams(encoding, sample_rate, call_id, options, query_labels(query))
 
 
 class ListenCodec:
@@ -160,16 +186,24 @@ def is_websocket_upgrade(request: web.Request) -> bool:
 
 async def handle_root(request: web.Request) -> web.StreamResponse:
     """`/`: the original raw 24 kHz int16 protocol."""
-    return await _serve(request, ListenParams())
+    try:
+        params = parse_root_params(request.query)
+    except BridgeError as exc:
+        return _bad_parameters(exc)
+    return await _serve(request, params)
+
+
+def _bad_parameters(exc: BridgeError) -> web.Response:
+    status = rejection_for(exc).http_status
+    return web.json_response({"error": "bad_parameters", "reason": str(exc)}, status=status)
 
 
 async def handle_stream(request: web.Request) -> web.StreamResponse:
     """`/v1/stream`: the same protocol with telephone encodings."""
     try:
         params = parse_listen_params(request.query)
-    except BadParameters as exc:
-        status = rejection_for(exc).http_status
-        return web.json_response({"error": "bad_parameters", "reason": str(exc)}, status=status)
+    except BridgeError as exc:
+        return _bad_parameters(exc)
     if params.call_id is not None and params.call_id in request.app[HUB].calls:
         reason = f"call {params.call_id} is already live"
         return web.json_response({"error": "duplicate_call", "reason": reason}, status=409)
@@ -190,11 +224,21 @@ async def _serve(request: web.Request, params: ListenParams) -> web.StreamRespon
             code, message = ws_close_at_end(call)
             await ws.close(code=code, message=message)
 
-    labels = {"encoding": params.encoding.value, "sample_rate": str(params.sample_rate)}
+    labels = {
+        **params.labels,
+        "encoding": params.encoding.value,
+        "sample_rate": str(params.sample_rate),
+    }
     if request.remote:
         labels["remote"] = request.remote
     try:
-        call = hub.open_call(FRONT_END, call_id=params.call_id, labels=labels, reply=reply)
+        call = hub.open_call(
+            FRONT_END,
+            call_id=params.call_id,
+            labels=labels,
+            reply=reply,
+            options=params.options,
+        )
     except BridgeError as exc:
         log.warning("stream rejected: %s", exc, extra={"front_end": FRONT_END})
         await ws.close(code=rejection_for(exc).ws_close, message=str(exc).encode()[:120])
@@ -244,5 +288,5 @@ async def _finalize(leg: Session) -> float:
     stream = leg.stream
     stream.finalize()
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stream.wait_settled(stream.stats.samples_in), FINALIZE_WAIT_S)
+        await asyncio.wait_for(leg.wait_settled(stream.stats.samples_in), FINALIZE_WAIT_S)
     return stream.settled_samples / stream.sample_rate

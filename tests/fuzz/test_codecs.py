@@ -15,6 +15,7 @@ import msgpack
 import numpy as np
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from multidict import MultiDict
 
 from telephony.audio_fork import AudioForkCodec, AudioForkError, StreamFormat, stream_format
 from telephony.audiosocket import (
@@ -32,6 +33,7 @@ from telephony.moshi_asr import Marker, MoshiAsrCodec, MoshiProtocolError
 from telephony.sip.core import bad_request, request_problem
 from telephony.sip.rtp import RtpError, RtpPacket, RtpReceiver
 from telephony.sip.sdp import NoCommonCodec, SdpError, parse_sdp, plan_answer
+from telephony.transcript import InvalidOptions
 from telephony.twilio import TwilioMediaCodec, TwilioStreamError
 from telephony.websocket import BadParameters, ListenCodec, ListenParams, parse_listen_params
 
@@ -274,13 +276,21 @@ def test_websocket_text_frames(texts: list[str]) -> None:
 
 @FAST
 @given(
-    st.dictionaries(st.sampled_from(["encoding", "sample_rate", "call_id"]), st.text(max_size=200)),
+    st.lists(
+        st.tuples(
+            st.sampled_from(
+                ["encoding", "sample_rate", "call_id", "redact", "keyterm", "customer"]
+            ),
+            st.text(max_size=200),
+        ),
+        max_size=8,
+    ),
     st.lists(st.binary(max_size=200), max_size=5),
 )
-def test_websocket_params_and_audio(query: dict[str, str], chunks: list[bytes]) -> None:
+def test_websocket_params_and_audio(query: list[tuple[str, str]], chunks: list[bytes]) -> None:
     try:
-        params = parse_listen_params(query)
-    except BadParameters:
+        params = parse_listen_params(MultiDict(query))
+    except (BadParameters, InvalidOptions):
         return
     codec = ListenCodec(params, 16000)
     for chunk in chunks:

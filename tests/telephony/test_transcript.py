@@ -1,0 +1,76 @@
+"""The transcript stage: a leg's events in, redacted events out, in order."""
+
+from __future__ import annotations
+
+from engine.base import Closed, EndOfTurn, EngineEvent, Partial, Segment, Word
+from telephony.transcript import TranscriptStage
+
+PCI = frozenset({"pci"})
+
+
+def utterance(text: str, start: float) -> list[EngineEvent]:
+    """Words 0.4 s apart, their segment and an end of turn, as Moonshine emits them."""
+    words = [
+        Word(w, round(start + i * 0.4, 3), round(start + i * 0.4 + 0.3, 3))
+        for i, w in enumerate(text.split())
+    ]
+    return [*words, Segment(text, words[0].start_s, words[-1].end_s, tuple(words)),
+            EndOfTurn(words[-1].end_s)]  # fmt: skip
+
+
+def feed(stage: TranscriptStage, events: list[EngineEvent]) -> list[EngineEvent]:
+    return [out for event in events for out in stage.feed(event)]
+
+
+def segments(events: list[EngineEvent]) -> list[str]:
+    return [e.text for e in events if isinstance(e, Segment)]
+
+
+def test_a_card_read_in_two_groups_over_a_pause_is_one_span() -> None:
+    stage = TranscriptStage(PCI, hold_s=3.0)
+    first = feed(stage, utterance("My card number is 4242 4242", 0.0))
+    # The words before the run go out; the run, its segment and the turn wait.
+    assert [e.text for e in first if isinstance(e, Word)] == ["My", "card", "number", "is"]
+    assert segments(first) == [] and stage.holding
+    second = feed(stage, utterance("4242 4242.", 4.0))  # 1.7 s after the first group
+    assert segments(second) == []  # still a run: it may go on
+    third = feed(stage, utterance("Thank you.", 6.5))
+    assert segments(third) == ["My card number is [CARD_NUMBER]", "[CARD_NUMBER].", "Thank you."]
+    placeholders = [e for e in third if isinstance(e, Word) and e.text.startswith("[")]
+    assert [(w.start_s, w.end_s) for w in placeholders] == [(1.6, 2.3), (4.0, 4.7)]
+    texts = [e.text for e in first + second + third if isinstance(e, (Word, Segment))]
+    assert not any(ch.isdigit() for text in texts for ch in text)
+    assert not stage.holding
+
+
+def test_a_run_is_over_when_the_engine_settles_past_the_pause() -> None:
+    stage = TranscriptStage(PCI, hold_s=3.0)
+    held = feed(stage, utterance("My zip code is 30319.", 0.0))
+    assert segments(held) == []
+    assert stage.expire(settled_s=3.0) == []  # 1.3 s after the run: the caller may go on
+    out = stage.expire(settled_s=5.0)
+    assert segments(out) == ["My zip code is 30319."]  # five digits: no card
+    assert isinstance(out[-1], EndOfTurn)
+
+
+def test_a_number_after_a_long_pause_starts_a_new_run() -> None:
+    stage = TranscriptStage(PCI, hold_s=3.0)
+    out = feed(stage, utterance("Order 4242 4242", 0.0))
+    out += feed(stage, utterance("4242 4242", 10.0))  # 8.9 s later: another number
+    out += stage.feed(Closed("flushed"))
+    assert segments(out) == ["Order 4242 4242", "4242 4242"]
+    assert isinstance(out[-1], Closed)
+
+
+def test_flush_releases_at_once_and_partials_are_masked() -> None:
+    stage = TranscriptStage(PCI, hold_s=3.0)
+    feed(stage, utterance("card 4242 4242 4242 4242", 0.0))
+    assert segments(stage.flush()) == ["card [CARD_NUMBER]"]
+    (partial,) = stage.feed(Partial("my card is 4242 4", 9.0, 10.0))
+    assert isinstance(partial, Partial) and partial.text == "my card is [REDACTED]"
+
+
+def test_without_number_kinds_nothing_is_held() -> None:
+    stage = TranscriptStage(frozenset({"pii"}) - {"pii"}, hold_s=3.0)
+    out = feed(stage, utterance("card 4242 4242", 0.0))
+    assert segments(out) == ["card 4242 4242"]

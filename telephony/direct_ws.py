@@ -60,6 +60,12 @@ class DirectWebSocket(web.WebSocketResponse):
     """A `WebSocketResponse` whose messages may be handled as they are parsed."""
 
     def _post_start(self, request: Any, protocol: str | None, writer: Any) -> None:
+        http = request.protocol
+        # Bytes that came with or right after the upgrade request (a client that pipelines
+        # its first frames, even its stop, behind the handshake) wait in the protocol's tail
+        # for a parser: the one super() sets would take them into the queue replaced below,
+        # where nobody reads them. They go to ours instead, ahead of anything later.
+        tail, http._message_tail = http._message_tail, b""
         super()._post_start(request, protocol, writer)
         # What aiohttp 3.14's _post_start built, again, around our queue.
         queue = _DirectQueue(request._protocol, DEFAULT_CHUNK_SIZE, loop=self._loop)
@@ -70,9 +76,10 @@ class DirectWebSocket(web.WebSocketResponse):
             compress=bool(self._compress),
             decode_text=self._decode_text,
         )
-        request.protocol._payload_parser = None
+        http._payload_parser = None
+        http._message_tail = tail  # set_parser feeds it to our parser
         on_data = None if self._heartbeat is None else self._on_data_received
-        request.protocol.set_parser(self._parser, data_received_cb=on_data)
+        http.set_parser(self._parser, data_received_cb=on_data)
 
     @property
     def direct_queue(self) -> _DirectQueue | None:

@@ -16,6 +16,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Final
 
+import numpy as np
+
 GUID: Final = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
@@ -53,6 +55,20 @@ def libwsc_request(path: str, host: str, key: str, extra: dict[str, str] | None 
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """One unfragmented, masked frame (a client always masks), as bytes."""
+    mask = os.urandom(4)
+    length = len(payload)
+    if length < 126:
+        head = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
+    elif length < 1 << 16:
+        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
+    masked = np.frombuffer(payload, np.uint8) ^ np.resize(np.frombuffer(mask, np.uint8), length)
+    return head + mask + masked.tobytes()
+
+
 class HandshakeRefused(Exception):
     def __init__(self, status: int, head: str) -> None:
         super().__init__(f"HTTP {status}")
@@ -71,9 +87,13 @@ class RawWebSocket:
     _sent_close: bool = field(default=False, repr=False)
 
     @classmethod
-    async def connect(cls, port: int, request: bytes, key: str) -> RawWebSocket:
+    async def connect(
+        cls, port: int, request: bytes, key: str, pipelined: bytes = b""
+    ) -> RawWebSocket:
+        """Upgrade; `pipelined` (frames from `client_frame`) goes in the same write as the
+        request, before any answer, as embedded clients and proxies may send it."""
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(request)
+        writer.write(request + pipelined)
         head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
         status_line, *header_lines = head.strip().split("\r\n")
         status = int(status_line.split(" ")[1])
@@ -96,16 +116,7 @@ class RawWebSocket:
 
     def send(self, opcode: int, payload: bytes) -> None:
         """One unfragmented, masked frame (a client always masks)."""
-        mask = os.urandom(4)
-        length = len(payload)
-        if length < 126:
-            head = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
-        elif length < 1 << 16:
-            head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
-        else:
-            head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.writer.write(head + mask + masked)
+        self.writer.write(client_frame(opcode, payload))
 
     def send_text(self, text: str) -> None:
         self.send(TEXT, text.encode())

@@ -17,6 +17,7 @@ import logging
 import signal
 import socket
 import ssl
+import sys
 from pathlib import Path
 from typing import Final
 
@@ -28,7 +29,9 @@ from api.bridge import BRIDGE, Bridge
 from api.cluster import Cluster
 from api.config import Config
 from api.metrics import Metrics
+from api.preflight import listen_problem
 from api.routes import calls
+from api.routes import webhooks as webhook_routes
 from api.routes.events import REMOTE_CALLS, handle_events
 from api.store import Store
 from api.webhooks import WebhookSender
@@ -54,6 +57,12 @@ WEB_DIR: Final = Path(__file__).resolve().parent / "web"
 EXIT_ENGINE_FAILED: Final = 70  # EX_SOFTWARE: the engine's model failed; restart the service
 
 
+EXIT_USAGE: Final = 2  # a setting to change (a port taken), as for every configuration mistake
+PORT_SETTINGS: Final = {"audio": "port", "health": "health_port", "web": "web_port"}
+
+
+class PortUnavailable(OSError):
+    """One of the service's own ports could not be listened on; the message names its setting."""
 async def _index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(WEB_DIR / "index.html")
 
@@ -95,6 +104,7 @@ def build_audio_app(bridge: Bridge) -> web.Application:
     app[BRIDGE] = bridge
     app[websocket.HUB] = bridge.hub
     calls.add_routes(app, bridge.store, bridge.hub)
+    webhook_routes.add_routes(app, bridge.store)
     if bridge.cluster is not None:
         app[REMOTE_CALLS] = bridge.cluster.remote_live
     elif bridge.remote_calls is not None:  # the node's other worker processes
@@ -112,7 +122,13 @@ def build_audio_app(bridge: Bridge) -> web.Application:
         server = bridge.config.audiosocket
         app.cleanup_ctx.append(
             audiosocket.audiosocket_server(
-                server.host, server.port, bridge.hub, bridge.ports, limits, bridge.shared
+                server.host,
+                server.port,
+                bridge.hub,
+                bridge.ports,
+                limits,
+                bridge.shared,
+                on_problem=bridge.keep_audiosocket_problem,
             )
         )
     if bridge.config.sip.enabled:
@@ -147,14 +163,14 @@ class Service:
         """`shared`: one of a node's worker processes (api/workers.py): every TCP port is bound
         with SO_REUSEPORT, and a restart marks only this process's own calls interrupted."""
         if engine is None:
-            engine, choice = build_engine(config.engine, config.data.dir)
+            engine, choice = build_engine(config.engine)
         else:
             choice = EngineChoice(engine.name, "engine given by the caller")
         self.config = config
         hub = CallHub(engine)
         urls = [u.strip() for u in config.webhook.url.split(",") if u.strip()]
         store = Store(
-            config.data.url or Path(config.data.dir) / "stt-bridge.sqlite3",
+            config.data.url or config.data.folder() / "stt-bridge.sqlite3",
             urls,
             retention_s=config.data.retention_days * 86400,
             node_id=config.server.node_id,
@@ -167,8 +183,15 @@ class Service:
         self.bridge = Bridge(config, engine, choice, hub, store, metrics, shared=shared)
         if store.postgres:
             self.bridge.cluster = Cluster(store, hub.bus)
+        hook = config.webhook
         self.webhooks = WebhookSender(
-            store, config.webhook.secret, config.webhook.timeout_s, on_result=metrics.webhook_result
+            store,
+            hook.secret,
+            hook.timeout_s,
+            on_result=metrics.webhook_result,
+            max_attempts=hook.max_attempts,
+            first_backoff_s=hook.backoff_s,
+            max_backoff_s=hook.max_backoff_s,
         )
         self._runners: list[web.AppRunner] = []
         self.gates: dict[str, ConnectionGate] = {}  # open connections per port (limits)
@@ -205,7 +228,13 @@ class Service:
                 reuse_port=self.bridge.shared or None,
                 ssl_context=context,
             )
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:  # taken since `stt-bridge serve` checked it (api/preflight)
+                await runner.cleanup()
+                raise PortUnavailable(
+                    listen_problem(f"server.{PORT_SETTINGS[name]}", server.host, port, exc)
+                ) from exc
             self._runners.append(runner)
             self.ports[name] = _bound_port(site)
         self.bridge.accepting = True
@@ -269,7 +298,25 @@ async def run(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await service.start()
+def urls_to_open(config: Config, ports: dict[str, int]) -> str:
+    """The end of the startup line: where a person points a browser, curl or a client."""
+    wildcard = config.server.host in ("", "0.0.0.0", "::")
+    host = "localhost" if wildcard else config.server.host
+    host = f"[{host}]" if ":" in host else host
+    secure = "s" if config.tls.cert and config.tls.key else ""
+    return (
+        f"open http://{host}:{ports['web']}/ (the page), "
+        f"API http{secure}://{host}:{ports['audio']}/v1/calls, "
+        f"health http{secure}://{host}:{ports['health']}/ready"
+    )
+
+
+    try:
+        await service.start()
+    except PortUnavailable as exc:
+        print(f"stt-bridge: {exc}", file=sys.stderr, flush=True)
+        await service.stop(drain_timeout_s=0)
+        return EXIT_USAGE
     # Everything start-up built (torch, the model, the apps) lives as long as the process: move
     # it out of the collector's way, so a full GC pass no longer stalls every call for 50+ ms.
     gc.collect()
@@ -277,7 +324,8 @@ async def run(config: Config) -> int:
     print(
         f"stt-bridge {__version__}: engine {service.bridge.choice.name} "
         f"({service.bridge.choice.reason}); audio+API :{service.ports['audio']}, "
-        f"health :{service.ports['health']}, web client :{service.ports['web']}",
+        f"health :{service.ports['health']}, web client :{service.ports['web']}; "
+        f"{urls_to_open(config, service.ports)}",
         flush=True,
     )
     return await serve(service, stop)

@@ -36,6 +36,7 @@ class Bridge:
     sip: SipBackend | None = None  # the running SIP user agent, where SIP is enabled
     cluster: Cluster | None = None  # live events and the lease, on the PostgreSQL store
     sip_problem: str = ""  # why SIP is enabled but not listening (its port is taken)
+    audiosocket_problem: str = ""  # why AudioSocket is enabled but not listening
     # One of a node's worker processes (api/workers.py): its ports are shared (SO_REUSEPORT),
     # and the calls live on the other workers, which `/v1/events` shows too.
     shared: bool = False
@@ -44,6 +45,9 @@ class Bridge:
     def keep_sip(self, backend: SipBackend | None, problem: str = "") -> None:
         self.sip = backend
         self.sip_problem = problem
+
+    def keep_audiosocket_problem(self, problem: str) -> None:
+        self.audiosocket_problem = problem
 
 
 BRIDGE: Final = web.AppKey("bridge", Bridge)

@@ -10,14 +10,26 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from api import __version__, logs
 from api.config import Config, ConfigError, load_config
-from api.transcribe import FORMATS, AudioFileError, read_audio, transcribe_pcm
+from api.preflight import cache_problem, serve_problem
+from api.transcribe import (
+    EXTENSIONS,
+    FORMATS,
+    AudioFileError,
+    file_problem,
+    read_audio,
+    transcribe_pcm,
+)
+from engine.config import ENGINE_NAMES
 from engine.registry import build_engine
 from telephony.session import CallHub
 
 PROGRESS_MIN_S = 30.0  # files shorter than this finish before a bar is worth drawing
+ENGINE_CHOICES = ", ".join(ENGINE_NAMES)
+EXIT_USAGE = 2  # a setting, a port or a file to fix before anything runs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="audio WebSocket + API port (default: 8080)")
     serve.add_argument("--health-port", type=int, help="health/ready/info port (default: 8001)")
     serve.add_argument("--web-port", type=int, help="browser client port (default: 8000)")
-    serve.add_argument("--engine", help="auto, cpu, kyutai or sink (default: engine.name)")
+    serve.add_argument("--engine", help=f"{ENGINE_CHOICES} (default: engine.name)")
     serve.add_argument(
         "--workers",
         type=int,
@@ -66,13 +78,14 @@ def _parser() -> argparse.ArgumentParser:
         choices=sorted(FORMATS),
         default="text",
         help="text: one word per line with start and end seconds; json: one object per file "
-        "(words, segments, text); vtt: WebVTT cues, one per segment (default: text)",
+        "(words, segments, text); vtt: WebVTT cues, one per segment; srt: SubRip cues, one per "
+        "segment (default: text)",
     )
     transcribe.add_argument(
         "-o",
         "--output-dir",
         type=Path,
-        help="write FILE's transcript to OUTPUT_DIR/<name>.<txt|json|vtt> instead of stdout",
+        help="write FILE's transcript to OUTPUT_DIR/<name>.<txt|json|vtt|srt> instead of stdout",
     )
     transcribe.add_argument(
         "--progress",
@@ -81,7 +94,9 @@ def _parser() -> argparse.ArgumentParser:
         help=f"progress bar on stderr (default: for files of {PROGRESS_MIN_S:.0f} s or more "
         "when stderr is a terminal)",
     )
-    transcribe.add_argument("--engine", help="auto, cpu or kyutai (default: engine.name)")
+    transcribe.add_argument(
+        "--engine", help="auto, moonshine (the CPU engine) or kyutai (default: engine.name)"
+    )
     return parser
 
 
@@ -102,11 +117,8 @@ def _override(config: Config, args: argparse.Namespace) -> Config:
     return dataclasses.replace(config, server=server, engine=engine, log=log)
 
 
-_EXTENSIONS = {"text": "txt", "json": "json", "vtt": "vtt"}
-
-
 async def _transcribe(config: Config, args: argparse.Namespace) -> int:
-    engine, _ = build_engine(config.engine, config.data.dir)
+    engine, _ = build_engine(config.engine)
     await engine.start()
     hub = CallHub(engine)
     render = FORMATS[args.format]
@@ -123,20 +135,24 @@ async def _transcribe(config: Config, args: argparse.Namespace) -> int:
             show = args.progress
             if show is None:
                 show = seconds >= PROGRESS_MIN_S and sys.stderr.isatty()
-            with tqdm(
-                total=round(seconds, 2),
-                unit="s",
-                desc=path.name,
-                disable=not show,
-                file=sys.stderr,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s "
-                "[{elapsed}<{remaining}]",
-            ) as bar:
+            # Log lines (a call started, the model prepared) go above the bar, not into it.
+            with (
+                logging_redirect_tqdm(),
+                tqdm(
+                    total=round(seconds, 2),
+                    unit="s",
+                    desc=path.name,
+                    disable=not show,
+                    file=sys.stderr,
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s "
+                    "[{elapsed}<{remaining}]",
+                ) as bar,
+            ):
                 transcript = await transcribe_pcm(hub, pcm, str(path), progress=bar.update)
             text = render(transcript)
             if args.output_dir:
                 args.output_dir.mkdir(parents=True, exist_ok=True)
-                out = args.output_dir / f"{path.stem}.{_EXTENSIONS[args.format]}"
+                out = args.output_dir / f"{path.stem}.{EXTENSIONS[args.format]}"
                 out.write_text(text)
             else:
                 sys.stdout.write(text)
@@ -152,15 +168,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _override(load_config(args.config), args)
     except ConfigError as exc:
         print(f"stt-bridge: config: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     logs.configure(config.log.level, config.log.json)
+    # Every mistake a user can fix is found here, one line each, before a model loads.
+    if args.command == "serve":
+        problems = [serve_problem(config)]
+    else:
+        problems = [file_problem(path) for path in args.files] + [cache_problem(config.engine)]
+    if any(problems):
+        for problem in filter(None, problems):
+            print(f"stt-bridge: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     if args.command == "serve":
         from api import workers
 
         problem = workers.devices_problem(config.engine)
         if problem:
             print(f"stt-bridge: config: {problem}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         if workers.supervised(config):  # workers, or several engine.devices
             return run_loop(workers.supervise(config))  # worker and engine processes (README)
         from api.app import run

@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from engine.config import EngineConfig
+from engine import config_checks as check
+from engine.config import EngineConfig, user_dir
+from engine.config_checks import ConfigError as ConfigError
+from engine.config_checks import did_you_mean
 from telephony.config import AudioSocketConfig as AudioSocketConfig
 from telephony.config import LimitsConfig as LimitsConfig
 from telephony.config import TwilioConfig as TwilioConfig
@@ -27,6 +30,7 @@ from telephony.sip.config import SipConfig as SipConfig
 ENV_PREFIX: Final = "STT_BRIDGE_"
 REPO_DEFAULT: Final = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
+LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -41,21 +45,46 @@ class ServerConfig:
     workers: int = 1  # front-end processes sharing every port (api/workers.py); 0 = one per core
 
 
+    def __post_init__(self) -> None:
+        check.no_negative_numbers("server", self)
+        for name in ("port", "health_port", "web_port"):
+            check.port(f"server.{name}", getattr(self, name))
+
 @dataclass(frozen=True)
 class DataConfig:
-    dir: str = "data"  # the store (SQLite) and the webhook outbox live here
+    dir: str = ""  # the store (SQLite) and the webhook outbox; "" = ~/.local/share/stt-bridge
     retention_days: float = 0.0  # delete calls older than this; 0 = keep everything
     url: str = ""  # "postgresql://user@host/db": a store shared by a cluster; "" = SQLite in dir
     lease_s: float = 10.0  # PostgreSQL: a node silent this long is dead; its live calls end
     max_queue_events: int = 100_000  # events waiting for the disk at most (full: dropped, counted)
 
 
+    def folder(self) -> Path:
+        """Where the SQLite store and the webhook outbox live: `dir`, else the user's data folder
+        (XDG), the same wherever the service is started."""
+        return Path(self.dir) if self.dir else user_dir("data")
+
+    def __post_init__(self) -> None:
+        check.no_negative_numbers("data", self)
+        if self.url and not self.url.startswith(("postgresql://", "postgres://")):
+            raise check.fail("data.url", self.url, 'a "postgresql://user@host/db" URL, or empty')
+        check.positive("data.lease_s", self.lease_s)
+
 @dataclass(frozen=True)
 class WebhookConfig:
     url: str = ""  # where call.started / segment / call.ended are POSTed; comma-separate several
     secret: str = ""  # HMAC-SHA256 key for the X-STT-Bridge-Signature header
     timeout_s: float = 10.0
+    max_attempts: int = 20  # attempts per webhook, then it is dead-lettered; 0 = retry for ever
+    backoff_s: float = 1.0  # wait after the first failed attempt, doubled after each
+    max_backoff_s: float = 300.0  # the longest wait between two attempts
 
+
+    def __post_init__(self) -> None:
+        for url in (u.strip() for u in self.url.split(",")):
+            if url and not url.startswith(("http://", "https://")):
+                raise check.fail("webhook.url", url, "http(s):// URLs, comma-separated, or empty")
+        check.positive("webhook.timeout_s", self.timeout_s)
 
 @dataclass(frozen=True)
 class ApiConfig:
@@ -64,17 +93,28 @@ class ApiConfig:
     requests_per_minute: int = 600  # requests (and stream openings) per key per minute
 
 
+    def __post_init__(self) -> None:
+        check.no_negative_numbers("api", self)
+
 @dataclass(frozen=True)
 class TlsConfig:
     cert: str = ""  # PEM certificate chain: with `key`, the audio/API and health ports use TLS
     key: str = ""
 
 
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            missing = "tls.key" if self.cert else "tls.cert"
+            raise check.fail(missing, "", "tls.cert and tls.key are set together, or neither")
+
 @dataclass(frozen=True)
 class LogConfig:
-    level: str = "info"
+    level: str = "info"  # debug | info | warning | error
     json: bool = False  # one JSON object per line, with call id
 
+
+    def __post_init__(self) -> None:
+        check.choice("log.level", self.level.lower(), LOG_LEVELS)
 
 @dataclass(frozen=True)
 class Config:
@@ -92,6 +132,25 @@ class Config:
 
 
 LEGACY_ENV: Final[Mapping[str, tuple[str, str]]] = {
+    def __post_init__(self) -> None:
+        # Two TCP listeners on one port: the second would fail to bind, and its error would
+        # name it rather than the setting that took its port first.
+        listeners = [
+            (f"server.{name}", self.server.host, getattr(self.server, name))
+            for name in ("port", "health_port", "web_port")
+        ]
+        if self.audiosocket.enabled:
+            listeners.append(("audiosocket.port", self.audiosocket.host, self.audiosocket.port))
+        for n, (setting, host, port) in enumerate(listeners):
+            for earlier, other_host, other_port in listeners[:n]:
+                if port and port == other_port and _overlap(host, other_host):
+                    raise check.fail(setting, port, f"{earlier} has this port already")
+
+
+def _overlap(host: str, other: str) -> bool:
+    wildcard = ("", "0.0.0.0", "::")
+    return host == other or host in wildcard or other in wildcard
+
     "MOSHI_PORT": ("server", "port"),
     "HEALTH_PORT": ("server", "health_port"),
     "WEB_PORT": ("server", "web_port"),
@@ -100,12 +159,9 @@ LEGACY_ENV: Final[Mapping[str, tuple[str, str]]] = {
 }
 
 
-class ConfigError(ValueError):
-    """A config file or variable that cannot be used; the message names it."""
-
-
 def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Defaults ← TOML (`path`, else configs/default.toml when present) ← environment."""
+    """Defaults ← TOML (`path`, else configs/default.toml when present) ← environment.
+    A value that cannot work raises ConfigError naming the setting and where it was set."""
     environ = os.environ if environ is None else environ
     if path is None and REPO_DEFAULT.exists():
         path = REPO_DEFAULT
@@ -117,19 +173,62 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             raise ConfigError(f"{path}: {exc}") from exc
     sections: dict[str, Any] = {}
     for section in dataclasses.fields(Config):
+    _refuse_unknown_variables(environ)
+    sources: dict[str, str] = {}  # "section.key" -> the variable that set it
         section_type = _resolve(Config, section.name)
         values = dict(raw.pop(section.name, {}) or {})
         for env_name, (sec, key_name) in LEGACY_ENV.items():
             if sec == section.name and env_name in environ:
                 values[key_name] = environ[env_name]
         for key in dataclasses.fields(section_type):  # the STT_BRIDGE_ name wins over legacy
-            env_name = f"{ENV_PREFIX}{section.name}_{key.name}".upper()
+            env_name = variable_name(section.name, key.name)
+                sources[f"{sec}.{key_name}"] = env_name
             if env_name in environ:
                 values[key.name] = environ[env_name]
-        sections[section.name] = _build(section_type, values, section.name)
+                sources[f"{section.name}.{key.name}"] = env_name
+        try:
+            sections[section.name] = _build(section_type, values, section.name)
+        except ConfigError as exc:
+            raise _located(exc, sources, path) from None
     if raw:
-        raise ConfigError(f"unknown config section(s): {', '.join(sorted(raw))}")
-    return Config(**sections)
+        names = ", ".join(sorted(raw))
+        hint = did_you_mean(sorted(raw)[0], [f.name for f in dataclasses.fields(Config)])
+        raise ConfigError(f"{path}: unknown config section(s): {names}{hint}")
+    try:
+        return Config(**sections)
+    except ConfigError as exc:
+        raise _located(exc, sources, path) from None
+
+
+def variable_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section}_{key}".upper()
+
+
+def _refuse_unknown_variables(environ: Mapping[str, str]) -> None:
+    """An STT_BRIDGE_ variable that sets nothing is a typo (or a key that does not exist): say so
+    rather than serve with the value its author believes is set."""
+    known = {
+        variable_name(section.name, key.name)
+        for section in dataclasses.fields(Config)
+        for key in dataclasses.fields(_resolve(Config, section.name))
+    }
+    unknown = sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known)
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]}: no such setting{did_you_mean(unknown[0], known)}; every key of "
+            "configs/default.toml is STT_BRIDGE_<SECTION>_<KEY>"
+        )
+
+
+def _located(exc: ConfigError, sources: Mapping[str, str], path: Path | None) -> ConfigError:
+    """The same error, saying where its setting came from: a variable, else the TOML file."""
+    if not exc.setting:
+        return exc
+    if exc.setting in sources:
+        return ConfigError(f"{exc} (set by {sources[exc.setting]})", exc.setting)
+    if path is not None:
+        return ConfigError(f"{exc} (in {path})", exc.setting)
+    return exc
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> Config:
@@ -146,15 +245,27 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
 
 def _build(section_type: type[Any], values: dict[str, Any], section: str) -> Any:
     known = {f.name for f in dataclasses.fields(section_type)}
-    unknown = set(values) - known
+    unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"[{section}]: unknown key(s) {', '.join(sorted(unknown))}")
-    return section_type(
-        **{
-            name: _coerce(value, _resolve(section_type, name), f"{section}.{name}")
-            for name, value in values.items()
-        }
-    )
+        hint = did_you_mean(unknown[0], known)
+        raise ConfigError(f"[{section}]: unknown key(s) {', '.join(unknown)}{hint}")
+    coerced = {
+        name: _coerce(value, _resolve(section_type, name), f"{section}.{name}")
+        for name, value in values.items()
+    }
+    try:
+        return section_type(**coerced)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a section that checks itself with a plain ValueError
+        message = str(exc)
+        named = message.split(maxsplit=1)[0].rstrip(":")
+        setting = named if named.split(".")[0] == section and named in _keys(section) else ""
+        raise ConfigError(message, setting) from None
+
+
+def _keys(section: str) -> set[str]:
+    return {f"{section}.{f.name}" for f in dataclasses.fields(_resolve(Config, section))}
 
 
 def _resolve(owner: type[Any], name: str) -> Any:
@@ -165,32 +276,37 @@ def _resolve(owner: type[Any], name: str) -> Any:
 def _coerce(value: Any, kind: Any, where: str) -> Any:
     """TOML values pass through when they have the right type; env strings are parsed."""
     origin = typing.get_origin(kind)
-    try:
-        if kind is bool:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise check.fail(where, value, "true or false")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:  # a TOML float (8080.0) or a bool is a mistake, not a port
+            return int(str(value).strip()) if isinstance(value, str) else int("x")
+        except ValueError:
+            raise check.fail(where, value, "a whole number") from None
+    if kind is float:
+        try:
             if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(f"not a boolean: {value!r}")
-        if kind is int:
-            if isinstance(value, bool):
-                raise ValueError("not an integer")
-            return int(value)
-        if kind is float:
+                raise ValueError
             return float(value)
-        if kind is str:
-            return str(value)
-        if origin is tuple:
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(str(i).strip() for i in items if str(i).strip())
-        if origin in (types.UnionType, typing.Union):
-            inner = [a for a in typing.get_args(kind) if a is not type(None)]
-            return None if value in (None, "") else _coerce(value, inner[0], where)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+        except (TypeError, ValueError):
+            raise check.fail(where, value, "a number") from None
+    if kind is str:
+        return str(value)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(str(i).strip() for i in items if str(i).strip())
+    if origin in (types.UnionType, typing.Union):
+        inner = [a for a in typing.get_args(kind) if a is not type(None)]
+        return None if value in (None, "") else _coerce(value, inner[0], where)
     raise ConfigError(f"{where}: unsupported type {kind}")
 
 

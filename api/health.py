@@ -36,6 +36,17 @@ def _sip_line(bridge: Bridge) -> str:
     return f"listening on {bridge.ports.get('sip', config.port)}"
 
 
+def _audiosocket(bridge: Bridge) -> dict[str, object]:
+    config = bridge.config.audiosocket
+    problem = bridge.audiosocket_problem
+    return {
+        "enabled": config.enabled,
+        "listening": config.enabled and not problem,
+        "port": bridge.ports.get("audiosocket", config.port),
+        **({"reason": problem} if problem else {}),
+    }
+
+
 async def handle_ready(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     free = bridge.engine.free_slots
@@ -78,6 +89,7 @@ async def handle_info(request: web.Request) -> web.Response:
                 **info.extra,
             },
             "sip": sip.describe(bridge.config.sip, bridge.sip, bridge.sip_problem),
+            "audiosocket": _audiosocket(bridge),
             "calls_live": len(bridge.hub.calls),  # this process's (with workers: this worker's)
             "node": bridge.store.node_id,  # with workers, `<node_id>/w<k>`: the one answering
             "pid": os.getpid(),

@@ -4,7 +4,8 @@ Counters and gauges follow the bus (calls per front end), the engine (slots), th
 rejections (counted by `CallHub` admission) and webhook delivery. Audio dropped by an engine
 buffer is added up when each call ends. Every bounded queue on the way out shows what it
 dropped: live subscribers (`stt_bridge_live_events_dropped_total`) and the store's write queue
-(`stt_bridge_store_events_dropped_total`); webhooks wait on disk (`stt_bridge_webhooks_pending`).
+(`stt_bridge_store_events_dropped_total`); webhooks wait on disk (`stt_bridge_webhooks_pending`),
+and those whose attempts ran out stay there dead-lettered (`stt_bridge_webhooks_failed`).
 The event loop's own lag (`stt_bridge_event_loop_lag_seconds`) is how long any ready socket
 waits to be read: with it under 20 ms, no frame waits longer than a frame.
 
@@ -142,6 +143,11 @@ class _Outbox(Collector):
                 "stt_bridge_webhooks_pending",
                 "Webhook deliveries waiting in the outbox",
                 value=self._store.pending_webhooks(),
+            )
+            yield GaugeMetricFamily(
+                "stt_bridge_webhooks_failed",
+                "Webhooks dead-lettered (attempts ran out), kept in the outbox for a retry",
+                value=self._store.count_webhooks("failed"),
             )
 
 
@@ -333,8 +339,9 @@ class Metrics:
     def rejected(self, front_end: str, reason: str) -> None:
         self.rejections.labels(front_end, reason).inc()
 
-    def webhook_result(self, ok: bool) -> None:
-        self.webhooks.labels("delivered" if ok else "failed").inc()
+    def webhook_result(self, result: str) -> None:
+        """One attempt: "delivered", "failed" (tried again later) or "dead_lettered"."""
+        self.webhooks.labels(result).inc()
 
     async def handle(self, request: web.Request) -> web.Response:
         return web.Response(

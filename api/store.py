@@ -12,7 +12,9 @@ applies the queue in batches. A call the process never saw end (kill -9, power l
 
 The webhook outbox lives here too, so a webhook is written in the same transaction as the event
 that caused it and survives a restart. A sender claims due rows before it posts them (`FOR
-UPDATE SKIP LOCKED` on PostgreSQL), so with many nodes each webhook goes out once.
+UPDATE SKIP LOCKED` on PostgreSQL), so with many nodes each webhook goes out once. A row is
+pending, delivered, or failed (dead-lettered: `failed_at` set once its attempts ran out); a
+failed row is not sent again until it is retried by hand (`retry_webhook`).
 
 Cluster (PostgreSQL only; see api/cluster.py): each call records the node that took it; the
 writer NOTIFYs every event it commits on `EVENTS_CHANNEL`, so other nodes show it live; each
@@ -52,6 +54,16 @@ log = logging.getLogger(__name__)
 MAX_QUEUE: Final = 100_000  # unwritten events held in memory at most
 PURGE_EVERY_S: Final = 3600.0  # retention runs at start and then this often
 DELIVERED_KEEP_S: Final = 86400.0  # delivered webhook bodies (transcripts) are kept a day
+FAILED_KEEP_S: Final = 7 * 86400.0  # dead letters are kept a week, for a retry by hand
+# A webhook's state, as `GET /v1/webhooks?status=` names it: the outbox's columns that say it.
+WEBHOOK_STATUS_SQL: Final = {
+    "pending": "delivered_at IS NULL AND failed_at IS NULL",
+    "delivered": "delivered_at IS NOT NULL",
+    "failed": "delivered_at IS NULL AND failed_at IS NOT NULL",
+}
+WEBHOOK_COLUMNS: Final = (
+    "id, url, body, attempts, next_at, delivered_at, failed_at, last_error, node, delivered_by"
+)
 CLAIM_S: Final = 60.0  # a claimed webhook goes back to the pool if not settled by then
 EVENTS_CHANNEL: Final = "stt_bridge_events"
 INTERRUPTED_REASON: Final = "bridge stopped mid-call"  # a call its process never saw end
@@ -111,6 +123,12 @@ MIGRATIONS: Final[Sequence[str]] = (
         lease_s REAL NOT NULL
     );
     """,
+    # 4: dead letters. A webhook whose attempts ran out (`webhook.max_attempts`) is failed: kept,
+    # listed and retried by hand (GET /v1/webhooks?status=failed, POST /v1/webhooks/{id}/retry).
+    """
+    ALTER TABLE outbox ADD COLUMN failed_at REAL;
+    CREATE INDEX outbox_failed ON outbox (failed_at);
+    """,
 )
 CALL_COLUMNS: Final = "id, front_end, status, reason, started_at, ended_at, labels, legs, node"
 
@@ -139,6 +157,27 @@ class CallRecord:
             "legs": self.legs,
             "node": self.node,
         }
+
+
+@dataclass(frozen=True)
+class WebhookRecord:
+    """One outbox row, as the API lists it (its body is summed up by its event and call)."""
+
+    id: int
+    url: str
+    event: str
+    call_id: str | None
+    status: str  # pending | delivered | failed
+    attempts: int
+    next_at: float | None  # pending: when the next attempt is due
+    delivered_at: float | None
+    failed_at: float | None  # when it was dead-lettered
+    last_error: str | None
+    node: str  # the node that wrote it
+    delivered_by: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -398,6 +437,10 @@ class Store:
             self._writer_db.execute(
                 "DELETE FROM outbox WHERE delivered_at IS NOT NULL AND delivered_at < ?",
                 (now - DELIVERED_KEEP_S,),
+            )
+            self._writer_db.execute(
+                f"DELETE FROM outbox WHERE {WEBHOOK_STATUS_SQL['failed']} AND failed_at < ?",
+                (now - FAILED_KEEP_S,),
             )
         except DB_ERRORS:
             log.exception("retention purge failed")
@@ -733,7 +776,8 @@ class Store:
         with self._read_lock:
             rows = self._reader_db.execute(
                 "UPDATE outbox SET next_at = ? WHERE id IN (SELECT id FROM outbox "
-                f"WHERE delivered_at IS NULL AND next_at <= ? ORDER BY id LIMIT ?{skip}) "
+                f"WHERE {WEBHOOK_STATUS_SQL['pending']} AND next_at <= ? "
+                f"ORDER BY id LIMIT ?{skip}) "
                 "RETURNING id, url, body, attempts",
                 (now + claim_s, now, limit),
             ).fetchall()
@@ -755,12 +799,84 @@ class Store:
                 (next_at, error[:500], row_id),
             )
 
+    def webhook_dead(self, row_id: int, now: float, error: str) -> None:
+        """Its last attempt failed too: dead-lettered, not sent again until retried by hand."""
+        with self._read_lock:
+            self._reader_db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, failed_at = ?, last_error = ? "
+                "WHERE id = ?",
+                (now, error[:500], row_id),
+            )
+
     def pending_webhooks(self) -> int:
+        return self.count_webhooks("pending")
+
+    def count_webhooks(self, status: str) -> int:
         with self._read_lock:
             row = self._reader_db.execute(
-                "SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL"
+                f"SELECT COUNT(*) FROM outbox WHERE {WEBHOOK_STATUS_SQL[status]}"
             ).fetchone()
         return int(row[0])
+
+    def list_webhooks(
+        self, status: str | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[WebhookRecord], int]:
+        """Newest first; `status` one of `WEBHOOK_STATUS_SQL` (None: every row)."""
+        where = f"WHERE {WEBHOOK_STATUS_SQL[status]}" if status else ""
+        with self._read_lock:
+            total = self._reader_db.execute(f"SELECT COUNT(*) FROM outbox {where}").fetchone()[0]
+            rows = self._reader_db.execute(
+                f"SELECT {WEBHOOK_COLUMNS} FROM outbox {where} ORDER BY id DESC LIMIT ? OFFSET ?",
+                (limit, offset),
+            ).fetchall()
+        return [_webhook_record(r) for r in rows], int(total)
+
+    def get_webhook(self, row_id: int) -> WebhookRecord | None:
+        with self._read_lock:
+            row = self._reader_db.execute(
+                f"SELECT {WEBHOOK_COLUMNS} FROM outbox WHERE id = ?", (row_id,)
+            ).fetchone()
+        return _webhook_record(row) if row else None
+
+    def retry_webhook(self, row_id: int, now: float) -> bool:
+        """A dead letter is pending again, due now, with every attempt ahead of it. Only a
+        failed row: a pending one may be in flight on some node, and must not go out twice."""
+        with self._read_lock:
+            rows = self._reader_db.execute(
+                "UPDATE outbox SET failed_at = NULL, attempts = 0, next_at = ? "
+                f"WHERE id = ? AND {WEBHOOK_STATUS_SQL['failed']} RETURNING id",
+                (now, row_id),
+            ).fetchall()
+        return bool(rows)
+
+
+def _webhook_record(row: Sequence[Any]) -> WebhookRecord:
+    try:
+        body = json.loads(row[2])
+    except ValueError:
+        body = {}
+    call = body.get("call") if isinstance(body.get("call"), dict) else {}
+    call_id = body.get("call_id") or call.get("id")
+    if row[5] is not None:
+        status = "delivered"
+    elif row[6] is not None:
+        status = "failed"
+    else:
+        status = "pending"
+    return WebhookRecord(
+        id=int(row[0]),
+        url=row[1],
+        event=str(body.get("event", "")),
+        call_id=str(call_id) if call_id is not None else None,
+        status=status,
+        attempts=int(row[3]),
+        next_at=row[4] if status == "pending" else None,
+        delivered_at=row[5],
+        failed_at=row[6],
+        last_error=row[7],
+        node=row[8],
+        delivered_by=row[9],
+    )
 
 
 def _call_record(row: Sequence[Any]) -> CallRecord:

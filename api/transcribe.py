@@ -2,13 +2,14 @@
 
 Files are read with libsndfile (wav, flac, ogg/vorbis/opus, mp3 and more), mixed down to
 mono, resampled to the engine's rate by `telephony.audio`, and written into an engine stream as fast
-as the engine takes them (waiting instead of dropping). Output: plain text, JSON or WebVTT.
+as the engine takes them (waiting instead of dropping). Output: plain text, JSON, WebVTT or
+SubRip.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -48,12 +49,30 @@ class Transcript:
             self.turns.append(event)
 
 
+def file_problem(path: Path) -> str:
+    """Why `path` cannot be opened at all ("" when it can): said before any model loads, in
+    words rather than libsndfile's ("Error opening ...: System error.")."""
+    if not path.exists():
+        return f"no such file: {path}"
+    if path.is_dir():
+        return f"a folder, not an audio file: {path}"
+    try:
+        path.open("rb").close()
+    except OSError as exc:
+        return f"cannot read {path}: {(exc.strerror or str(exc)).lower()}"
+    return ""
+
+
 def read_audio(path: Path, out_rate: int) -> PcmArray:
     """Any file libsndfile reads, as mono int16 at `out_rate` (the engine's)."""
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, OSError) as exc:
-        raise AudioFileError(f"{path}: cannot read audio: {exc}") from exc
+        problem = file_problem(path)  # gone since it was checked, or not audio at all
+        if not problem:
+            reason = str(getattr(exc, "error_string", "") or exc)
+            problem = f"{path}: not audio that libsndfile reads ({reason.rstrip('.')})"
+        raise AudioFileError(problem) from exc
     return resample_whole(float_to_pcm16(data.mean(axis=1)), int(rate), out_rate)
 
 
@@ -97,6 +116,15 @@ def clock(seconds: float, separator: str = ".") -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{millis:03d}"
 
 
+def subrip(cues: Iterable[tuple[float, float, str]]) -> str:
+    """SubRip (.srt): numbered cues of (start, end, text), a blank line between them. The
+    transcript route renders stored calls with it too."""
+    return "\n".join(
+        f"{n}\n{clock(start, ',')} --> {clock(end, ',')}\n{text}\n"
+        for n, (start, end, text) in enumerate(cues, start=1)
+    )
+
+
 def format_text(t: Transcript) -> str:
     lines = [f"# {t.source} ({t.duration_s:.2f} s)"]
     lines += [f"{w.start_s:8.2f} {w.end_s:8.2f}  {w.text}" for w in t.words]
@@ -121,8 +149,14 @@ def format_vtt(t: Transcript) -> str:
     return "\n".join(cues)
 
 
+def format_srt(t: Transcript) -> str:
+    return subrip((seg.start_s, seg.end_s, seg.text) for seg in t.segments)
+
+
 FORMATS: Final[dict[str, Callable[[Transcript], str]]] = {
     "text": format_text,
     "json": format_json,
     "vtt": format_vtt,
+    "srt": format_srt,
 }
+EXTENSIONS: Final = {"text": "txt", "json": "json", "vtt": "vtt", "srt": "srt"}

@@ -2,11 +2,14 @@
 
 Each body is JSON (`{"event": "call.started" | "segment" | "call.ended", "sent_at", ...}`),
 POSTed with `X-STT-Bridge-Signature: sha256=<hex HMAC-SHA256 of the raw body>` when a secret is
-configured. Anything but a 2xx is retried with exponential backoff (1 s, 2 s, 4 s, ... capped at
-5 minutes), for ever, across restarts: the outbox row stays until it is delivered. Logs name a
-webhook by scheme, host and path only (its query or user info may hold a token). An attempt
-lasts at most `timeout_s`, reads the answer's status and never its body, and follows no
-redirect (a 3xx is a failure like any other).
+configured. Anything but a 2xx is retried with exponential backoff (`backoff_s`, doubled after
+each failure, at most `max_backoff_s` apart), across restarts, up to `max_attempts` attempts:
+then the delivery is dead-lettered (the outbox row stays, `failed`, until it is retried by hand
+or a week has passed), so one broken receiver cannot grow the outbox's work without end. Logs
+name a webhook by scheme, host and path only (its query or user info may hold a token): one
+WARNING per failed attempt, and at most one ERROR a minute per receiver whose webhooks are
+dead-lettered. An attempt lasts at most `timeout_s`, reads the answer's status
+and never its body, and follows no redirect (a 3xx is a failure like any other).
 
 Verify on the receiving side:
 
@@ -29,11 +32,13 @@ from typing import Final
 import aiohttp
 
 from api.store import DB_ERRORS, Store
+from telephony.limits import SourceLog
 
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER: Final = "X-STT-Bridge-Signature"
 MAX_BACKOFF_S: Final = 300.0
+MAX_ATTEMPTS: Final = 20  # 1 + 2 + ... + 256 s, then 300 s apart: about an hour
 STORE_RETRY_S: Final = 5.0  # the outbox's database took no writes: look again after this
 
 
@@ -50,8 +55,9 @@ def redacted(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def backoff_s(attempts: int) -> float:
-    return float(min(MAX_BACKOFF_S, 2.0 ** max(0, attempts)))
+def backoff_s(attempts: int, first_s: float = 1.0, max_s: float = MAX_BACKOFF_S) -> float:
+    """The wait after `attempts + 1` failed attempts: `first_s`, doubled each time, capped."""
+    return float(min(max_s, first_s * 2.0 ** min(max(0, attempts), 64)))
 
 
 class WebhookSender:
@@ -63,9 +69,18 @@ class WebhookSender:
         secret: str = "",
         timeout_s: float = 10.0,
         poll_s: float = 0.2,
-        on_result: Callable[[bool], None] | None = None,
+        on_result: Callable[[str], None] | None = None,
+        max_attempts: int = MAX_ATTEMPTS,
+        first_backoff_s: float = 1.0,
+        max_backoff_s: float = MAX_BACKOFF_S,
     ) -> None:
+        """`on_result` hears each attempt's outcome: "delivered", "failed" (it will be tried
+        again) or "dead_lettered" (it failed, and was the last; `max_attempts` 0: never)."""
         self._store = store
+        self._max_attempts = max_attempts
+        self._first_backoff_s = first_backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._dead_letters = SourceLog(log)  # per receiver (its redacted URL), once a minute
         self._secret = secret
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         # A claimed webhook is this sender's until then: longer than one delivery may take, so
@@ -125,16 +140,39 @@ class WebhookSender:
                 ok, error = 200 <= response.status < 300, f"HTTP {response.status}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             ok, error = False, f"{type(exc).__name__}: {exc}"
+        result = "delivered" if ok else "failed"
         if ok:
             await loop.run_in_executor(None, self._store.webhook_done, row_id, time.time())
+        elif self._max_attempts and attempts + 1 >= self._max_attempts:
+            result = "dead_lettered"
+            await loop.run_in_executor(None, self._store.webhook_dead, row_id, time.time(), error)
         else:
-            retry_at = time.time() + backoff_s(attempts)
-            await loop.run_in_executor(None, self._store.webhook_failed, row_id, retry_at, error)
-            log.warning(
-                "webhook failed (attempt %d): %s",
-                attempts + 1,
-                error.replace(url, redacted(url)),
-                extra={"url": redacted(url)},
+            delay = backoff_s(attempts, self._first_backoff_s, self._max_backoff_s)
+            await loop.run_in_executor(
+                None, self._store.webhook_failed, row_id, time.time() + delay, error
             )
+        if not ok:
+            self._log_failure(url, attempts + 1, error, result == "dead_lettered")
         if self._on_result is not None:
-            self._on_result(ok)
+            self._on_result(result)
+
+    def _log_failure(self, url: str, attempt: int, error: str, dead: bool) -> None:
+        """Each failed attempt is a WARNING; a webhook given up on is an ERROR at most once a
+        minute per receiver (a receiver broken for a day dead-letters every webhook: a line a
+        minute says so, with how to list and retry them)."""
+        receiver = redacted(url)
+        error = error.replace(url, receiver)
+        log.warning(
+            "webhook failed (attempt %d of %s): %s",
+            attempt,
+            self._max_attempts or "unlimited",
+            error,
+            extra={"url": receiver},
+        )
+        if dead and self._dead_letters.allow(receiver):
+            log.error(
+                "webhook dead-lettered after %d attempts (GET /v1/webhooks?status=failed lists "
+                "them, POST /v1/webhooks/{id}/retry sends one again)",
+                attempt,
+                extra={"url": receiver},
+            )

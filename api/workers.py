@@ -182,7 +182,7 @@ def worker_config(config: Config, worker: int, nodes: list[str], key: str) -> Co
 
 
 def _store_location(config: Config) -> Path | str:
-    return config.data.url or Path(config.data.dir) / "stt-bridge.sqlite3"
+    return config.data.url or config.data.folder() / "stt-bridge.sqlite3"
 
 
 # --- the event relay --------------------------------------------------------------------------
@@ -521,9 +521,12 @@ async def supervise(config: Config) -> int:
         await supervisor.stop()
         return 1
     ports = supervisor.ports
+    from api.app import urls_to_open
+
     print(
         f"stt-bridge {__version__}: {supervisor.describe()}; "
-        f"audio+API :{ports['audio']}, health :{ports['health']}, web client :{ports['web']}",
+        f"audio+API :{ports['audio']}, health :{ports['health']}, web client :{ports['web']}; "
+        f"{urls_to_open(config, ports)}",
         flush=True,
     )
     await stop.wait()
@@ -603,7 +606,7 @@ async def run_engine(workdir: Path, port: int, index: int) -> int:
     if problem:
         print(f"stt-bridge: config: {problem}", file=sys.stderr)
         return 2
-    engine, choice = build_engine(config.engine, config.data.dir)
+    engine, choice = build_engine(config.engine)
     await engine.start()
     hub = CallHub(engine)
     observe_steps(engine)  # into the node's /metrics (the multiprocess files)

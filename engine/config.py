@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal
+
+from engine import config_checks as check
+
+# The engines `name` picks; `cpu` is Moonshine's alias (the CPU engine's name before it).
+ENGINE_NAMES: Final = ("auto", "moonshine", "cpu", "kyutai", "remote", "sink")
+_XDG: Final = {"cache": ("XDG_CACHE_HOME", ".cache"), "data": ("XDG_DATA_HOME", ".local/share")}
+
+
+def user_dir(kind: Literal["cache", "data"], environ: Mapping[str, str] | None = None) -> Path:
+    """This user's stt-bridge folder of that kind (XDG base directories): the prepared model
+    and the store are found again wherever the service or the CLI is started from, instead of a
+    new `./data` in each working directory."""
+    environ = os.environ if environ is None else environ
+    variable, fallback = _XDG[kind]
+    base = environ.get(variable, "")
+    if not os.path.isabs(base):  # the spec: a relative value is invalid and ignored
+        base = os.path.join(environ.get("HOME") or os.path.expanduser("~"), fallback)
+    return Path(base) / "stt-bridge"
 
 
 @dataclass(frozen=True)
@@ -17,7 +39,7 @@ class EngineConfig:
     probe_interval_s: float = 2.0  # remote: how often each node's /info (or HTTP) is checked
     max_buffer_s: float = 10.0  # per-stream audio buffer before the oldest audio is dropped
     moonshine_model: str = ""  # moonshine: "" = base-en from the moonshine-cpp wheel, or a folder
-    cache_dir: str = ""  # moonshine: the prepared model; "" = <data.dir>/cache
+    cache_dir: str = ""  # moonshine: the prepared model; "" = ~/.cache/stt-bridge (XDG)
     threads: int = 0  # moonshine: decoding threads; 0 = one per core
     partial_interval_s: float = 1.0  # moonshine: a partial every so much speech; 0 = none
     vad_threshold: float = 0.5  # moonshine: Silero P(speech) that starts an utterance
@@ -36,3 +58,20 @@ class EngineConfig:
     # moonshine, kyutai: words every stream's decoder favours, besides the stream's own
     # (engine/keyterms.py limits); env STT_BRIDGE_ENGINE_KEYTERMS comma-separated
     keyterms: tuple[str, ...] = ()
+
+    def model_cache(self) -> Path:
+        """Where Moonshine's model is prepared: `cache_dir`, else the user's cache folder."""
+        return Path(self.cache_dir) if self.cache_dir else user_dir("cache")
+
+    def __post_init__(self) -> None:
+        check.no_negative_numbers("engine", self)
+        check.choice("engine.name", self.name, ENGINE_NAMES)
+        check.device("engine.device", self.device)
+        for device in self.devices:
+            check.device("engine.devices", device, auto=False)
+        check.between("engine.vad_threshold", self.vad_threshold, 0.0, 1.0)
+        check.between("engine.end_of_turn_threshold", self.end_of_turn_threshold, 0.0, 1.0)
+        for name in ("max_buffer_s", "probe_interval_s", "min_silence_s", "max_utterance_s"):
+            check.positive(f"engine.{name}", getattr(self, name))
+        if self.name == "remote" and not self.urls:
+            raise check.fail("engine.urls", self.urls, "the remote engine needs at least one node")

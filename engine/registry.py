@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from engine.base import Engine
-from engine.config import EngineConfig
+from engine.config import ENGINE_NAMES, EngineConfig
 
 ALIASES = {"cpu": "moonshine"}  # the CPU engine's name before Moonshine replaced PocketSphinx
 
@@ -34,8 +33,8 @@ def choose_engine(config: EngineConfig) -> EngineChoice:
     return EngineChoice("moonshine", "engine = 'auto' and no CUDA device: Moonshine on the CPU")
 
 
-def build_engine(config: EngineConfig, data_dir: str = "data") -> tuple[Engine, EngineChoice]:
-    """The engine, not started; `data_dir` holds the default cache of prepared models."""
+def build_engine(config: EngineConfig) -> tuple[Engine, EngineChoice]:
+    """The engine, not started."""
     choice = choose_engine(config)
     if choice.name == "moonshine":
         from engine.endpointing import EndpointConfig
@@ -43,7 +42,7 @@ def build_engine(config: EngineConfig, data_dir: str = "data") -> tuple[Engine, 
 
         moonshine = MoonshineEngine(
             model=config.moonshine_model,
-            cache_dir=Path(config.cache_dir or Path(data_dir) / "cache"),
+            cache_dir=config.model_cache(),
             capacity=config.capacity,
             threads=config.threads,
             max_buffer_s=config.max_buffer_s,
@@ -89,5 +88,4 @@ def build_engine(config: EngineConfig, data_dir: str = "data") -> tuple[Engine, 
 
         capacity = config.capacity or 1000
         return SinkEngine(capacity=capacity, max_buffer_s=config.max_buffer_s), choice
-    names = "auto, moonshine, kyutai, remote or sink"
-    raise ValueError(f"unknown engine {choice.name!r} (choose {names})")
+    raise ValueError(f"unknown engine {choice.name!r} (choose {', '.join(ENGINE_NAMES)})")

@@ -13,6 +13,7 @@ the service runs.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import struct
@@ -385,16 +386,32 @@ def audiosocket_server(
     ports: dict[str, int],
     limits: LimitsConfig | None = None,
     reuse_port: bool = False,
+    on_problem: Callable[[str], None] | None = None,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context: listen for Asterisk while the application runs.
-    `reuse_port`: SO_REUSEPORT, the port shared by a node's worker processes."""
+    `reuse_port`: SO_REUSEPORT, the port shared by a node's worker processes. When the port
+    cannot be had, the service goes on without AudioSocket, as without SIP: one log line that
+    names the setting, and `on_problem(why)` (for /info and /ready)."""
     listener = _Listener(hub, limits or LimitsConfig())
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: AudioSocketConnection(listener), host, port, reuse_port=reuse_port or None
-        )
+        try:
+            server = await loop.create_server(
+                lambda: AudioSocketConnection(listener), host, port, reuse_port=reuse_port or None
+            )
+        except OSError as exc:
+            taken = exc.errno == errno.EADDRINUSE
+            why = "is taken by another program" if taken else f"cannot be bound ({exc.strerror})"
+            problem = f"TCP port {port} on {host} {why}"
+            log.error(
+                "AudioSocket is off: %s; the other front ends carry on (audiosocket.port moves it)",
+                problem,
+            )
+            if on_problem is not None:
+                on_problem(problem)
+            yield
+            return
         ports[FRONT_END] = server.sockets[0].getsockname()[1]
         log.info("audiosocket listening", extra={"port": ports[FRONT_END]})
         try:

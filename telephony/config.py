@@ -15,6 +15,9 @@ class AudioSocketConfig:
 
 @dataclass(frozen=True)
 class TwilioConfig:
+    def __post_init__(self) -> None:
+        check.port("audiosocket.port", self.port)
+
     auth_token: str = ""  # set it to check X-Twilio-Signature on the webhook and the stream
     public_url: str = ""  # e.g. https://stt.example.com: what Twilio reaches us at
     dial: str = ""  # after starting the stream, <Dial> this number; "" = <Pause>
@@ -23,6 +26,11 @@ class TwilioConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
+    def __post_init__(self) -> None:
+        check.no_negative_numbers("twilio", self)
+        if self.public_url and not self.public_url.startswith(("https://", "http://")):
+            raise check.fail("twilio.public_url", self.public_url, "an https:// URL, or empty")
+
     """What one client may hold or send; over a limit it gets its protocol's rejection."""
 
     handshake_timeout_s: float = 10.0  # connected, no request/UUID/SIP message yet: closed

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from api.routes.events import stream_events
 from api.store import Line, Store, transcript_lines
-from api.transcribe import clock
+from api.transcribe import clock, subrip
 from telephony.session import CallHub
 
 STORE: Final = web.AppKey("store", Store)
@@ -33,11 +33,7 @@ def render(lines: list[Line], fmt: str) -> str:
             f"{clock(x.start, '.')} --> {clock(x.end, '.')}\n<v {x.leg}>{x.text}\n" for x in lines
         ]
         return "WEBVTT\n\n" + "\n".join(cues)
-    cues = [
-        f"{n}\n{clock(x.start, ',')} --> {clock(x.end, ',')}\n{x.leg}: {x.text}\n"
-        for n, x in enumerate(lines, start=1)
-    ]
-    return "\n".join(cues)
+    return subrip((x.start, x.end, f"{x.leg}: {x.text}") for x in lines)
 
 
 def _number(request: web.Request, name: str, default: float | None) -> float | None:

@@ -3,8 +3,12 @@ api/config.py."""
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
+from engine import config_checks as check
+
+BACKENDS = ("asyncio", "pjsua2")
 PJSUA2_CALL_CAP = 4  # the pjsua2-python wheel's compiled-in PJSUA_MAX_CALLS (see sip/backend.py)
 
 
@@ -31,3 +35,23 @@ class SipConfig:
     max_call_s: float = 14400.0  # hang up calls longer than this
     retry_after_s: int = 30  # Retry-After on 503 while draining
     user_agent: str = "stt-bridge"
+
+    def __post_init__(self) -> None:
+        check.no_negative_numbers("sip", self)
+        check.choice("sip.backend", self.backend, BACKENDS)
+        check.port("sip.port", self.port)
+        check.port("sip.rtp_port_min", self.rtp_port_min, lowest=1)
+        check.port("sip.rtp_port_max", self.rtp_port_max, lowest=1)
+        if self.rtp_port_min > self.rtp_port_max:
+            raise check.fail(
+                "sip.rtp_port_max", self.rtp_port_max, "must be sip.rtp_port_min or more"
+            )
+        for network in self.allow:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise check.fail(
+                    "sip.allow", network, "a CIDR like 10.0.0.0/8, 192.0.2.7 or ::/0"
+                ) from None
+        for name in ("rtp_timeout_s", "max_call_s"):
+            check.positive(f"sip.{name}", getattr(self, name))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,9 +24,14 @@ CLI = [sys.executable, "-m", "api.cli"]
 FILE_WER_BOUND = 0.05
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The command, with the prepared model of the test run unless `env` says otherwise."""
+    if env is None:
+        env = {**os.environ, "STT_BRIDGE_ENGINE_CACHE_DIR": str(MODEL_CACHE)}
     return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=120, env=env, check=False
+        [*CLI, *args], capture_output=True, text=True, timeout=120, env=env, cwd=cwd, check=False
     )
 
 
@@ -40,6 +46,8 @@ def test_every_command_explains_its_options(command: list[str]) -> None:
         "transcribe": ["--format", "--output-dir", "--progress"],
     }["".join(command)]:
         assert option in result.stdout
+    if command:  # each command's --engine names the CPU engine by its name
+        assert "moonshine" in " ".join(result.stdout.split())
 
 
 @pytest.fixture(scope="module")
@@ -88,17 +96,69 @@ def test_transcribe_text_and_webvtt(audio_files: dict[str, Path], tmp_path: Path
     assert cue_text == spoken
 
 
+def test_transcribe_subrip(audio_files: dict[str, Path]) -> None:
+    srt = run_cli("transcribe", "-f", "srt", str(audio_files["wav"]))
+    vtt = run_cli("transcribe", "-f", "vtt", str(audio_files["wav"]))
+    assert srt.returncode == 0 and vtt.returncode == 0
+    cues = [cue.splitlines() for cue in srt.stdout.strip().split("\n\n")]
+    assert [cue[0] for cue in cues] == [str(n) for n in range(1, len(cues) + 1)]
+    for cue in cues:  # SubRip times: HH:MM:SS,mmm --> HH:MM:SS,mmm
+        start, arrow, end = cue[1].split()
+        assert arrow == "-->" and start < end and start[8] == "," and end[8] == ","
+    vtt_text = [line for line in vtt.stdout.splitlines()[2:] if line and "-->" not in line]
+    assert [" ".join(cue[2:]) for cue in cues] == [t for t in vtt_text if not t.isdigit()]
+    assert word_error_rate(SENTENCES[0], " ".join(" ".join(c[2:]) for c in cues)) <= FILE_WER_BOUND
+
+
 def test_transcribe_reports_unreadable_files_and_goes_on(
     audio_files: dict[str, Path], tmp_path: Path
 ) -> None:
     junk = tmp_path / "junk.wav"
     junk.write_bytes(b"RIFF not really a wave file")
-    result = run_cli(
-        "transcribe", str(junk), str(tmp_path / "missing.flac"), str(audio_files["wav"])
-    )
+    result = run_cli("transcribe", str(junk), str(audio_files["wav"]))
     assert result.returncode == 1
-    assert "junk.wav" in result.stderr and "missing.flac" in result.stderr
+    assert f"stt-bridge: {junk}: not audio that libsndfile reads" in result.stderr
     assert result.stdout.count("# ") == 1  # the good file was still transcribed
+
+
+def test_a_missing_file_is_named_before_the_model_loads(
+    audio_files: dict[str, Path], tmp_path: Path
+) -> None:
+    missing = tmp_path / "nope.wav"
+    result = run_cli("transcribe", str(missing), str(tmp_path), str(audio_files["wav"]))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"stt-bridge: no such file: {missing}",
+        f"stt-bridge: a folder, not an audio file: {tmp_path}",
+    ]
+    assert result.stdout == ""  # nothing transcribed: the command line is to be fixed first
+
+
+def test_log_lines_do_not_break_the_progress_bar(audio_files: dict[str, Path]) -> None:
+    result = run_cli("--log-level", "info", "transcribe", "--progress", str(audio_files["wav"]))
+    assert result.returncode == 0
+    pieces = re.split(r"[\r\n]", result.stderr)  # the bar redraws itself after a carriage return
+    assert any("INFO" in piece and "call started" in piece for piece in pieces)
+    assert any("100%|" in piece for piece in pieces)
+    glued = [piece for piece in pieces if "%|" in piece and "INFO" in piece]
+    assert glued == []  # every log line starts a line of its own, never after the bar
+
+
+def test_the_model_cache_is_the_users_wherever_it_runs(
+    audio_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """No engine.cache_dir: the model is prepared in $XDG_CACHE_HOME/stt-bridge (about a second
+    and 60 MB), not in a new ./data/cache of the working directory, nor anywhere in HOME."""
+    elsewhere, home, xdg = tmp_path / "project", tmp_path / "home", tmp_path / "xdg-cache"
+    for folder in (elsewhere, home, xdg):
+        folder.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STT_BRIDGE_")}
+    env |= {"HOME": str(home), "XDG_CACHE_HOME": str(xdg), "STT_BRIDGE_ENGINE_NAME": "moonshine"}
+    result = run_cli("transcribe", "-f", "json", str(audio_files["wav"]), env=env, cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert word_error_rate(SENTENCES[0], json.loads(result.stdout)["text"]) <= FILE_WER_BOUND
+    assert list((xdg / "stt-bridge").glob("moonshine-*/manifest.json"))
+    assert list(elsewhere.iterdir()) == [] and list(home.iterdir()) == []
 
 
 def test_transcribe_shows_progress_on_request(audio_files: dict[str, Path]) -> None:

@@ -89,7 +89,7 @@ class Cluster:
                 "STT_BRIDGE_SIP_RTP_PORT_MIN": str(low),
                 "STT_BRIDGE_SIP_RTP_PORT_MAX": str(low + 199),
                 "STT_BRIDGE_ENGINE_CAPACITY": str(CAPACITY),
-                "STT_BRIDGE_ENGINE_WORKERS": "1",
+                "STT_BRIDGE_SERVER_WORKERS": "1",
                 "STT_BRIDGE_DATA_URL": url,
                 "STT_BRIDGE_DATA_LEASE_S": str(LEASE_S),
                 "STT_BRIDGE_WEBHOOK_URL": hook,

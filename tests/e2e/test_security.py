@@ -44,6 +44,9 @@ MUST_GUARD = {
     "/v1/calls/{call_id}/transcript",
     "/v1/calls/{call_id}/events",
     "/v1/events",
+    "/v1/webhooks",
+    "/v1/webhooks/{id}",
+    "/v1/webhooks/{id}/retry",
 }
 
 

@@ -55,14 +55,14 @@ log = logging.getLogger(__name__)
 
 WEB_DIR: Final = Path(__file__).resolve().parent / "web"
 EXIT_ENGINE_FAILED: Final = 70  # EX_SOFTWARE: the engine's model failed; restart the service
-
-
 EXIT_USAGE: Final = 2  # a setting to change (a port taken), as for every configuration mistake
 PORT_SETTINGS: Final = {"audio": "port", "health": "health_port", "web": "web_port"}
 
 
 class PortUnavailable(OSError):
     """One of the service's own ports could not be listened on; the message names its setting."""
+
+
 async def _index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(WEB_DIR / "index.html")
 
@@ -283,6 +283,19 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
+def urls_to_open(config: Config, ports: dict[str, int]) -> str:
+    """The end of the startup line: where a person points a browser, curl or a client."""
+    wildcard = config.server.host in ("", "0.0.0.0", "::")
+    host = "localhost" if wildcard else config.server.host
+    host = f"[{host}]" if ":" in host else host
+    secure = "s" if config.tls.cert and config.tls.key else ""
+    return (
+        f"open http://{host}:{ports['web']}/ (the page), "
+        f"API http{secure}://{host}:{ports['audio']}/v1/calls, "
+        f"health http{secure}://{host}:{ports['health']}/ready"
+    )
+
+
 def _bound_port(site: web.TCPSite) -> int:
     server = site._server
     assert server is not None
@@ -298,19 +311,6 @@ async def run(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-def urls_to_open(config: Config, ports: dict[str, int]) -> str:
-    """The end of the startup line: where a person points a browser, curl or a client."""
-    wildcard = config.server.host in ("", "0.0.0.0", "::")
-    host = "localhost" if wildcard else config.server.host
-    host = f"[{host}]" if ":" in host else host
-    secure = "s" if config.tls.cert and config.tls.key else ""
-    return (
-        f"open http://{host}:{ports['web']}/ (the page), "
-        f"API http{secure}://{host}:{ports['audio']}/v1/calls, "
-        f"health http{secure}://{host}:{ports['health']}/ready"
-    )
-
-
     try:
         await service.start()
     except PortUnavailable as exc:

@@ -29,8 +29,8 @@ from telephony.sip.config import SipConfig as SipConfig
 
 ENV_PREFIX: Final = "STT_BRIDGE_"
 REPO_DEFAULT: Final = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
-
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -44,11 +44,11 @@ class ServerConfig:
     drain_notice_s: float = 0.0  # on SIGTERM, fail /ready and SIP OPTIONS this long before draining
     workers: int = 1  # front-end processes sharing every port (api/workers.py); 0 = one per core
 
-
     def __post_init__(self) -> None:
         check.no_negative_numbers("server", self)
         for name in ("port", "health_port", "web_port"):
             check.port(f"server.{name}", getattr(self, name))
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -57,7 +57,6 @@ class DataConfig:
     url: str = ""  # "postgresql://user@host/db": a store shared by a cluster; "" = SQLite in dir
     lease_s: float = 10.0  # PostgreSQL: a node silent this long is dead; its live calls end
     max_queue_events: int = 100_000  # events waiting for the disk at most (full: dropped, counted)
-
 
     def folder(self) -> Path:
         """Where the SQLite store and the webhook outbox live: `dir`, else the user's data folder
@@ -70,6 +69,7 @@ class DataConfig:
             raise check.fail("data.url", self.url, 'a "postgresql://user@host/db" URL, or empty')
         check.positive("data.lease_s", self.lease_s)
 
+
 @dataclass(frozen=True)
 class WebhookConfig:
     url: str = ""  # where call.started / segment / call.ended are POSTed; comma-separate several
@@ -79,12 +79,12 @@ class WebhookConfig:
     backoff_s: float = 1.0  # wait after the first failed attempt, doubled after each
     max_backoff_s: float = 300.0  # the longest wait between two attempts
 
-
     def __post_init__(self) -> None:
         for url in (u.strip() for u in self.url.split(",")):
             if url and not url.startswith(("http://", "https://")):
                 raise check.fail("webhook.url", url, "http(s):// URLs, comma-separated, or empty")
         check.positive("webhook.timeout_s", self.timeout_s)
+
 
 @dataclass(frozen=True)
 class ApiConfig:
@@ -92,29 +92,29 @@ class ApiConfig:
     max_streams_per_key: int = 100  # concurrent WebSockets per key
     requests_per_minute: int = 600  # requests (and stream openings) per key per minute
 
-
     def __post_init__(self) -> None:
         check.no_negative_numbers("api", self)
+
 
 @dataclass(frozen=True)
 class TlsConfig:
     cert: str = ""  # PEM certificate chain: with `key`, the audio/API and health ports use TLS
     key: str = ""
 
-
     def __post_init__(self) -> None:
         if bool(self.cert) != bool(self.key):
             missing = "tls.key" if self.cert else "tls.cert"
             raise check.fail(missing, "", "tls.cert and tls.key are set together, or neither")
+
 
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"  # debug | info | warning | error
     json: bool = False  # one JSON object per line, with call id
 
-
     def __post_init__(self) -> None:
         check.choice("log.level", self.level.lower(), LOG_LEVELS)
+
 
 @dataclass(frozen=True)
 class Config:
@@ -130,8 +130,6 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
-
-LEGACY_ENV: Final[Mapping[str, tuple[str, str]]] = {
     def __post_init__(self) -> None:
         # Two TCP listeners on one port: the second would fail to bind, and its error would
         # name it rather than the setting that took its port first.
@@ -151,6 +149,8 @@ def _overlap(host: str, other: str) -> bool:
     wildcard = ("", "0.0.0.0", "::")
     return host == other or host in wildcard or other in wildcard
 
+
+LEGACY_ENV: Final[Mapping[str, tuple[str, str]]] = {
     "MOSHI_PORT": ("server", "port"),
     "HEALTH_PORT": ("server", "health_port"),
     "WEB_PORT": ("server", "web_port"),
@@ -171,18 +171,18 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             raw = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{path}: {exc}") from exc
-    sections: dict[str, Any] = {}
-    for section in dataclasses.fields(Config):
     _refuse_unknown_variables(environ)
     sources: dict[str, str] = {}  # "section.key" -> the variable that set it
+    sections: dict[str, Any] = {}
+    for section in dataclasses.fields(Config):
         section_type = _resolve(Config, section.name)
         values = dict(raw.pop(section.name, {}) or {})
         for env_name, (sec, key_name) in LEGACY_ENV.items():
             if sec == section.name and env_name in environ:
                 values[key_name] = environ[env_name]
+                sources[f"{sec}.{key_name}"] = env_name
         for key in dataclasses.fields(section_type):  # the STT_BRIDGE_ name wins over legacy
             env_name = variable_name(section.name, key.name)
-                sources[f"{sec}.{key_name}"] = env_name
             if env_name in environ:
                 values[key.name] = environ[env_name]
                 sources[f"{section.name}.{key.name}"] = env_name

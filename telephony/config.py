@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine import config_checks as check
+
 
 @dataclass(frozen=True)
 class AudioSocketConfig:
@@ -12,25 +14,25 @@ class AudioSocketConfig:
     host: str = "0.0.0.0"
     port: int = 9092  # Asterisk AudioSocket() / Dial(AudioSocket/...) connect here
 
-
-@dataclass(frozen=True)
-class TwilioConfig:
     def __post_init__(self) -> None:
         check.port("audiosocket.port", self.port)
 
+
+@dataclass(frozen=True)
+class TwilioConfig:
     auth_token: str = ""  # set it to check X-Twilio-Signature on the webhook and the stream
     public_url: str = ""  # e.g. https://stt.example.com: what Twilio reaches us at
     dial: str = ""  # after starting the stream, <Dial> this number; "" = <Pause>
     pause_s: int = 3600  # when not dialling: how long the call stays up
 
-
-@dataclass(frozen=True)
-class LimitsConfig:
     def __post_init__(self) -> None:
         check.no_negative_numbers("twilio", self)
         if self.public_url and not self.public_url.startswith(("https://", "http://")):
             raise check.fail("twilio.public_url", self.public_url, "an https:// URL, or empty")
 
+
+@dataclass(frozen=True)
+class LimitsConfig:
     """What one client may hold or send; over a limit it gets its protocol's rejection."""
 
     handshake_timeout_s: float = 10.0  # connected, no request/UUID/SIP message yet: closed
@@ -46,3 +48,6 @@ class LimitsConfig:
     audiosocket_max_payload_bytes: int = 32768  # one AudioSocket message
     sip_requests_per_s: float = 50.0  # SIP messages from one address (beyond: 503)
     event_subscribers: int = 64  # open /v1/events and /v1/calls/{id}/events streams (1013)
+
+    def __post_init__(self) -> None:
+        check.no_negative_numbers("limits", self)

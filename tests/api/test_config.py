@@ -81,6 +81,20 @@ def test_bad_config_names_what_is_wrong(
         load_config(path, environ=env)
 
 
+# Keys that allow only some values: another allowed one (each differs from the default).
+ALLOWED_OTHER: dict[tuple[str, str], tuple[str, object]] = {
+    ("engine", "name"): ("kyutai", "kyutai"),
+    ("engine", "device"): ("cuda:1", "cuda:1"),
+    ("engine", "devices"): ("cuda:0, cuda:1", ["cuda:0", "cuda:1"]),
+    ("sip", "backend"): ("pjsua2", "pjsua2"),
+    ("sip", "allow"): ("10.0.0.0/8, ::1", ["10.0.0.0/8", "::1"]),
+    ("log", "level"): ("debug", "debug"),
+    ("data", "url"): ("postgresql://db/stt", "postgresql://db/stt"),
+    ("webhook", "url"): ("https://hooks.example/", "https://hooks.example/"),
+    ("twilio", "public_url"): ("https://stt.example.com", "https://stt.example.com"),
+}
+
+
 def _other_value(value: object) -> tuple[str, object]:
     """An env string for a key, and the value it must become: different from the default."""
     if isinstance(value, bool):

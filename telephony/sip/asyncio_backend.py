@@ -1,16 +1,24 @@
 """The default SIP backend: aiosipua (signalling) and our own RTP sockets, in the service's loop.
 
-aiosipua does the SIP transactions (100 Trying, 2xx retransmission until ACK, CANCEL matching
-by branch, in-dialog validation); this module adds what the library leaves to the application
-(see ../shared/protocols/sip.md, "Gotchas"): no answer after a CANCEL, a re-INVITE handler
-(hold, address or codec change), RTP ports released on every end path, a 400 for requests the
-library would silently drop, and digest challenges for INVITEs. RTP is received by plain
-datagram sockets feeding `SipCall` (reorder window drained at BYE, so the last words stay).
+aiosipua does the SIP parsing and dialogs (100 Trying, CANCEL matching by branch, in-dialog
+validation); this module adds what the library leaves to the application (see
+../shared/protocols/sip.md, "Gotchas"): no answer after a CANCEL, a re-INVITE handler (hold,
+address or codec change), RTP ports released on every end path, a 400 for requests the library
+would silently drop, and digest challenges for INVITEs. RTP is received by plain datagram
+sockets feeding `SipCall` (reorder window drained at BYE, so the last words stay).
+
+No dialog can be left live by a caller that goes away (README "SIP", "When a caller goes
+away"): our 200 is resent on T1 doubling (UDP) and a 200 never ACKed ends the call after
+64*T1 (Timer H, UDP and TCP: aiosipua's own resending, UDP only and 32 s fixed, is off); a TCP
+connection that closes before the answer ends its call at once; a CANCEL that crosses our 200
+gets its 200 and leaves the call to the caller's ACK and BYE (RFC 3261 §9.2); after the ACK,
+`SipCall`'s RTP and hold timeouts. aiosipua internals we still touch: aiosipua_check.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
@@ -21,10 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiosipua import SipUAS, TcpSipTransport, UdpSipTransport
+from aiosipua.dialog import dialog_matches
 from aiosipua.incoming_call import IncomingCall
 from aiosipua.message import SipRequest, SipResponse
-from aiosipua.sdp import SdpMessage
-from aiosipua.sdp import parse_sdp as aiosipua_sdp
+from aiosipua.utils import format_addr
 
 from engine.base import BridgeError
 from telephony.config import LimitsConfig
@@ -60,6 +68,7 @@ from telephony.sip.sdp import (
 log = logging.getLogger(__name__)
 
 SIPREC_LEGS: Final = ("caller", "callee")
+T2: Final = 4.0  # RFC 3261: the longest interval between two sends of our 200
 
 
 # --- transports: aiosipua's, plus a 400 for what its parser would drop ------------------------
@@ -113,21 +122,36 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 class _Udp(_Guard, UdpSipTransport):
+    """Its own socket (start, send, stop): the base class's private socket stays unused."""
+
+    datagrams: asyncio.DatagramTransport | None = None
+
     async def start(self) -> None:
-        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        self.datagrams, _ = await asyncio.get_running_loop().create_datagram_endpoint(
             lambda: _UdpProtocol(self), local_addr=self.local_addr
         )
-        self._udp_transport = transport
+
+    def send(self, message: SipRequest | SipResponse, addr: tuple[str, int]) -> None:
+        if self.datagrams is None:
+            raise RuntimeError("SIP UDP transport not started")
+        self.datagrams.sendto(bytes(message), addr)
+
+    async def stop(self) -> None:
+        if self.datagrams is not None:
+            self.datagrams.close()
+            self.datagrams = None
 
     def _send_raw(self, data: bytes, addr: tuple[str, int]) -> None:
-        if self._udp_transport is not None:
-            self._udp_transport.sendto(data, addr)
+        if self.datagrams is not None:
+            self.datagrams.sendto(data, addr)
 
 
 class _Tcp(_Guard, TcpSipTransport):
     limits: LimitsConfig
     gate: ConnectionGate
     in_call: Callable[[tuple[str, int]], bool]
+    closed: Callable[[TcpSipTransport, tuple[str, int]], None]  # a caller's connection ended
+    writers: dict[tuple[str, int], asyncio.StreamWriter]
 
     async def _handle_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -138,6 +162,7 @@ class _Tcp(_Guard, TcpSipTransport):
             self.notes.warning(addr[0], "SIP TCP connection from %s refused (limits)", addr[0])
             writer.close()
             return
+        self.writers[addr] = writer
         watchdog = asyncio.get_running_loop().create_task(self._watch(addr, writer))
         try:
             await super()._handle_connection(reader, writer)
@@ -145,6 +170,8 @@ class _Tcp(_Guard, TcpSipTransport):
             watchdog.cancel()
             self.gate.release(addr[0])
             self.seen.pop(addr, None)
+            self.writers.pop(addr, None)
+            self.closed(self, addr)
 
     async def _watch(self, addr: tuple[str, int], writer: asyncio.StreamWriter) -> None:
         """Close a connection that sends no message within the handshake timeout, or none for
@@ -163,9 +190,9 @@ class _Tcp(_Guard, TcpSipTransport):
             return
 
     def _send_raw(self, data: bytes, addr: tuple[str, int]) -> None:
-        conn = self._connections.get(addr)
-        if conn is not None:
-            conn[1].write(data)
+        writer = self.writers.get(addr)
+        if writer is not None:
+            writer.write(data)
 
 
 # --- RTP sockets -------------------------------------------------------------------------------
@@ -214,6 +241,43 @@ class RtpPorts:
 # --- one dialog --------------------------------------------------------------------------------
 
 
+class _CallerGone(Exception):
+    """A response could not be sent: the caller's TCP connection is gone."""
+
+
+def _response(
+    incoming: IncomingCall,
+    status: int,
+    reason: str,
+    user_agent: str,
+    headers: dict[str, str] | None = None,
+    sdp: str = "",
+) -> SipResponse:
+    """A response to the call's (latest) INVITE, built with aiosipua's public dialog API."""
+    transport = incoming.transport
+    ours = incoming.advertised_addr or (transport.local_addr if transport else ("0.0.0.0", 5060))
+    response = incoming.dialog.create_response(
+        incoming.invite, status, reason, contact=f"<sip:{format_addr(*ours)}>"
+    )
+    if sdp:
+        response.text = sdp
+        response.headers.set_single("Content-Type", "application/sdp")
+    response.headers.set_single("User-Agent", user_agent)
+    for name, value in (headers or {}).items():
+        response.headers.set_single(name, value)
+    return response
+
+
+def _send(incoming: IncomingCall, response: SipResponse) -> None:
+    """Send a response to the caller; `_CallerGone` when its TCP connection has closed."""
+    if incoming.transport is None:
+        raise _CallerGone("no transport")
+    try:
+        incoming.transport.send_reply(response)
+    except (RuntimeError, OSError) as exc:  # aiosipua: RuntimeError "No TCP connection to ..."
+        raise _CallerGone(str(exc)) from exc
+
+
 @dataclass(eq=False)
 class _Dialog:
     backend: AsyncioBackend
@@ -222,26 +286,84 @@ class _Dialog:
     rtp: dict[str, tuple[asyncio.DatagramTransport, int]] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     closed: bool = False
+    answered: bool = False  # our 200 is out
+    ack_timer: asyncio.Task[None] | None = None  # Timer H for the latest 200, until its ACK
+    acked_cseq: int = 0  # the CSeq number that ACK must carry
 
     @property
     def call_id(self) -> str:
         return self.incoming.call_id
 
     def cancelled(self) -> bool:
-        """CANCEL (or anything else) ended the INVITE transaction while we were busy."""
+        """Ended (CANCEL, the caller's connection closed, ...) while we were busy."""
         uas_call = self.backend.find(self.call_id)
-        return uas_call is not self.incoming or self.incoming.dialog.state.name == "TERMINATED"
+        return (
+            self.closed
+            or uas_call is not self.incoming
+            or self.incoming.dialog.state.name == "TERMINATED"
+        )
+
+    def accept(self, sdp: str) -> None:
+        """Send our 200 (to the INVITE or a re-INVITE) and wait for its ACK: resent on T1
+        doubling over UDP; none within 64*T1 ends the call (RFC 3261 §13.3.1.4)."""
+        config = self.backend.config
+        response = _response(self.incoming, 200, "OK", config.user_agent, sdp=sdp)
+        _send(self.incoming, response)
+        self.incoming.dialog.confirm()
+        self.answered = True
+        cseq = self.incoming.invite.cseq
+        self.acked_cseq = cseq.seq if cseq is not None else 0
+        if self.ack_timer is not None:
+            self.ack_timer.cancel()
+        self.ack_timer = asyncio.get_running_loop().create_task(self._wait_ack(response))
+
+    def acked(self, ack: SipRequest) -> None:
+        cseq = ack.cseq
+        if self.ack_timer is not None and cseq is not None and cseq.seq == self.acked_cseq:
+            self.ack_timer.cancel()
+            self.ack_timer = None
+
+    async def _wait_ack(self, response: SipResponse) -> None:
+        loop = asyncio.get_running_loop()
+        t1 = max(self.backend.config.timer_t1_s, 0.001)
+        resend = not getattr(self.incoming.transport, "reliable", False)  # TCP: sent once
+        deadline = loop.time() + 64 * t1
+        interval = t1
+        while (left := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(interval, left))
+            if resend and loop.time() < deadline:
+                with contextlib.suppress(_CallerGone):
+                    _send(self.incoming, response)
+            interval = min(interval * 2, T2)
+        self.ack_timer = None
+        log.info(
+            "no ACK for our 200 within 64*T1 (%.1f s): hanging up",
+            64 * t1,
+            extra={"call_id": self.call_id, "front_end": FRONT_END},
+        )
+        self.hangup()
+        await self.finish("no ACK")
 
     def release(self) -> None:
         """Close RTP sockets and forget the dialog; every end path comes through here."""
         if self.closed:
             return
         self.closed = True
+        if self.ack_timer is not None and self.ack_timer is not asyncio.current_task():
+            self.ack_timer.cancel()
+        self.ack_timer = None
         for transport, port in self.rtp.values():
             transport.close()
             self.backend.rtp_ports.release(port)
         self.rtp.clear()
-        self.backend.dialogs.pop(self.call_id, None)
+        if self.backend.dialogs.get(self.call_id) is self:
+            del self.backend.dialogs[self.call_id]
+        # Out of aiosipua's table too (a private dict, see aiosipua_check): nothing public
+        # removes a call we ended ourselves (our BYE, a rejection never ACKed), and every
+        # such call would stay there. Later requests on it get the library's 481.
+        for uas in self.backend.uases:
+            if uas.get_call(self.call_id) is self.incoming:
+                uas._calls.pop(self.call_id, None)
 
     def hangup(self) -> None:
         """Our side ends the call: BYE, then release (the SipCall flushes on its own).
@@ -253,11 +375,6 @@ class _Dialog:
         except Exception as exc:  # aiosipua: RuntimeError "No TCP connection", OSError
             log.info("BYE not sent: %s", exc, extra={"call_id": self.call_id})
         finally:
-            # Forgotten by the UAS below, so its stop() would not end a 2xx retransmission
-            # still running (a re-INVITE never ACKed): end it here.
-            self.incoming._stop_retransmissions()
-            for uas in self.backend.uases:
-                uas._calls.pop(self.call_id, None)
             self.release()
 
     async def finish(self, reason: str) -> None:
@@ -294,8 +411,8 @@ class AsyncioBackend:
             udp = _Udp(local_addr=(self.config.host, self.config.port))
             udp.guard(self.limits)
             await self._listen(udp)
-            assert udp._udp_transport is not None
-            self.port = int(udp._udp_transport.get_extra_info("sockname")[1])
+            assert udp.datagrams is not None
+            self.port = int(udp.datagrams.get_extra_info("sockname")[1])
             udp.local_addr = (self.config.host, self.port)
             if not self.config.tcp:
                 break
@@ -304,6 +421,8 @@ class AsyncioBackend:
             tcp.limits = self.limits
             tcp.gate = ConnectionGate(self.limits.connections_per_ip, self.limits.connections_total)
             tcp.in_call = self._in_call
+            tcp.closed = self._connection_closed
+            tcp.writers = {}
             try:
                 await self._listen(tcp)
                 break
@@ -318,21 +437,37 @@ class AsyncioBackend:
         return self.port
 
     async def _listen(self, transport: UdpSipTransport | TcpSipTransport) -> None:
-        uas = SipUAS(transport, user_agent=self.config.user_agent)
+        # Our 200s are resent (and given up) by _Dialog.accept: T1 from the config, a Timer H
+        # over TCP too.
+        uas = SipUAS(transport, user_agent=self.config.user_agent, retransmit_2xx=False)
         uas.on_invite = self._on_invite
         uas.on_reinvite = self._on_reinvite
         uas.on_bye = self._on_bye
         uas.on_cancel = self._on_cancel
-        uas.on_ack_timeout = self._on_ack_timeout
         uas.on_options = lambda request, addr: self._on_options(uas, request)
         await uas.start()
+        library = transport.on_message
+        assert library is not None
+
+        def on_message(message: SipRequest | SipResponse, addr: tuple[str, int]) -> None:
+            """Sees each parsed message around the library (the transport's public hook)."""
+            if not isinstance(message, SipRequest):
+                library(message, addr)
+                return
+            method = message.method.upper()
+            if method == "CANCEL" and self._late_cancel(uas, message):
+                return
+            library(message, addr)
+            if method == "ACK":
+                self._on_ack(message)
+
+        transport.on_message = on_message
         self.uases.append(uas)
 
     async def stop(self) -> None:
         if self.registrar is not None:
             await self.registrar.stop()
         for dialog in list(self.dialogs.values()):
-            dialog.incoming._stop_retransmissions()  # the transport is about to close
             if dialog.task is not None and not dialog.task.done():
                 dialog.task.cancel()
             if dialog.incoming.dialog.state.name == "CONFIRMED":
@@ -357,7 +492,44 @@ class AsyncioBackend:
         return len(self.dialogs)
 
     def status(self) -> dict[str, Any]:
-        return {}  # everything /info says comes from the config
+        """For /info: dialogs held (ours or still in aiosipua's table) and RTP ports bound."""
+        held = set(self.dialogs)
+        for uas in self.uases:
+            held.update(uas.active_calls)
+        return {"dialogs": len(held), "rtp_ports_in_use": len(self.rtp_ports.in_use)}
+
+    def _connection_closed(self, transport: TcpSipTransport, addr: tuple[str, int]) -> None:
+        """A caller's TCP connection closed: a call not answered yet cannot be (its 100, 180
+        and 200 travel on that connection), so it ends now. Answered calls are left to their
+        timers: an ACK or BYE may come on a new connection, and RTP does not need this one."""
+        for dialog in list(self.dialogs.values()):
+            incoming = dialog.incoming
+            on_it = incoming.transport is transport and incoming.source_addr == addr
+            if on_it and not dialog.answered and not dialog.closed:
+                log.info(
+                    "caller's TCP connection closed before the answer",
+                    extra={"call_id": dialog.call_id, "front_end": FRONT_END},
+                )
+                asyncio.get_running_loop().create_task(dialog.finish("caller gone"))
+
+    def _late_cancel(self, uas: SipUAS, cancel: SipRequest) -> bool:
+        """A CANCEL that crossed our 200: it gets its own 200 and changes nothing (RFC 3261
+        §9.2); the caller ACKs our 200 and sends BYE. Passed to aiosipua it would drop the call
+        from its table, and that BYE would get 481 while the call stayed up."""
+        dialog = self.dialogs.get(cancel.call_id or "")
+        if dialog is None or not dialog.answered:
+            return False
+        response = dialog.incoming.dialog.create_response(cancel, 200, "OK")
+        response.headers.set_single("User-Agent", self.config.user_agent)
+        with contextlib.suppress(RuntimeError, OSError):
+            uas.transport.send_reply(response)
+        log.info("CANCEL after our 200: no effect", extra={"call_id": dialog.call_id})
+        return True
+
+    def _on_ack(self, ack: SipRequest) -> None:
+        dialog = self.dialogs.get(ack.call_id or "")
+        if dialog is not None and dialog_matches(dialog.incoming.dialog, ack):
+            dialog.acked(ack)
 
     # -- aiosipua callbacks (synchronous: they start tasks) --
 
@@ -405,14 +577,22 @@ class AsyncioBackend:
         except BridgeError as exc:
             # A refused re-INVITE leaves the call as it was (RFC 3261 §14.2).
             reject = sip_rejection(exc, self.config)
-            incoming._send_response(reject.status, reject.reason)
+            with contextlib.suppress(_CallerGone):
+                _send(
+                    incoming,
+                    _response(incoming, reject.status, reject.reason, self.config.user_agent),
+                )
             return
         legs, streams = self._legs(dialog, offer, plan)
         dialog.sip_call.set_legs(legs)
         dialog.sip_call.set_hold(all(offer.on_hold(m) for m in offer.media if m.codec()))
         local_ip = local_ip_for(incoming.source_addr[0], self.config)
         answer = build_answer(offer, streams, local_ip, next(self._session_ids))
-        incoming.accept(_as_aiosipua(answer))
+        try:
+            dialog.accept(answer)
+        except _CallerGone:  # the call goes on as it was; its timers still run
+            log.info("re-INVITE not answered: caller gone", extra={"call_id": incoming.call_id})
+            return
         log.info(
             "re-INVITE answered",
             extra={"call_id": incoming.call_id, "hold": dialog.sip_call.on_hold},
@@ -425,13 +605,8 @@ class AsyncioBackend:
 
     def _on_cancel(self, request: SipRequest, addr: tuple[str, int]) -> None:
         dialog = self.dialogs.get(request.call_id or "")
-        if dialog is not None and (dialog.sip_call is None or not dialog.incoming._answered):
+        if dialog is not None and not dialog.answered:  # answered: _late_cancel kept it
             asyncio.get_running_loop().create_task(dialog.finish("cancelled"))
-
-    def _on_ack_timeout(self, incoming: IncomingCall) -> None:
-        dialog = self.dialogs.get(incoming.call_id)
-        if dialog is not None:
-            asyncio.get_running_loop().create_task(dialog.finish("no ACK"))
 
     # -- answering --
 
@@ -461,7 +636,10 @@ class AsyncioBackend:
             dialog.sip_call = SipCall(
                 self.hub, self.config, incoming.call_id, legs, labels, dialog.hangup
             )
-            incoming.ringing()
+            try:
+                incoming.ringing()
+            except (RuntimeError, OSError) as exc:  # its TCP connection is gone
+                raise _CallerGone(str(exc)) from exc
             if self.config.answer_delay_s > 0:
                 await asyncio.sleep(self.config.answer_delay_s)
             if dialog.cancelled():
@@ -474,7 +652,7 @@ class AsyncioBackend:
             local_ip = local_ip_for(incoming.source_addr[0], self.config)
             incoming.advertised_addr = (local_ip, self.port)
             answer = build_answer(offer, streams, local_ip, next(self._session_ids))
-            incoming.accept(_as_aiosipua(answer))
+            dialog.accept(answer)
             dialog.sip_call.set_hold(all(offer.on_hold(m) for m in offer.media if m.codec()))
             dialog.sip_call.answered()
             log.info(
@@ -490,12 +668,26 @@ class AsyncioBackend:
                 extra={"call_id": incoming.call_id, "front_end": FRONT_END},
             )
             if not dialog.cancelled():
-                incoming._send_response(reject.status, reject.reason, extra_headers=reject.headers)
+                response = _response(
+                    incoming, reject.status, reject.reason, self.config.user_agent, reject.headers
+                )
+                with contextlib.suppress(_CallerGone):
+                    _send(incoming, response)
                 incoming.dialog.terminate()
             await dialog.finish(f"rejected {reject.status}")
+        except _CallerGone as exc:
+            log.info(
+                "caller gone before the answer: %s",
+                exc,
+                extra={"call_id": incoming.call_id, "front_end": FRONT_END},
+            )
+            await dialog.finish("caller gone")
         except asyncio.CancelledError:
             await dialog.finish("shutdown")
             raise
+        except Exception:  # a bug here must still end the call and free its slot and ports
+            log.exception("answering failed", extra={"call_id": incoming.call_id})
+            await dialog.finish("failed")
 
     def _offer(self, request: SipRequest) -> tuple[SessionOffer, dict[str, str] | None]:
         """The SDP offer, and for SIPREC the participant behind each stream label."""
@@ -571,18 +763,16 @@ class AsyncioBackend:
         if authorized(incoming.invite.headers.get_first("authorization"), self.config, self.nonces):
             return True
         challenge = digest.challenge(self.config.auth_realm, self.nonces.issue())
-        incoming._send_response(401, "Unauthorized", extra_headers={"WWW-Authenticate": challenge})
+        headers = {"WWW-Authenticate": challenge}
+        response = _response(incoming, 401, "Unauthorized", self.config.user_agent, headers)
+        with contextlib.suppress(_CallerGone):
+            _send(incoming, response)
         incoming.dialog.terminate()
         # The dialog object stays until the ACK; the retry is a new INVITE (same Call-ID).
         dialog = self.dialogs.get(incoming.call_id)
         if dialog is not None and dialog.incoming is incoming:
             dialog.release()
         return False
-
-
-def _as_aiosipua(answer: str) -> SdpMessage:
-    """aiosipua serialises its own SDP model; ours round-trips through it byte for byte."""
-    return aiosipua_sdp(answer)
 
 
 def _headers(request: SipRequest) -> list[tuple[str, str]]:

@@ -109,6 +109,16 @@ def cleanup_context(
     had, the service goes on without SIP: one clear log line, and `keep(None, why)`."""
 
     async def run(app: web.Application) -> AsyncIterator[None]:
+        if config.backend == "asyncio":
+            # The aiosipua internals the backend touches, checked against the installed release.
+            from telephony.sip.aiosipua_check import mismatch
+
+            problem = mismatch()
+            if problem:
+                log.error("SIP is off: %s", problem)
+                keep(None, problem)
+                yield
+                return
         problem = port_problem(config.host, config.port, config.tcp)
         if problem:
             log.error("SIP is off: %s; the other front ends carry on (sip.port moves it)", problem)

@@ -33,6 +33,8 @@ class SipConfig:
     answer_delay_s: float = 0.0  # ring this long before answering
     rtp_timeout_s: float = 30.0  # no RTP for this long: hang up (callers vanish without BYE)
     max_call_s: float = 14400.0  # hang up calls longer than this
+    hold_timeout_s: float = 3600.0  # on hold (no RTP expected) this long: hang up
+    timer_t1_s: float = 0.5  # SIP T1: our 200 is resent T1, 2T1, .. 4 s; no ACK in 64*T1: BYE
     retry_after_s: int = 30  # Retry-After on 503 while draining
     user_agent: str = "stt-bridge"
 
@@ -53,5 +55,5 @@ class SipConfig:
                 raise check.fail(
                     "sip.allow", network, "a CIDR like 10.0.0.0/8, 192.0.2.7 or ::/0"
                 ) from None
-        for name in ("rtp_timeout_s", "max_call_s"):
+        for name in ("rtp_timeout_s", "max_call_s", "hold_timeout_s", "timer_t1_s"):
             check.positive(f"sip.{name}", getattr(self, name))

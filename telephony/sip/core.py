@@ -244,7 +244,8 @@ class SipCall:
                 receiver.dtmf_payload_type = leg.dtmf_payload_type
 
     def set_hold(self, on_hold: bool) -> None:
-        """On hold no RTP is expected: the timeout restarts when the hold ends."""
+        """On hold no RTP is expected: `hold_timeout_s` applies instead of the RTP timeout,
+        and both count from the re-INVITE."""
         self.on_hold = on_hold
         self._last_media = time.monotonic()
 
@@ -281,14 +282,19 @@ class SipCall:
         log.info("dtmf %s", digit, extra={"call_id": self.id, "leg": leg, "front_end": FRONT_END})
 
     async def _watch(self) -> None:
-        tick = min(1.0, self.config.rtp_timeout_s / 4, self.config.max_call_s / 4)
+        config = self.config
+        tick = min(1.0, config.rtp_timeout_s / 4, config.max_call_s / 4, config.hold_timeout_s / 4)
         while True:
-            await asyncio.sleep(tick)
+            await asyncio.sleep(max(tick, 0.01))
             now = time.monotonic()
-            if now - self._answered_at >= self.config.max_call_s:
+            quiet = now - self._last_media
+            if now - self._answered_at >= config.max_call_s:
                 reason = "max call length"
-            elif not self.on_hold and now - self._last_media >= self.config.rtp_timeout_s:
+            elif not self.on_hold and quiet >= config.rtp_timeout_s:
                 reason = "rtp timeout"
+            elif self.on_hold and quiet >= config.hold_timeout_s:
+                # A caller that put us on hold and vanished sends neither RTP nor BYE.
+                reason = "hold timeout"
             else:
                 continue
             log.info("hanging up: %s", reason, extra={"call_id": self.id})

@@ -44,10 +44,12 @@ from telephony import (
     audiosocket,
     deepgram,
     moshi_asr,
+    names,
     twilio,
     websocket,
 )
 from telephony.limits import LIMITS, ConnectionGate
+from telephony.redaction import PII
 from telephony.session import CallHub
 from telephony.sip import backend as sip
 
@@ -167,7 +169,7 @@ class Service:
         else:
             choice = EngineChoice(engine.name, "engine given by the caller")
         self.config = config
-        hub = CallHub(engine)
+        hub = CallHub(engine, redact=config.privacy.kinds, hold_s=config.privacy.hold_s)
         urls = [u.strip() for u in config.webhook.url.split(",") if u.strip()]
         store = Store(
             config.data.url or config.data.folder() / "stt-bridge.sqlite3",
@@ -200,6 +202,7 @@ class Service:
     async def start(self) -> None:
         server = self.config.server
         await self.bridge.engine.start()
+        await self._load_names()
         if self.bridge.cluster is not None:
             self.bridge.cluster.start()
         self.webhooks.start()
@@ -242,6 +245,18 @@ class Service:
             "stt-bridge serving",
             extra={"ports": self.ports, "engine": self.bridge.choice.name},
         )
+
+    async def _load_names(self) -> None:
+        """People's names for `pii` (telephony/names.py): built from the names-dataset wheel
+        on the machine's first start (about 10 s, in a child process), read in ms after."""
+        hub = self.bridge.hub
+        try:
+            hub.names = await asyncio.get_running_loop().run_in_executor(None, names.load)
+        except names.NamesUnavailable as exc:
+            # Cues still find names ("my name is ..."); a `pii` default must not run without.
+            if PII in hub.redact:
+                raise
+            log.warning("%s: pii redaction finds names by their cues only", exc)
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Stop admitting, let live calls finish (or flush them at the deadline), close.

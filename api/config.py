@@ -24,6 +24,7 @@ from engine.config_checks import ConfigError as ConfigError
 from engine.config_checks import did_you_mean
 from telephony.config import AudioSocketConfig as AudioSocketConfig
 from telephony.config import LimitsConfig as LimitsConfig
+from telephony.config import PrivacyConfig as PrivacyConfig
 from telephony.config import TwilioConfig as TwilioConfig
 from telephony.sip.config import SipConfig as SipConfig
 
@@ -128,6 +129,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:

@@ -123,6 +123,10 @@ MIGRATIONS: Final[Sequence[str]] = (
         lease_s REAL NOT NULL
     );
     """,
+    # 3: redaction. The kinds every leg of the call was redacted of ("pci,ssn"), for audit.
+    """
+    ALTER TABLE calls ADD COLUMN redaction TEXT NOT NULL DEFAULT '';
+    """,
     # 4: dead letters. A webhook whose attempts ran out (`webhook.max_attempts`) is failed: kept,
     # listed and retried by hand (GET /v1/webhooks?status=failed, POST /v1/webhooks/{id}/retry).
     """
@@ -130,7 +134,9 @@ MIGRATIONS: Final[Sequence[str]] = (
     CREATE INDEX outbox_failed ON outbox (failed_at);
     """,
 )
-CALL_COLUMNS: Final = "id, front_end, status, reason, started_at, ended_at, labels, legs, node"
+CALL_COLUMNS: Final = (
+    "id, front_end, status, reason, started_at, ended_at, labels, legs, node, redaction"
+)
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,7 @@ class CallRecord:
     labels: dict[str, str]
     legs: list[str]
     node: str = ""  # the node that took the call (`server.node_id`)
+    redaction: tuple[str, ...] = ()  # kinds redacted from its transcript (telephony/redaction.py)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -156,6 +163,7 @@ class CallRecord:
             "labels": self.labels,
             "legs": self.legs,
             "node": self.node,
+            "redaction": list(self.redaction),
         }
 
 
@@ -544,10 +552,11 @@ class Store:
             # A call id seen before (a second stream of one Twilio call, a client reusing its
             # id) is live again and keeps what it said before: nothing stored is lost.
             db.execute(
-                "INSERT INTO calls (id, front_end, status, started_at, labels, legs, node) "
-                "VALUES (?, ?, 'live', ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "INSERT INTO calls (id, front_end, status, started_at, labels, legs, node, "
+                "redaction) VALUES (?, ?, 'live', ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
                 "front_end = excluded.front_end, status = 'live', reason = NULL, ended_at = NULL, "
-                "labels = excluded.labels, legs = excluded.legs, node = excluded.node",
+                "labels = excluded.labels, legs = excluded.legs, node = excluded.node, "
+                "redaction = excluded.redaction",
                 (
                     event.call_id,
                     event.front_end,
@@ -556,6 +565,7 @@ class Store:
                     json.dumps(list(event.legs)),
                     self.node_id,
                 ),
+                    ",".join(event.redaction),
             )
             self._webhook("call.started", {"call": self._call_json(event.call_id)})
         elif isinstance(event, CallEnded):
@@ -891,3 +901,4 @@ def _call_record(row: Sequence[Any]) -> CallRecord:
         legs=json.loads(row[7]),
         node=row[8],
     )
+        redaction=tuple(k for k in row[9].split(",") if k),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine import config_checks as check
+from telephony.redaction import InvalidRedaction, parse_kinds
 
 
 @dataclass(frozen=True)
@@ -51,3 +52,25 @@ class LimitsConfig:
 
     def __post_init__(self) -> None:
         check.no_negative_numbers("limits", self)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """`[privacy]`: what every call's transcript is cleaned of before it leaves the engine
+    (telephony/transcript.py); a stream's own `redact=` adds kinds, never removes one."""
+
+    redact: tuple[str, ...] = ()  # pci | ssn | numbers (true) | pii; [] = nothing redacted
+    hold_s: float = 4.0  # a number run may go on after a pause this long (a card read in groups)
+
+    def __post_init__(self) -> None:
+        try:
+            parse_kinds(self.redact)
+        except InvalidRedaction as exc:
+            raise ValueError(f"privacy.redact: {exc}") from exc
+        if not 0 <= self.hold_s <= 30:
+            raise ValueError(f"privacy.hold_s = {self.hold_s}: between 0 and 30 seconds")
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return parse_kinds(self.redact)
+

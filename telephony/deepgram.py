@@ -29,11 +29,13 @@ import numpy as np
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from engine.base import BridgeError, Closed, EndOfTurn, EngineEvent, Partial, Segment, Word
+from engine.keyterms import InvalidKeyterms, parse_keywords
 from telephony.audio import WIRE_RATES, AudioDecoder, Encoding, PcmArray, ResampleStream
 from telephony.audio import deinterleave as split_channels
 from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
 from telephony.limits import limits_of, messages, open_websocket, parse_json
 from telephony.session import Call, CallHub
+from telephony.transcript import NO_OPTIONS, InvalidOptions, TranscriptOptions, transcript_options
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +63,10 @@ UNSUPPORTED_ENCODINGS: Final = (
 IGNORED_PARAMS: Final = (
     "model",
     "language",
-    "keywords",
-    "keyterm",
     "diarize",
     "diarize_model",
     "numerals",
     "profanity_filter",
-    "redact",
     "replace",
     "search",
     "dictation",
@@ -117,6 +116,8 @@ class DeepgramParams:
     keyterms: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     extra: tuple[tuple[str, str], ...] = ()
+    # `redact=` (repeated or comma-separated) and `keyterm=` with `keywords=word:boost`.
+    options: TranscriptOptions = NO_OPTIONS
 
     @property
     def legs(self) -> tuple[str, ...]:
@@ -224,6 +225,13 @@ def parse_params(query: Iterable[tuple[str, str]]) -> DeepgramParams:
         if not sep or not key:
             raise BadParameters(f"extra must be key:value, not {item!r}")
         extra.append((key, value))
+    try:
+        keywords = parse_keywords(values.get("keywords", []))
+        options = transcript_options(
+            values.get("redact", []), [*values.get("keyterm", []), *keywords]
+        )
+    except (InvalidKeyterms, InvalidOptions) as exc:
+        raise BadParameters(str(exc)) from exc
     return DeepgramParams(
         encoding=encoding,
         sample_rate=sample_rate,
@@ -241,6 +249,7 @@ def parse_params(query: Iterable[tuple[str, str]]) -> DeepgramParams:
         keyterms=tuple(values.get("keyterm", [])),
         tags=tuple(values.get("tag", [])),
         extra=tuple(extra),
+        options=options,
     )
 
 
@@ -668,7 +677,12 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
     try:
         # Admitted before the upgrade, so a full engine is an HTTP status the SDK reports.
         call = hub.open_call(
-            FRONT_END, legs=params.legs, call_id=request_id, labels=labels, reply=reply
+            FRONT_END,
+            legs=params.legs,
+            call_id=request_id,
+            labels=labels,
+            reply=reply,
+            options=params.options,
         )
     except BridgeError as exc:
         log.warning("deepgram stream rejected: %s", exc, extra={"front_end": FRONT_END})
@@ -709,13 +723,14 @@ async def _serve(
     finalizing: set[asyncio.Task[None]] = set()
 
     async def finalize(legs: tuple[str, ...]) -> None:
-        streams = [call.leg(leg).stream for leg in legs]
+        sessions = [call.leg(leg) for leg in legs]
+        streams = [session.stream for session in sessions]
         for leg, stream in zip(legs, streams, strict=True):
             codec.begin_finalize(leg)
             stream.finalize()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
-                asyncio.gather(*(s.wait_settled(s.stats.samples_in) for s in streams)),
+                asyncio.gather(*(s.wait_settled(s.stream.stats.samples_in) for s in sessions)),
                 FINALIZE_WAIT_S,
             )
         for leg, stream in zip(legs, streams, strict=True):

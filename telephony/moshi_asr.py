@@ -364,7 +364,7 @@ async def _echo_markers(
     """
     while True:
         samples, marker_id = await markers.get()
-        if not await leg.stream.wait_settled(samples):
+        if not await leg.wait_settled(samples):
             return
         try:
             await ws.send_bytes(codec.encode_marker(marker_id))

@@ -196,7 +196,10 @@ def classify_run(digits: int, context: str, kinds: frozenset[str]) -> str | None
     """The label a closed number run of `digits` digits gets under `kinds`, else None."""
     card_words = bool(CARD_CONTEXT.search(context))
     ssn_words = bool(SSN_CONTEXT.search(context)) and not CODE_CONTEXT.search(context)
-    if kinds & {PCI, PII} and (digits >= 12 or (digits >= 8 and card_words)):
+    card_before = "card_number" in context  # a group read after a card's first groups
+    if kinds & {PCI, PII} and (
+        digits >= 12 or (digits >= 8 and card_words) or (digits >= 4 and card_before)
+    ):
         return CARD_NUMBER
     if kinds & {SSN, PII} and (digits == 9 or (4 <= digits <= 9 and ssn_words)):
         return SSN_LABEL
@@ -297,16 +300,17 @@ def number_runs(words: Sequence[str]) -> list[tuple[int, int]]:
     return runs
 
 
-def trailing_run(words: Sequence[str]) -> int | None:
-    """Index where a number run at the very end of `words` starts, if there is one of two or
-    more digits (a caller who reads a card in groups pauses after a group, not after a digit)."""
+def trailing_run(words: Sequence[str], min_digits: int = 2) -> int | None:
+    """Index where a number run at the very end of `words` starts, if it has `min_digits`
+    digits or more (at the end of an utterance, two: a caller who reads a card in groups
+    pauses after a group, not after a digit)."""
     i = len(words)
     while i > 0 and is_number_token(words[i - 1]):
         i -= 1
     if i == len(words):
         return None
     run = words[i:]
-    return i if is_real_run(run) and run_digits(run) >= 2 else None
+    return i if is_real_run(run) and run_digits(run) >= min_digits else None
 
 
 # --- names ------------------------------------------------------------------------------------

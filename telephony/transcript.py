@@ -36,7 +36,7 @@ from telephony.redaction import (
     trailing_run,
 )
 
-HOLD_S: Final = 3.0  # a caller reading a card pauses between groups for up to this long
+HOLD_S: Final = 4.0  # a caller reading a card pauses between groups for up to this long
 DECIDED_KEPT: Final = 2000  # words whose outcome is remembered until their Segment comes
 
 WordKey = tuple[str, float, float]
@@ -106,7 +106,13 @@ class TranscriptStage:
         if isinstance(event, Closed):
             self._judge(len(self._open))
         else:
-            held = trailing_run([w.text for w in self._open]) if self.kinds & DIGIT_KINDS else None
+            held = None
+            if self.kinds & DIGIT_KINDS:
+                # Mid-utterance any number may be the start of a run; once the utterance is
+                # over, only a group of two digits or more is worth waiting on.
+                in_utterance = isinstance(event, Word)
+                texts = [w.text for w in self._open]
+                held = trailing_run(texts, 1 if in_utterance else 2)
             self._judge(len(self._open) if held is None else held)
         return self._release()
 
@@ -133,9 +139,11 @@ class TranscriptStage:
         spans = find_spans([w.text for w in words], self.kinds, tuple(self._history), self._is_name)
         for key, out in self._outcomes(words, spans):
             self._decided[key] = out
+            # The context of later runs is what went out: a placeholder says what came before
+            # ("[CARD_NUMBER]" makes the next group of digits part of the card).
+            self._history.extend(w.text for w in out)
         while len(self._decided) > DECIDED_KEPT:
             self._decided.popitem(last=False)
-        self._history.extend(w.text for w in words)
         self._segment_starts.difference_update(_key(w) for w in words)
 
     def _outcomes(

@@ -32,6 +32,7 @@ from telephony.config import TwilioConfig
 from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
 from telephony.limits import messages, open_websocket, parse_json
 from telephony.session import Call, CallHub
+from telephony.transcript import TranscriptOptions, transcript_options
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +338,7 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
                     legs=tuple(LEG_OF_TRACK[t] for t in event.tracks),
                     call_id=event.call_sid,
                     labels=_labels(event),
+                    options=_options(event),
                 )
                 legs = _Legs(call)
             elif isinstance(event, Media) and legs is not None:
@@ -378,6 +380,14 @@ def _labels(event: StreamStarted) -> dict[str, str]:
         if name in params:
             labels[name.lower()] = params[name]
     return labels
+
+
+def _options(event: StreamStarted) -> TranscriptOptions:
+    """`<Parameter name="redact" value="pci,ssn"/>` and `<Parameter name="keyterm"
+    value="Xarelto, Siobhan Nguyen"/>` (comma-separated: TwiML names a parameter once)."""
+    params = event.custom_parameters
+    keyterms = params.get("keyterm", "").split(",")
+    return transcript_options([params.get("redact", "")], keyterms)
 
 
 def add_routes(app: web.Application, hub: CallHub, config: TwilioConfig) -> None:

@@ -92,6 +92,7 @@ ALLOWED_OTHER: dict[tuple[str, str], tuple[str, object]] = {
     ("data", "url"): ("postgresql://db/stt", "postgresql://db/stt"),
     ("webhook", "url"): ("https://hooks.example/", "https://hooks.example/"),
     ("twilio", "public_url"): ("https://stt.example.com", "https://stt.example.com"),
+    ("privacy", "redact"): ("pci, ssn", ["pci", "ssn"]),
 }
 
 

@@ -74,3 +74,21 @@ def test_without_number_kinds_nothing_is_held() -> None:
     stage = TranscriptStage(frozenset({"pii"}) - {"pii"}, hold_s=3.0)
     out = feed(stage, utterance("card 4242 4242", 0.0))
     assert segments(out) == ["card 4242 4242"]
+
+
+def test_a_group_read_after_a_long_pause_still_belongs_to_the_card() -> None:
+    stage = TranscriptStage(PCI, hold_s=3.0)
+    out = feed(stage, utterance("My card number is 4111 1111 1111", 0.0))
+    out += feed(stage, utterance("1111.", 8.0))  # 5.5 s later: a run of its own
+    out += stage.feed(Closed("flushed"))
+    assert segments(out) == ["My card number is [CARD_NUMBER]", "[CARD_NUMBER]."]
+
+
+def test_digits_that_come_one_word_at_a_time_are_one_run() -> None:
+    """Word events come one by one (Kyutai streams them, Moonshine sends an utterance's words
+    before its segment): a run is not judged on its first digit."""
+    stage = TranscriptStage(PCI, hold_s=3.0)
+    out = feed(stage, utterance("My card number is four, one, one, one, one, one, one.", 0.0))
+    out += feed(stage, utterance("One, one, one, one, one, one, one.", 6.0))
+    out += feed(stage, utterance("Thanks.", 10.0))
+    assert segments(out) == ["My card number is [CARD_NUMBER].", "[CARD_NUMBER].", "Thanks."]

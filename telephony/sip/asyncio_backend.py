@@ -10,7 +10,7 @@ sockets feeding `SipCall` (reorder window drained at BYE, so the last words stay
 No dialog can be left live by a caller that goes away (README "SIP", "When a caller goes
 away"): our 200 is resent on T1 doubling (UDP) and a 200 never ACKed ends the call after
 64*T1 (Timer H, UDP and TCP: aiosipua's own resending, UDP only and 32 s fixed, is off); a TCP
-connection that closes before the answer ends its call at once; a CANCEL that crosses our 200
+connection that closes before the caller's ACK ends its call at once; a CANCEL that crosses our 200
 gets its 200 and leaves the call to the caller's ACK and BYE (RFC 3261 §9.2); after the ACK,
 `SipCall`'s RTP and hold timeouts. aiosipua internals we still touch: aiosipua_check.py.
 """
@@ -289,6 +289,7 @@ class _Dialog:
     answered: bool = False  # our 200 is out
     ack_timer: asyncio.Task[None] | None = None  # Timer H for the latest 200, until its ACK
     acked_cseq: int = 0  # the CSeq number that ACK must carry
+    confirmed: bool = False  # the caller ACKed our first 200
 
     @property
     def call_id(self) -> str:
@@ -322,6 +323,7 @@ class _Dialog:
         if self.ack_timer is not None and cseq is not None and cseq.seq == self.acked_cseq:
             self.ack_timer.cancel()
             self.ack_timer = None
+            self.confirmed = True
 
     async def _wait_ack(self, response: SipResponse) -> None:
         loop = asyncio.get_running_loop()
@@ -499,15 +501,17 @@ class AsyncioBackend:
         return {"dialogs": len(held), "rtp_ports_in_use": len(self.rtp_ports.in_use)}
 
     def _connection_closed(self, transport: TcpSipTransport, addr: tuple[str, int]) -> None:
-        """A caller's TCP connection closed: a call not answered yet cannot be (its 100, 180
-        and 200 travel on that connection), so it ends now. Answered calls are left to their
-        timers: an ACK or BYE may come on a new connection, and RTP does not need this one."""
+        """A caller's TCP connection closed before it ACKed our first 200: the call ends now.
+        Its 100, 180 and 200 travel on that connection, and a caller that drops it before the
+        ACK is gone (a SIP scanner does exactly this; waiting for Timer H would hold a slot and
+        a port 32 s per connection). After the ACK the call needs no SIP connection: RTP and
+        its timeouts go on, and a BYE may come on a new connection."""
         for dialog in list(self.dialogs.values()):
             incoming = dialog.incoming
             on_it = incoming.transport is transport and incoming.source_addr == addr
-            if on_it and not dialog.answered and not dialog.closed:
+            if on_it and not dialog.confirmed and not dialog.closed:
                 log.info(
-                    "caller's TCP connection closed before the answer",
+                    "caller's TCP connection closed before its ACK",
                     extra={"call_id": dialog.call_id, "front_end": FRONT_END},
                 )
                 asyncio.get_running_loop().create_task(dialog.finish("caller gone"))

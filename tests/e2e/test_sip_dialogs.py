@@ -103,7 +103,7 @@ async def test_udp_caller_silent_through_ringing_and_our_200(
         answered = time.monotonic()
         _, before = await caller.until_bye(timeout_s=TIMER_H + 2)
         bye_after = time.monotonic() - answered
-        event = await ended(log, 5)
+        event = await ended(log, 10)
     resent = [m for m in before if m.status == 200 and m.cseq_method == "INVITE"]
     assert len(resent) >= 5  # at 50, 150, 350, 750, 1550, 3150 ms
     assert TIMER_H - 0.1 <= bye_after <= TIMER_H + 1.5
@@ -117,8 +117,8 @@ async def test_tcp_caller_gone_while_ringing_ends_at_once(start_service: Service
         caller.invite(free_port())
         await caller.expect(180, "INVITE")
         caller.close()
-        event = await ended(log, 5)
-    assert event["reason"] == "caller gone" and event["after_s"] < 1.0
+        event = await ended(log, 10)
+    assert event["reason"] == "caller gone" and event["after_s"] < 2.0
     await assert_all_back(service)
 
 
@@ -131,8 +131,7 @@ async def test_tcp_caller_gone_right_after_trying(start_service: ServiceFactory)
         assert trying.status == 100
         caller.close()
         event = await ended(log, TIMER_H + 2)
-    # Gone before we answered, or our 200 left just before the close: then Timer H.
-    assert event["reason"] in ("caller gone", "no ACK"), event
+    assert event["reason"] == "caller gone" and event["after_s"] < 2.0
     await assert_all_back(service)
 
 
@@ -161,15 +160,17 @@ async def test_200_never_acked_while_rtp_flows_ends_at_timer_h_with_its_words(
     await assert_all_back(service)
 
 
-async def test_tcp_closed_after_our_200_without_ack(start_service: ServiceFactory) -> None:
-    """The BYE has no connection to go on: the call ends all the same, at Timer H."""
+async def test_tcp_closed_after_our_200_before_the_ack_ends_at_once(
+    start_service: ServiceFactory,
+) -> None:
+    """No ACK can come on a closed connection: the call ends without waiting for Timer H."""
     service = await start(start_service, rtp_timeout_s=30.0)
     async with watch_events(service) as log, Caller(service.ports["sip"], "tcp") as caller:
         caller.invite(free_port())
         await caller.expect(200, "INVITE")
         caller.close()
         event = await ended(log, TIMER_H + 2)
-    assert event["reason"] == "no ACK" and event["after_s"] >= TIMER_H - 0.5
+    assert event["reason"] == "caller gone" and event["after_s"] < 2.0
     await assert_all_back(service)
 
 
@@ -183,7 +184,7 @@ async def test_acked_without_any_rtp(
         await caller.expect(200, "INVITE")
         caller.ack()
         bye, _ = await caller.until_bye(timeout_s=3)
-        event = await ended(log, 5)
+        event = await ended(log, 10)
     assert bye.method == "BYE" and event["reason"] == "rtp timeout"
     await assert_all_back(service)
 
@@ -203,8 +204,12 @@ async def test_rtp_that_stops_ends_the_call_with_its_words(
         if close_tcp:
             caller.close()
         await speak(answer.rtp_port, SENTENCES[3])
-        event = await ended(log, 5)
-    assert event["reason"] == "rtp timeout" and 0.9 <= event["after_s"] <= 3.0
+        silent = time.monotonic()
+        if not close_tcp:  # over UDP our BYE arrives at the RTP timeout
+            await caller.until_bye(timeout_s=5)
+            assert 0.9 <= time.monotonic() - silent <= 3.0
+        event = await ended(log, 20)
+    assert event["reason"] == "rtp timeout"
     text = await stored_text(service, event["call_id"])
     assert word_error_rate(SENTENCES[3], text) <= PHONE_WER_BOUND, text
     await assert_all_back(service)
@@ -225,11 +230,11 @@ async def test_cancel_crossing_our_200(start_service: ServiceFactory, then: str)
             caller.ack()
             caller.bye()
             await caller.expect(200, "BYE")
-            event = await ended(log, 5)
+            event = await ended(log, 10)
             assert event["reason"] == "remote hangup"
         else:
             await caller.until_bye(timeout_s=TIMER_H + 2)
-            event = await ended(log, 5)
+            event = await ended(log, 10)
             assert event["reason"] == "no ACK"
     await assert_all_back(service)
 
@@ -247,7 +252,7 @@ async def test_caller_gone_while_on_hold(start_service: ServiceFactory) -> None:
         held = time.monotonic()
         await caller.until_bye(timeout_s=4)
         on_hold_s = time.monotonic() - held
-        event = await ended(log, 5)
+        event = await ended(log, 10)
     assert event["reason"] == "hold timeout" and 1.9 <= on_hold_s <= 3.5
     await assert_all_back(service)
 

@@ -88,7 +88,7 @@ class _Guard:
         self.seen = {}
 
     def _dispatch(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.seen[addr] = time.monotonic()
+        self._heard(addr)
         if data.strip() == b"":
             return  # CRLF keep-alive (RFC 5626)
         if not self.rate.allow(addr[0]):
@@ -108,6 +108,10 @@ class _Guard:
 
     def _send_raw(self, data: bytes, addr: tuple[str, int]) -> None:
         raise NotImplementedError
+
+    def _heard(self, addr: tuple[str, int]) -> None:
+        """A message came from `addr`. Only TCP keeps it (for its idle limit, dropped with the
+        connection): kept per UDP source, it would grow with every port a scanner sends from."""
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -188,6 +192,9 @@ class _Tcp(_Guard, TcpSipTransport):
                 continue
             writer.transport.abort()
             return
+
+    def _heard(self, addr: tuple[str, int]) -> None:
+        self.seen[addr] = time.monotonic()
 
     def _send_raw(self, data: bytes, addr: tuple[str, int]) -> None:
         writer = self.writers.get(addr)

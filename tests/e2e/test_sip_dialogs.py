@@ -3,10 +3,11 @@ and its RTP port come back, and the words spoken before are stored.
 
 A hand-written caller (tests/e2e/sip_caller.py) over real loopback UDP or TCP stops in each
 state: silent while it rings, gone after 100 Trying, a 200 never ACKed (with and without RTP),
-ACKed without RTP or with RTP that stops, its TCP connection closed at each point, a CANCEL that
-crosses our 200, gone while on hold, and challenged or refused INVITEs never ACKed. Timers are
-short in each test's config (T1 = 50 ms: Timer H = 3.2 s), so each runs in seconds. The RTP range
-holds one port and the engine one slot: the call placed after each state proves both free.
+ACKed without RTP or with RTP that stops, its TCP connection closed at each point, a CANCEL while
+it rings (487 never ACKed) or crossing our 200, gone while on hold, and challenged or refused
+INVITEs never ACKed. Timers are short in each test's config (T1 = 50 ms: Timer H = 3.2 s), so
+each runs in seconds. The RTP range holds one port and the engine one slot: the call placed
+after each state proves both free.
 """
 
 from __future__ import annotations
@@ -212,6 +213,26 @@ async def test_rtp_that_stops_ends_the_call_with_its_words(
     assert event["reason"] == "rtp timeout"
     text = await stored_text(service, event["call_id"])
     assert word_error_rate(SENTENCES[3], text) <= PHONE_WER_BOUND, text
+    await assert_all_back(service)
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_cancel_while_ringing_and_487_never_acked(
+    start_service: ServiceFactory, transport: Literal["udp", "tcp"]
+) -> None:
+    """The CANCEL ends the call at once; its 487 is never ACKed and nothing stays held (the
+    answer delay passes without a 200)."""
+    service = await start(start_service, answer_delay_s=1.0)
+    async with watch_events(service) as log, Caller(service.ports["sip"], transport) as caller:
+        caller.invite(free_port())
+        await caller.expect(180, "INVITE")
+        caller.cancel()
+        await caller.expect(200, "CANCEL")
+        await caller.expect(487, "INVITE")
+        event = await ended(log, 10)
+        await asyncio.sleep(1.5)  # past the answer delay
+        assert caller.inbox.empty()  # no 200 after the 487
+    assert event["reason"] == "cancelled"
     await assert_all_back(service)
 
 

@@ -136,6 +136,22 @@ async def test_tcp_caller_gone_right_after_trying(start_service: ServiceFactory)
     await assert_all_back(service)
 
 
+@pytest.mark.solo  # PJSIP's media clock must tick on time (as every pjsua2 test)
+async def test_pjsua2_ends_the_scanners_call_by_its_rtp_timeout(
+    start_service: ServiceFactory,
+) -> None:
+    """PJSIP answers whatever the caller's connection does; no RTP ever comes."""
+    service = await start(start_service, backend="pjsua2", rtp_timeout_s=1.0)
+    async with watch_events(service) as log, Caller(service.ports["sip"], "tcp") as caller:
+        caller.invite(free_port())
+        assert (await caller.receive()).status == 100
+        caller.close()
+        event = await ended(log, 10)
+    assert event["reason"] == "rtp timeout"
+    found = await info(service)
+    assert found["calls_live"] == 0 and found["engine"]["free_slots"] == 1
+
+
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 async def test_200_never_acked_while_rtp_flows_ends_at_timer_h_with_its_words(
     start_service: ServiceFactory, transport: Literal["udp", "tcp"]

@@ -294,6 +294,24 @@ async def test_caller_gone_while_on_hold(start_service: ServiceFactory) -> None:
     await assert_all_back(service)
 
 
+async def test_200_to_a_reinvite_never_acked(start_service: ServiceFactory) -> None:
+    """A re-INVITE's 200 is resent and waits for its ACK like the first (RFC 3261 §14.2)."""
+    service = await start(start_service)
+    async with watch_events(service) as log, Caller(service.ports["sip"], "udp") as caller:
+        caller.invite(free_port())
+        await caller.expect(200, "INVITE")
+        caller.ack()
+        caller.invite(free_port(), direction="inactive")
+        await caller.expect(200, "INVITE")
+        reinvited = time.monotonic()
+        _, before = await caller.until_bye(timeout_s=TIMER_H + 2)
+        bye_after = time.monotonic() - reinvited
+        event = await ended(log, 10)
+    assert [m.status for m in before] == [200] * len(before) and len(before) >= 5
+    assert event["reason"] == "no ACK" and TIMER_H - 0.1 <= bye_after <= TIMER_H + 1.5
+    await assert_all_back(service)
+
+
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 @pytest.mark.parametrize("status", [401, 486])
 async def test_challenged_or_refused_invite_never_acked_leaves_no_dialog(

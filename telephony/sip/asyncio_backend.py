@@ -297,6 +297,7 @@ class _Dialog:
     ack_timer: asyncio.Task[None] | None = None  # Timer H for the latest 200, until its ACK
     acked_cseq: int = 0  # the CSeq number that ACK must carry
     confirmed: bool = False  # the caller ACKed our first 200
+    gone: str = ""  # why it ended while `_answer` was busy, when not a CANCEL
 
     @property
     def call_id(self) -> str:
@@ -521,7 +522,9 @@ class AsyncioBackend:
                     "caller's TCP connection closed before its ACK",
                     extra={"call_id": dialog.call_id, "front_end": FRONT_END},
                 )
-                asyncio.get_running_loop().create_task(dialog.finish("caller gone"))
+                dialog.gone = "caller gone"
+                dialog.release()  # now: an answer under way sees it (`cancelled`)
+                asyncio.get_running_loop().create_task(dialog.finish(dialog.gone))
 
     def _late_cancel(self, uas: SipUAS, cancel: SipRequest) -> bool:
         """A CANCEL that crossed our 200: it gets its own 200 and changes nothing (RFC 3261
@@ -654,11 +657,11 @@ class AsyncioBackend:
             if self.config.answer_delay_s > 0:
                 await asyncio.sleep(self.config.answer_delay_s)
             if dialog.cancelled():
-                await dialog.finish("cancelled")
+                await dialog.finish(dialog.gone or "cancelled")
                 return
             streams = await self._open_rtp(dialog, legs, streams)
             if dialog.cancelled():  # CANCEL arrived while the sockets were being bound
-                await dialog.finish("cancelled")
+                await dialog.finish(dialog.gone or "cancelled")
                 return
             local_ip = local_ip_for(incoming.source_addr[0], self.config)
             incoming.advertised_addr = (local_ip, self.port)

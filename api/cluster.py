@@ -27,7 +27,15 @@ import psycopg
 
 from api.store import DB_ERRORS, EVENTS_CHANNEL, Store
 from engine.base import Closed, EndOfTurn, EngineEvent, Partial, Segment, Word
-from telephony.session import BusEvent, CallEnded, CallStarted, DtmfPressed, EventBus, LegEvent
+from telephony.session import (
+    AudioDropped,
+    BusEvent,
+    CallEnded,
+    CallStarted,
+    DtmfPressed,
+    EventBus,
+    LegEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +66,10 @@ def bus_event_from_json(d: dict[str, Any]) -> BusEvent:
     if kind == "call_started":
         return CallStarted(d["call_id"], d["front_end"], tuple(d["legs"]), d["labels"], d["at"])
     if kind == "call_ended":
-        return CallEnded(d["call_id"], d["front_end"], d["reason"], d["at"], d["audio_s"])
+        dropped = d.get("dropped_s", 0.0)  # a node of an earlier version does not say
+        return CallEnded(d["call_id"], d["front_end"], d["reason"], d["at"], d["audio_s"], dropped)
+    if kind == "audio_dropped":
+        return AudioDropped(d["call_id"], d["leg"], d["at"], d["dropped_s"])
     if kind == "dtmf":
         return DtmfPressed(d["call_id"], d["leg"], d["digit"], d["at"])
     return LegEvent(d["call_id"], d["leg"], _engine_event(d))

@@ -200,6 +200,7 @@ class EngineStream(abc.ABC):
         self._settled_changed = asyncio.Event()
         self.progress = 0  # counts audio taken and events delivered: a stalled engine stops it
         self._drop_logged_at = -DROP_LOG_EVERY_S
+        self._gap = 0  # samples dropped since the engine last took audio (`_take_gap`)
 
     # -- producer side (event loop) --
 
@@ -215,6 +216,7 @@ class EngineStream(abc.ABC):
             dropped = self._pending.popleft()
             self._pending_samples -= len(dropped)
             self.stats.samples_dropped += len(dropped)
+            self._gap += len(dropped)
         if self.stats.samples_dropped > dropped_before:
             # A client sending faster than real time drops audio with every frame: one line
             # per stream per minute, so it cannot fill the disk through the log.
@@ -233,8 +235,15 @@ class EngineStream(abc.ABC):
             self._room.clear()
         self._on_audio()
 
+    @property
+    def has_room(self) -> bool:
+        """The buffer is under its high-water mark (half full): `push` drops nothing now, and
+        `write` would not wait. A sender that can wait stops reading its socket otherwise."""
+        return self._room.is_set()
+
     async def write(self, pcm: PcmArray) -> None:
-        """Queue audio, waiting while the buffer is over half full (offline transcription)."""
+        """Queue audio, waiting while the buffer is over half full (offline transcription, and
+        clients that can wait: never drops)."""
         step = max(1, self._max_pending // 4)
         for start in range(0, len(pcm), step):
             await self._room.wait()
@@ -332,6 +341,14 @@ class EngineStream(abc.ABC):
         if self.settles_on_take:
             self._settle(self._taken)
         return out
+
+    def _take_gap(self) -> int:
+        """Samples the buffer dropped since the last call, all of them just before the audio
+        `_take_pending` gives next: call both together, with no await between. Times are
+        seconds of the leg's audio, dropped audio included, so an engine adds the gap to its
+        clock (and ends the utterance it was hearing: its audio is cut there)."""
+        gap, self._gap = self._gap, 0
+        return gap
 
     @property
     def pending_samples(self) -> int:

@@ -124,6 +124,14 @@ class Utterances:
         self._reset_idle()
         return [cut] if cut is not None else []
 
+    def skip(self, samples: int) -> list[Cut]:
+        """`samples` of the stream that will never come (a buffer dropped them): the utterance
+        in progress ends where its audio does, and the stream's clock moves past the gap, so
+        later cuts start where they are in the stream."""
+        cuts = self.cut_now()
+        self._fed += samples
+        return cuts
+
     # -- one window --
 
     def _window(self, window: FloatAudio) -> Cut | None:

@@ -219,7 +219,11 @@ class MoonshineStream(EngineStream):
         try:
             while self.pending_samples or self._finalize:
                 if self.pending_samples:
+                    # Taken together: audio the buffer dropped came just before this second.
+                    gap = self._take_gap()
                     pcm = self._take_pending(SAMPLE_RATE)  # a second at a time: partials keep up
+                    if gap:  # times stay in the leg's audio: the clock counts the lost seconds
+                        await self._decode(await self._vad(partial(self._utterances.skip, gap)))
                     await self._decode(await self._vad(partial(self._utterances.feed, pcm)))
                 else:  # Finalize: once the audio before it is in
                     self._finalize = False

@@ -747,9 +747,16 @@ async def _serve(
         for leg, pcm in zip(codec.legs, codec.receive_audio(data), strict=True):
             call.leg(leg).push(pcm)
 
+    async def write(data: bytes) -> None:
+        # Backpressure, never loss: waits while the engine is behind (see websocket.py).
+        for leg, pcm in zip(codec.legs, codec.receive_audio(data), strict=True):
+            await call.leg(leg).write(pcm)
+
     def push_direct(msg: WSMessage) -> bool:  # the loop's BINARY branch, as frames are parsed
         if msg.type != WSMsgType.BINARY or not msg.data or call.ended:
             return False
+        if not all(call.leg(leg).has_room for leg in codec.legs):
+            return False  # the engine is behind: the loop waits for room
         push(msg.data)
         return True
 
@@ -759,7 +766,7 @@ async def _serve(
                 if not msg.data:  # the old protocol's end of audio
                     reason, close_stream = "client CloseStream", True
                     break
-                push(msg.data)
+                await write(msg.data)
                 if call.ended:  # by the engine (a lost engine node)
                     reason = call.engine_reason
                     close_code, close_reason = ws_close_at_end(call)[0], call.engine_reason

@@ -82,7 +82,20 @@ class DtmfPressed:
     at_s: float  # seconds of that leg's audio
 
 
-BusEvent = CallStarted | LegEvent | CallEnded | DtmfPressed
+@dataclass(frozen=True)
+class AudioDropped:
+    """A leg's engine fell behind and its buffer dropped the oldest audio (a real-time phone
+    leg cannot wait). At most one per leg per `DROP_NOTICE_EVERY_S`; the call's total is in
+    `CallEnded.dropped_s`. Times of later words still count the lost seconds."""
+
+    call_id: str
+    leg: str
+    at_s: float  # seconds of that leg's audio when it was noticed
+    dropped_s: float  # all that leg has lost so far
+
+
+BusEvent = CallStarted | LegEvent | CallEnded | DtmfPressed | AudioDropped
+DROP_NOTICE_EVERY_S = 1.0
 
 
 def bus_event_to_json(event: BusEvent) -> dict[str, Any]:
@@ -104,6 +117,15 @@ def bus_event_to_json(event: BusEvent) -> dict[str, Any]:
             "reason": event.reason,
             "at": event.at,
             "audio_s": dict(event.audio_s),
+            "dropped_s": round(event.dropped_s, 3),
+        }
+    if isinstance(event, AudioDropped):
+        return {
+            "type": "audio_dropped",
+            "call_id": event.call_id,
+            "leg": event.leg,
+            "at": round(event.at_s, 3),
+            "dropped_s": round(event.dropped_s, 3),
         }
     if isinstance(event, DtmfPressed):
         return {
@@ -204,6 +226,7 @@ class Session:
         self.stage = stage  # redaction: every event of the leg passes it before going out
         self._release_held = False  # wait_settled asks the pump to let held words go
         self.samples_in = 0
+        self._drop_noticed_at = -DROP_NOTICE_EVERY_S
         self._pump = asyncio.get_running_loop().create_task(self._fan_out())
 
     @property
@@ -215,7 +238,26 @@ class Session:
         blocks."""
         if len(pcm):  # decoders gather 80 ms batches: three packets in four give nothing
             self.samples_in += len(pcm)
+            stats = self.stream.stats
+            dropped = stats.samples_dropped
             self.stream.push(pcm)
+            if stats.samples_dropped != dropped:
+                self._dropped()
+
+    def _dropped(self) -> None:
+        """The engine's buffer overflowed: tell the bus (and the front end, where its protocol
+        has a way), at most once per `DROP_NOTICE_EVERY_S` while it goes on."""
+        now = asyncio.get_running_loop().time()
+        if now < self._drop_noticed_at + DROP_NOTICE_EVERY_S:
+            return
+        self._drop_noticed_at = now
+        rate = self.stream.sample_rate
+        notice = AudioDropped(
+            self.call.id, self.leg, self.audio_s, self.stream.stats.samples_dropped / rate
+        )
+        self.call.hub.bus.publish(notice)
+        if self.call.on_audio_dropped is not None:
+            self.call.on_audio_dropped(notice)
 
     def dtmf(self, digit: str, at_s: float | None = None) -> None:
         """Announce a key press at `at_s` of this leg's audio: where the front end's wire is
@@ -224,8 +266,14 @@ class Session:
         at = self.audio_s if at_s is None else at_s
         self.call.hub.bus.publish(DtmfPressed(self.call.id, self.leg, digit, at))
 
+    @property
+    def has_room(self) -> bool:
+        """The engine's buffer is under its high-water mark: a push now drops nothing."""
+        return self.stream.has_room
+
     async def write(self, pcm: PcmArray) -> None:
-        """Like push, but waits for the engine when it is behind (offline transcription)."""
+        """Like push, but waits for the engine when it is behind (offline transcription, and
+        WebSocket clients that can wait: they are slowed by not reading their socket)."""
         self.samples_in += len(pcm)
         await self.stream.write(pcm)
 
@@ -328,6 +376,8 @@ class Call:
     started_at: float = field(default_factory=time.time)
     ended: bool = False
     engine_reason: str = ""  # why the engine ended a leg itself (engine_lost): the call's reason
+    # Told of each `AudioDropped` notice: a front end whose protocol can say so to its client.
+    on_audio_dropped: Callable[[AudioDropped], None] | None = None
     _announced: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _ending: asyncio.Task[None] | None = field(default=None, repr=False)
 

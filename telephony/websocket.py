@@ -248,15 +248,18 @@ async def _serve(request: web.Request, params: ListenParams) -> web.StreamRespon
     reason = "client closed"
 
     def push(msg: WSMessage) -> bool:  # the loop's BINARY branch, as frames are parsed
-        if msg.type != WSMsgType.BINARY or call.ended:
-            return False
+        if msg.type != WSMsgType.BINARY or call.ended or not leg.has_room:
+            return False  # the engine is behind: the loop waits for room (below)
         leg.push(codec.receive_bytes(msg.data))
         return True
 
     try:
         async for msg in messages(ws, request, direct=push):
             if msg.type == WSMsgType.BINARY:
-                leg.push(codec.receive_bytes(msg.data))
+                # Backpressure, never loss: while the engine is behind, this waits; frames
+                # queue in aiohttp's reader, which stops reading the socket once it holds
+                # 128 KiB, and TCP slows a client sending faster than real time.
+                await leg.write(codec.receive_bytes(msg.data))
                 if call.ended:  # by the engine (a lost engine node): its `closed` went out
                     break
             elif msg.type == WSMsgType.TEXT:

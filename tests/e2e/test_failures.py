@@ -96,12 +96,14 @@ async def ended_call(
             await asyncio.sleep(0.1)
 
 
-async def test_a_client_sending_20x_real_time_is_bounded_and_disturbs_no_other_call(
+async def test_a_client_sending_20x_real_time_is_slowed_loses_nothing_and_disturbs_no_other_call(
     tmp_path: Path, servers: list[ServerProcess]
 ) -> None:
-    """The engine stream's buffer (`engine.max_buffer_s`) bounds the flood: the oldest audio is
-    dropped and counted live in `stt_bridge_audio_dropped_seconds_total`, resident memory stays
-    flat, the log gets one line about it, and a real-time call beside it keeps every word."""
+    """A WebSocket client can wait: while its engine stream's buffer (`engine.max_buffer_s`)
+    is over its high-water mark the bridge stops reading its socket, and TCP slows it. Nothing
+    is dropped (`stt_bridge_audio_dropped_seconds_total` stays 0, live and at the end),
+    resident memory stays flat, and a real-time call beside it keeps every word. (A phone leg
+    cannot wait and drops: tests/e2e/test_backpressure.py.)"""
     log_file = tmp_path / "server.log"
     server = ServerProcess(
         tmp_path / "data",
@@ -160,19 +162,17 @@ async def test_a_client_sending_20x_real_time_is_bounded_and_disturbs_no_other_c
         )
         flood_call = await ended_call(http, server, "flood")
 
-    assert sent_s >= factor * seconds * 0.9, f"sent only {sent_s:.0f} s of audio"
+    assert sent_s >= 2 * seconds, f"sent only {sent_s:.0f} s of audio"  # it did flood
     assert words_beside == alone, "the real-time call beside the flood lost words"
-    assert dropped_live > 0, "the drop counter did not rise while the flood was on"
-    assert dropped_end >= sent_s * 0.3, (dropped_end, sent_s)
+    assert dropped_live == 0.0 and dropped_end == 0.0, (dropped_live, dropped_end)
     assert flood_call["status"] == "ended"
     growth = max(rss) - baseline
     assert growth < 40, f"RSS grew {growth:.0f} MB (baseline {baseline:.0f} MB)"
     lines = log_file.read_text().splitlines()
-    flood_drops = [ln for ln in lines if "audio dropped" in ln and "call_id=flood" in ln]
-    assert len(flood_drops) == 1, "one log line per stream per minute"
+    assert not [ln for ln in lines if "audio dropped" in ln and "call_id=flood" in ln]
     print(
-        f"\nflood: {sent_s:.0f} s sent in {seconds:.0f} s, {dropped_end:.0f} s dropped; "
-        f"RSS {baseline:.0f} -> max {max(rss):.0f} MB"
+        f"\nflood: {sent_s:.0f} s sent in {seconds:.0f} s (TCP held the rest back), "
+        f"{dropped_end:.0f} s dropped; RSS {baseline:.0f} -> max {max(rss):.0f} MB"
     )
 
 

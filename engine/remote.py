@@ -214,6 +214,14 @@ class Timeline:
         before = self._added[-2] if len(self._added) > 1 else 0
         return self._starts[-1] + self._added[-1] - before == self.node_samples
 
+    def skip_ours(self, samples: int) -> None:
+        """Our audio that never reaches the node (our buffer dropped it while the node was
+        behind): node time after this point is that much earlier than ours."""
+        total = self._added[-1] if self._added else 0
+        self._starts.append(self.node_samples)
+        self._added.append(total - samples)  # negative "added": a jump forward of ours
+        self.our_samples += samples
+
     def our_seconds(self, node_s: float) -> float:
         """A node time in seconds of our audio; inside added silence: where it was added."""
         at = round(node_s * SAMPLE_RATE)
@@ -722,7 +730,10 @@ class RemoteStream(EngineStream):
         while True:
             cut = self.closing or self._finalize  # the last short frame goes too
             while self.pending_samples >= FRAME_SIZE or (cut and self.pending_samples):
+                gap = self._take_gap()  # dropped just before this frame: taken together
                 pcm = self._take_pending(FRAME_SIZE)
+                if gap:
+                    self._timeline.skip_ours(gap)
                 await ws.send_bytes(codec.encode_audio(pcm))
                 self._timeline.add_ours(len(pcm))
                 self._since_marker += 1

@@ -89,6 +89,23 @@ def test_node_times_skip_the_silence_we_added() -> None:
     assert (timeline.node_samples, timeline.our_samples) == (4 * RATE + 2 * FRAME_SIZE, 3 * RATE)
 
 
+def test_node_times_count_the_audio_our_buffer_dropped() -> None:
+    """A phone leg whose node is behind: seconds our buffer dropped never reach the node, and
+    node times after them are that much later in our audio (times are the leg's audio)."""
+    timeline = Timeline()
+    timeline.add_silence(RATE)  # lead
+    timeline.add_ours(2 * RATE)
+    timeline.skip_ours(3 * RATE)  # dropped
+    timeline.add_ours(RATE)
+    timeline.add_silence(FRAME_SIZE)  # a flush
+    timeline.add_ours(RATE)
+    assert timeline.our_seconds(2.5) == 1.5  # before the loss: as ever
+    assert timeline.our_seconds(3.5) == 5.5  # after it: 3 s later
+    assert timeline.our_seconds(4.0 + 0.05) == 6.0  # inside the flush silence
+    assert timeline.our_seconds(4.08 + 0.5) == 6.5
+    assert (timeline.node_samples, timeline.our_samples) == (5 * RATE + FRAME_SIZE, 7 * RATE)
+
+
 def test_words_wait_for_their_end_then_turns_end_at_pauses() -> None:
     timeline = Timeline()
     timeline.add_ours(10 * RATE)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from api.config import Config
 from engine.config import EngineConfig
-from engine.registry import choose_engine
+from engine.registry import choose_engine, cuda_available
 
 # The listeners without which the service is not there: a taken port stops it.
 REQUIRED_PORTS = ("port", "health_port", "web_port")
@@ -83,9 +83,52 @@ def cache_problem(engine: EngineConfig) -> str:
     return folder_problem("engine.cache_dir", engine.cache_dir, engine.model_cache(), True)
 
 
+def remote_problem(engine: EngineConfig) -> str:
+    """The remote engine's node list, read as it will be when the engine is built."""
+    if choose_engine(engine).name != "remote":
+        return ""
+    from engine.remote import parse_node
+
+    for entry in engine.urls:
+        try:
+            parse_node(entry)
+        except ValueError as exc:
+            return f"config: {exc}"
+    return ""
+
+
+def device_problem(engine: EngineConfig) -> str:
+    """Kyutai told to run on a CUDA device this machine does not have: said now, not after
+    torch and the model's download."""
+    if choose_engine(engine).name != "kyutai":
+        return ""
+    wanted = [("engine.devices", d) for d in engine.devices] or [("engine.device", engine.device)]
+    count = cuda_devices()
+    for setting, device in wanted:
+        if not device.startswith("cuda"):
+            continue
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            have = f"{count} CUDA device(s), cuda:0-{count - 1}" if count else "no CUDA device"
+            return (
+                f"config: {setting} = {device!r}: this machine has {have}; choose one of "
+                "those, or cpu (float32, slow)"
+            )
+    return ""
+
+
+def cuda_devices() -> int:
+    if not cuda_available():
+        return 0
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
 def serve_problem(config: Config) -> str:
     """Everything `stt-bridge serve` can find wrong before it loads a model; "" when all is well."""
     problem = required_ports_problem(config)
     if not problem and not config.data.url:
         problem = folder_problem("data.dir", config.data.dir, config.data.folder())
-    return problem or cache_problem(config.engine)
+    engine = config.engine
+    return problem or cache_problem(engine) or remote_problem(engine) or device_problem(engine)

@@ -230,3 +230,23 @@ async def test_a_port_taken_after_the_check_still_names_its_setting(tmp_path: Pa
         f"server.web_port = {port}: TCP port {port} on 127.0.0.1 is taken by another program; "
         "set server.web_port to a free port"
     )
+
+
+@pytest.mark.parametrize(
+    ("env", "pieces"),
+    [
+        (
+            {"STT_BRIDGE_ENGINE_NAME": "remote", "STT_BRIDGE_ENGINE_URLS": "http://gpu1:8080"},
+            ["engine.urls: 'http://gpu1:8080' is not a ws:// or wss:// URL"],
+        ),
+        (  # no machine has a hundredth GPU: the same answer with CUDA and without
+            {"STT_BRIDGE_ENGINE_NAME": "kyutai", "STT_BRIDGE_ENGINE_DEVICE": "cuda:99"},
+            ["engine.device = 'cuda:99': this machine has", "cpu"],
+        ),
+    ],
+)
+def test_an_engine_that_cannot_start_here_is_one_line(
+    env: dict[str, str], pieces: list[str], tmp_path: Path
+) -> None:
+    result = serve({"STT_BRIDGE_DATA_DIR": str(tmp_path), **env})
+    assert_one_line(result, "stt-bridge: config: ", *pieces)

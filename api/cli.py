@@ -14,7 +14,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from api import __version__, logs
 from api.config import Config, ConfigError, load_config
-from api.preflight import cache_problem, serve_problem
+from api.preflight import engine_problem, serve_problem
 from api.transcribe import (
     EXTENSIONS,
     FORMATS,
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         problems = [serve_problem(config)]
     else:
-        problems = [file_problem(path) for path in args.files] + [cache_problem(config.engine)]
+        problems = [file_problem(path) for path in args.files] + [engine_problem(config.engine)]
     if any(problems):
         for problem in filter(None, problems):
             print(f"stt-bridge: {problem}", file=sys.stderr)

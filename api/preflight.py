@@ -109,11 +109,12 @@ def device_problem(engine: EngineConfig) -> str:
             continue
         index = int(device.partition(":")[2] or 0)
         if index >= count:
-            have = f"{count} CUDA device(s), cuda:0-{count - 1}" if count else "no CUDA device"
-            return (
-                f"config: {setting} = {device!r}: this machine has {have}; choose one of "
-                "those, or cpu (float32, slow)"
+            have = (
+                f"{count} CUDA device(s): choose cuda:0-{count - 1}"
+                if count
+                else ("no CUDA device: choose cpu (float32, slow) or run it where a GPU is")
             )
+            return f"config: {setting} = {device!r}: this machine has {have}"
     return ""
 
 
@@ -130,5 +131,10 @@ def serve_problem(config: Config) -> str:
     problem = required_ports_problem(config)
     if not problem and not config.data.url:
         problem = folder_problem("data.dir", config.data.dir, config.data.folder())
-    engine = config.engine
-    return problem or cache_problem(engine) or remote_problem(engine) or device_problem(engine)
+    return problem or engine_problem(config.engine)
+
+
+def engine_problem(engine: EngineConfig) -> str:
+    """What stops the configured engine from starting on this machine, found without starting
+    it (`stt-bridge serve` and `stt-bridge transcribe`)."""
+    return cache_problem(engine) or remote_problem(engine) or device_problem(engine)

@@ -134,6 +134,20 @@ def test_a_missing_file_is_named_before_the_model_loads(
     assert result.stdout == ""  # nothing transcribed: the command line is to be fixed first
 
 
+def test_an_engine_that_cannot_start_here_is_named_before_anything_loads(
+    audio_files: dict[str, Path],
+) -> None:
+    env = {
+        **os.environ,
+        "STT_BRIDGE_ENGINE_NAME": "kyutai",
+        "STT_BRIDGE_ENGINE_DEVICE": "cuda:99",  # no machine has it, with CUDA or without
+    }
+    result = run_cli("transcribe", str(audio_files["wav"]), env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("stt-bridge: config: engine.device = 'cuda:99': ")
+    assert len(result.stderr.splitlines()) == 1
+
+
 def test_log_lines_do_not_break_the_progress_bar(audio_files: dict[str, Path]) -> None:
     result = run_cli("--log-level", "info", "transcribe", "--progress", str(audio_files["wav"]))
     assert result.returncode == 0

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from engine.base import EngineFull
+from engine.keyterm_bias import KeytermBias
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class StepResult:
 
     tokens: npt.NDArray[np.int64]  # [batch]
     pause_probs: npt.NDArray[np.float32] | None  # [batch, heads]: P(pause) per VAD head
+    # [batch]: the model's probability of each slot's token, before any keyterm bias
+    token_probs: npt.NDArray[np.float32] | None = None
 
 
 class StepModel(Protocol):
@@ -51,8 +54,15 @@ class StepModel(Protocol):
     batch_size: int
     frame_size: int
 
-    def step(self, frames: FloatFrames, active: BoolMask, reset: BoolMask) -> StepResult:
-        """Reset the `reset` rows, then advance the `active` rows by one frame each."""
+    def step(
+        self,
+        frames: FloatFrames,
+        active: BoolMask,
+        reset: BoolMask,
+        biases: Mapping[int, KeytermBias] | None = None,
+    ) -> StepResult:
+        """Reset the `reset` rows, then advance the `active` rows by one frame each; a row in
+        `biases` takes its token through that bias (its keyterms)."""
         ...
 
 
@@ -67,8 +77,20 @@ class SlotClient(Protocol):
         """The next frame (`frame_size` float samples in [-1, 1]); only when frames_ready()."""
         ...
 
-    def on_step(self, token: int, pause_probs: npt.NDArray[np.float32] | None) -> None:
-        """This slot's result of the step that consumed its frame."""
+    @property
+    def keyterm_bias(self) -> KeytermBias | None:
+        """The bias of this slot's text tokens (its stream's keyterms), stepped on the model's
+        thread; None for none."""
+        ...
+
+    def on_step(
+        self,
+        token: int,
+        pause_probs: npt.NDArray[np.float32] | None,
+        probability: float | None = None,
+    ) -> None:
+        """This slot's result of the step that consumed its frame (`probability`: the model's
+        own for `token`, when the model gives it)."""
         ...
 
 
@@ -182,17 +204,24 @@ class Batcher:
         batch, size = self.model.batch_size, self.model.frame_size
         frames = np.zeros((batch, size), dtype=np.float32)
         active = np.zeros(batch, dtype=np.bool_)
+        biases: dict[int, KeytermBias] = {}
         for index, client in ready:
             frames[index] = client.next_frame()
             active[index] = True
+            if (bias := client.keyterm_bias) is not None:
+                biases[index] = bias
         reset = self._reset.copy()
         self._reset[:] = False
         self._last_step = asyncio.get_running_loop().time()
         started = time.perf_counter()
-        result = await self.run_on_model_thread(self.model.step, frames, active, reset)
+        result = await self.run_on_model_thread(self.model.step, frames, active, reset, biases)
         self.steps += 1
         if self._on_step is not None:
             self._on_step(time.perf_counter() - started, len(ready))
-        probs = result.pause_probs
+        probs, token_probs = result.pause_probs, result.token_probs
         for index, client in ready:
-            client.on_step(int(result.tokens[index]), None if probs is None else probs[index])
+            client.on_step(
+                int(result.tokens[index]),
+                None if probs is None else probs[index],
+                None if token_probs is None else float(token_probs[index]),
+            )

@@ -29,14 +29,18 @@ MAX_TOKEN_CHARS: Final = 24  # no vocabulary piece we use is longer (Moonshine's
 
 @dataclass(frozen=True)
 class BiasSettings:
-    """Logit margins and boosts (natural-log units, so a margin of 3 is a probability ratio of
-    e^3 = 20 against the model's best token). Measured in bench/keyterms.py."""
+    """Logit margins and boosts (natural-log units: a margin of 5 is a probability ratio of
+    e^5 = 150 against the model's best token). Tuned on bench/keyterms.py's sentences: rare
+    words right out of 32 for start margins 3 / 5 / 6 / 8: 24 / 25 / 26 / 27, with no control
+    sentence changed up to 6, while at 8 two control sentences turned into repeated terms."""
 
-    start_margin: float = 3.0  # a term's first token is boosted only this close to the best
-    start_boost: float = 3.0
-    continue_margin: float = 6.0  # its next tokens, once it has started
-    continue_boost: float = 6.0
-    max_deficit: float = 8.0  # sum of (best - chosen) logits over a term's tokens: back off past
+    start_margin: float = 5.0  # a term's first token is boosted only this close to the best
+    start_boost: float = 5.0
+    continue_margin: float = 8.0  # its next tokens, once it has started
+    continue_boost: float = 8.0
+    max_deficit: float = 14.0  # sum of (best - chosen) logits over a term's tokens: back off past
+    # A first token spelling fewer letters of the term starts it only as the model's own pick
+    min_start_chars: int = 2
 
 
 DEFAULT_SETTINGS: Final = BiasSettings()
@@ -67,12 +71,17 @@ class KeytermIndex:
                         found.append((spelled, end))
                 per_offset.append(found)
             self.steps.append(per_offset)
-        self.lengths = tuple(len(term) + 1 for term in self.terms)
+        self._texts = tuple(" " + term for term in self.terms)
+        self.lengths = tuple(len(text) for text in self._texts)
         # Every (token, term, end) that starts a term, as arrays: each step looks them all up.
         starts = [(t, term, end) for term, steps in enumerate(self.steps) for t, end in steps[0]]
         self.start_tokens = np.array([t for t, _, _ in starts], dtype=np.int64)
         self.start_terms = tuple(term for _, term, _ in starts)
         self.start_ends = tuple(end for _, _, end in starts)
+
+    def text_at(self, term: int, offset: int) -> str:
+        """The character of term `term` (as " " + term) at `offset`."""
+        return self._texts[term][offset]
 
     def __bool__(self) -> bool:
         return bool(self.terms)
@@ -90,9 +99,17 @@ class _Walk:
 class KeytermBias:
     """The bias over one greedy decode: call `choose` with each step's logits, in order."""
 
-    def __init__(self, index: KeytermIndex, settings: BiasSettings = DEFAULT_SETTINGS) -> None:
+    def __init__(
+        self,
+        index: KeytermIndex,
+        settings: BiasSettings = DEFAULT_SETTINGS,
+        separators: frozenset[int] = frozenset(),
+    ) -> None:
         self._index = index
         self._settings = settings
+        # Tokens that may stand between two words of a term without ending it (Kyutai's text
+        # stream writes padding between words, each starting with a space piece).
+        self._separators = separators
         self._walks: list[_Walk] = []
         self.boosted_steps = 0  # steps where the bias changed the chosen token
 
@@ -124,9 +141,16 @@ class KeytermBias:
         index = self._index
         near = np.flatnonzero(logits[index.start_tokens] >= best - s.start_margin)
         for i in near.tolist():
-            offer(int(index.start_tokens[i]), index.start_terms[i], index.start_ends[i], 0.0, True)
+            token, end = int(index.start_tokens[i]), index.start_ends[i]
+            if end - 1 < s.min_start_chars and token != best_token:
+                continue  # " O" is the start of too many words to be pushed for "Ozempic"
+            offer(token, index.start_terms[i], end, 0.0, True)
 
         chosen = best_token
+        if best_token in self._separators:
+            # Between words: keep the walks that wait for the space starting the next word.
+            waiting = [w for w in self._walks if self._index.text_at(w.term, w.offset) == " "]
+            offers.setdefault(best_token, (best, []))[1].extend(waiting)
         if offers:
             token, (value, _) = max(offers.items(), key=lambda item: item[1][0])
             if value > best:

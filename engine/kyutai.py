@@ -24,6 +24,7 @@ import logging
 import math
 import os
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ from engine.base import (
     Word,
 )
 from engine.batcher import Batcher, BoolMask, FloatFrames, StepResult
+from engine.confidence import combine, segment_confidence
+from engine.keyterm_bias import DEFAULT_SETTINGS, BiasSettings, KeytermBias, KeytermIndex
 from engine.keyterms import check_keyterms, merge_keyterms
 from engine.pcm import pcm16_to_float
 
@@ -60,6 +63,7 @@ WORD_START_ID: Final = 0  # "end of padding": a word starts after it
 PADDING_ID: Final = 3
 LAST_SPECIAL_ID: Final = 3  # ids 0-3 are never text (upstream decodes only ids > 3)
 FLUSH_EXTRA_S: Final = 1.0  # silence fed after the delay on close (as Kyutai's inference does)
+KEYTERM_INDEXES_KEPT: Final = 64  # keyterm lists whose prefix trees are kept for reuse
 PAUSE_HEAD: Final = 2  # the VAD head for a 2 s pause: the one Kyutai's Unmute uses
 
 # moshi-server's batch sizes for Kyutai's repos; other checkpoints by depth.
@@ -213,6 +217,18 @@ class KyutaiModel:
         self.has_vad = len(self.lm.extra_heads) > 0
         self.tokenizer: sentencepiece.SentencePieceProcessor = info.get_text_tokenizer()
         self.lm_gen = LMGen(self.lm, temp=0.0, temp_text=0.0)  # greedy, as upstream STT
+        # Text logits are seen before the greedy pick: for each token's probability
+        # (confidence) and to bias the slots that have keyterms.
+        self.lm_gen.on_text_logits_hook = self._on_text_logits
+        self._biases: Mapping[int, KeytermBias] = {}
+        self._raw_logits: Any = None  # [batch, vocabulary] float32, before any bias
+        self._log_norm: Any = None  # [batch]: logsumexp of each row
+        self.vocabulary = [
+            str(self.tokenizer.id_to_piece(i)).replace("\u2581", " ")
+            for i in range(int(self.tokenizer.vocab_size()))
+        ]
+        # Padding and word starts stand between the words of a multi-word keyterm.
+        self.separators = frozenset(range(LAST_SPECIAL_ID + 1))
         self.mimi.streaming_forever(batch_size)
         self.lm_gen.streaming_forever(batch_size)
         self._torch = torch
@@ -225,8 +241,15 @@ class KyutaiModel:
             self.step(frames, active, np.zeros(self.batch_size, dtype=np.bool_))
         self.step(frames, np.zeros(self.batch_size, dtype=np.bool_), active)
 
-    def step(self, frames: FloatFrames, active: BoolMask, reset: BoolMask) -> StepResult:
+    def step(
+        self,
+        frames: FloatFrames,
+        active: BoolMask,
+        reset: BoolMask,
+        biases: Mapping[int, KeytermBias] | None = None,
+    ) -> StepResult:
         torch = self._torch
+        self._biases = biases or {}
         with torch.no_grad():
             if reset.any():
                 mask = torch.from_numpy(reset).to(self.device)
@@ -244,11 +267,34 @@ class KyutaiModel:
             tokens, heads = out
             # Copies: with CUDA graphs the outputs are buffers that the next replay overwrites.
             token_array = tokens[:, 0, 0].to("cpu", torch.int64).numpy().copy()
+            token_probs = None
+            if self._raw_logits is not None:
+                chosen = self._raw_logits.gather(1, tokens[:, 0, :1].long().clamp(min=0))[:, 0]
+                token_probs = torch.exp(chosen - self._log_norm).to("cpu").numpy().copy()
+                self._raw_logits = self._log_norm = None
             probs = None
             if heads:
                 stacked = torch.stack([head[:, 0, 0] for head in heads], dim=1)
                 probs = stacked.to("cpu", torch.float32).numpy().copy()
-            return StepResult(token_array, probs)
+            return StepResult(token_array, probs, token_probs)
+
+    def _on_text_logits(self, text_logits: Any) -> None:
+        """Inside `lm_gen.step`, before its greedy pick: keep the unbiased logits (each chosen
+        token's probability), and make each biased slot's pick its bias's choice."""
+        torch = self._torch
+        raw = text_logits[:, 0, 0].float()
+        if self._biases:
+            raw = raw.clone()  # the pick below is made on text_logits, changed in place
+        self._raw_logits = raw
+        self._log_norm = torch.logsumexp(raw, dim=-1)
+        if not self._biases:
+            return
+        slots = sorted(self._biases)
+        rows = raw[slots].to("cpu").numpy()  # one copy for every biased slot
+        for row, slot in zip(rows, slots, strict=True):
+            choice = self._biases[slot].choose(row)
+            if choice != int(row.argmax()):
+                text_logits[slot, 0, 0, choice] = text_logits[slot, 0, 0].max() + 1.0
 
     def close(self) -> None:
         self._stack.close()
@@ -273,6 +319,7 @@ class TextDecoder:
         self._vocab = int(tokenizer.vocab_size())
         self._timing = timing
         self._ids: list[int] = []
+        self._probs: list[float] = []  # the model's probability of each of those pieces
         self._start = 0
         self.last_text_step = -1  # the last step that gave a piece
 
@@ -284,7 +331,7 @@ class TextDecoder:
     def seconds(self, step: int) -> float:
         return round(max(0.0, step / FRAME_RATE - self._timing.offset_s), 3)
 
-    def feed(self, step: int, token: int) -> list[Word]:
+    def feed(self, step: int, token: int, probability: float | None = None) -> list[Word]:
         if token <= LAST_SPECIAL_ID:  # 0, padding, and -2 for an unstepped slot
             return self.finish(step) if token >= 0 else []
         if token >= self._vocab:  # out of the tokenizer's range: never text
@@ -295,6 +342,8 @@ class TextDecoder:
         if not self._ids:
             self._start = step
         self._ids.append(token)
+        if probability is not None:
+            self._probs.append(probability)
         self.last_text_step = step
         return words
 
@@ -304,10 +353,13 @@ class TextDecoder:
             return []
         text = str(self._tokenizer.decode(self._ids)).strip()
         ids, self._ids = self._ids, []
+        probs, self._probs = self._probs, []
         if not text:
             return []
         end = max(step, self._start + len(ids))
-        return [Word(text, self.seconds(self._start), self.seconds(end))]
+        # A word's confidence as Moonshine's (engine/confidence.py), from its pieces
+        confidence = round(combine(probs), 4) if len(probs) == len(ids) else None
+        return [Word(text, self.seconds(self._start), self.seconds(end), confidence)]
 
 
 class TurnDetector:
@@ -365,9 +417,18 @@ class KyutaiStream(EngineStream):
         keyterms: tuple[str, ...] = (),
     ) -> None:
         super().__init__(call_id, leg, max_buffer_s, SAMPLE_RATE)
-        self.keyterms = keyterms
         model = engine.model
         assert model is not None
+        self.keyterms = keyterms
+        self._bias = (  # stepped on the model's thread, with this slot's logits
+            KeytermBias(
+                engine.keyterm_index(keyterms),
+                engine.keyterm_settings,
+                separators=model.separators,
+            )
+            if keyterms
+            else None
+        )
         self._engine = engine
         self._timing = engine.timing
         self._decoder = TextDecoder(model.tokenizer, engine.timing)
@@ -421,7 +482,16 @@ class KyutaiStream(EngineStream):
         self._flush_left -= 1
         return np.zeros(FRAME_SIZE, dtype=np.float32)
 
-    def on_step(self, token: int, pause_probs: npt.NDArray[np.float32] | None) -> None:
+    @property
+    def keyterm_bias(self) -> KeytermBias | None:
+        return self._bias
+
+    def on_step(
+        self,
+        token: int,
+        pause_probs: npt.NDArray[np.float32] | None,
+        probability: float | None = None,
+    ) -> None:
         if self._finished:
             return
         step = self._steps
@@ -429,7 +499,7 @@ class KyutaiStream(EngineStream):
         if pause_probs is not None and self.on_model_step is not None:
             probs = tuple(float(p) for p in pause_probs)
             self.on_model_step(ModelStep(self._engine.batcher.steps, probs, self.pending_samples))
-        for word in self._decoder.feed(step, token):
+        for word in self._decoder.feed(step, token, probability):
             self._word(word)
         turn = self._turns.ended(step, pause_probs, self._decoder, bool(self._turn_words))
         if turn is not None:
@@ -450,7 +520,7 @@ class KyutaiStream(EngineStream):
         if word.start_s >= audio_s:
             return
         if word.end_s > audio_s:
-            word = Word(word.text, word.start_s, audio_s)
+            word = Word(word.text, word.start_s, audio_s, word.confidence)
         self._turn_words.append(word)
         self._emit(word)
 
@@ -460,7 +530,10 @@ class KyutaiStream(EngineStream):
         if not words:
             return
         text = " ".join(w.text for w in words)
-        self._emit(Segment(text, words[0].start_s, words[-1].end_s, words))
+        known = [w.confidence for w in words if w.confidence is not None]
+        confidence = segment_confidence(known) if len(known) == len(words) else None
+        segment = Segment(text, words[0].start_s, words[-1].end_s, words, confidence)
+        self._emit(segment)
         self._emit(EndOfTurn(max(at_s, words[-1].end_s), probability))
 
     def _settle_through(self, step: int) -> None:
@@ -508,9 +581,12 @@ class KyutaiEngine(Engine):
         end_of_turn_silence_s: float = 1.2,
         random_weights: bool = False,
         keyterms: tuple[str, ...] = (),
+        keyterm_settings: BiasSettings = DEFAULT_SETTINGS,
     ) -> None:
         self.model_name = model
+        self.keyterm_settings = keyterm_settings  # the bias's margins (engine/keyterm_bias.py)
         self.keyterms = check_keyterms(keyterms)  # every stream's, besides its own
+        self._indexes: dict[tuple[str, ...], KeytermIndex] = {}  # used on the event loop
         self._revision = revision or None
         self._requested_batch = batch_size
         self._device_setting = device
@@ -600,6 +676,19 @@ class KyutaiEngine(Engine):
         stream = KyutaiStream(self, call_id, leg, self._max_buffer_s, terms)  # EngineFull when full
         self._streams.add(stream)
         return stream
+
+    def keyterm_index(self, terms: tuple[str, ...]) -> KeytermIndex:
+        """The prefix tree of `terms` over the model's text pieces (kept for the next stream
+        with the same list: the server-wide terms alone are the common case)."""
+        model = self.model
+        assert model is not None
+        index = self._indexes.get(terms)
+        if index is None:
+            index = KeytermIndex(model.vocabulary, terms, first_text_id=LAST_SPECIAL_ID + 1)
+            if len(self._indexes) >= KEYTERM_INDEXES_KEPT:
+                self._indexes.pop(next(iter(self._indexes)))
+            self._indexes[terms] = index
+        return index
 
     def info(self) -> EngineInfo:
         model = self.model

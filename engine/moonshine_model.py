@@ -262,6 +262,11 @@ class MoonshineModel:
         pieces = tuple(self._tokens[t] for t, _ in kept)
         return Transcript("".join(pieces).strip(), pieces, tuple(p for _, p in kept))
 
+    @property
+    def vocabulary(self) -> list[str]:
+        """Each token id's text (spaces for SentencePiece's word marks)."""
+        return self._tokens
+
     def keyterm_index(self, terms: tuple[str, ...]) -> KeytermIndex:
         """The prefix tree of `terms` over this model's tokens (kept for the next stream)."""
         with self._indexes_lock:

@@ -114,3 +114,40 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
         for j, h in enumerate(hyp, start=1):
             prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
     return row[len(hyp)] / max(1, len(ref))
+
+
+def words_right(reference: str, words: list[str]) -> list[bool]:
+    """For each transcript word, whether a minimum-edit alignment with `reference` matches it
+    (`normalize` on both: "4567" is right if all four digits are). Punctuation-only words
+    say nothing and count as right."""
+    ref = normalize(reference)
+    pieces = [normalize(w) for w in words]
+    hyp = [p for piece in pieces for p in piece]
+    owner = [i for i, piece in enumerate(pieces) for _ in piece]
+    cost = [
+        [i + j if i == 0 or j == 0 else 0 for j in range(len(hyp) + 1)] for i in range(len(ref) + 1)
+    ]
+    for i in range(1, len(ref) + 1):
+        for j in range(1, len(hyp) + 1):
+            cost[i][j] = min(
+                cost[i - 1][j] + 1,
+                cost[i][j - 1] + 1,
+                cost[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]),
+            )
+    matched = [False] * len(hyp)
+    i, j = len(ref), len(hyp)
+    while i > 0 and j > 0:  # a match first, so ties leave right words right
+        if ref[i - 1] == hyp[j - 1] and cost[i][j] == cost[i - 1][j - 1]:
+            matched[j - 1] = True
+            i, j = i - 1, j - 1
+        elif cost[i][j] == cost[i][j - 1] + 1:
+            j -= 1
+        elif cost[i][j] == cost[i - 1][j] + 1:
+            i -= 1
+        else:
+            i, j = i - 1, j - 1
+    right = [True] * len(words)
+    for n, ok in enumerate(matched):
+        if not ok:
+            right[owner[n]] = False
+    return right

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from engine.base import Segment, Word, event_to_json
+from engine.keyterm_bias import BiasSettings, KeytermBias, KeytermIndex
 from engine.keyterms import (
     MAX_KEYTERM_CHARS,
     MAX_KEYTERM_WORDS,
@@ -71,3 +73,64 @@ def test_confidence_reaches_the_json_of_words_and_segments_only_when_known() -> 
     assert segment["words"][0]["confidence"] == 0.912
     assert "confidence" not in segment["words"][1]
     assert "confidence" not in event_to_json(Segment("Zyntrix", 1.0, 1.5, (unsure,)))
+
+
+# --- the bias itself, on a small made-up vocabulary -------------------------------------------
+
+VOCAB = ["<pad>", "<s>", "</s>", " the", " X", " Xa", "rel", "to", " Z", "ero", " S", "i", " N"]
+PAD, XA, REL, TO, THE = 0, 5, 6, 7, 3
+
+
+def logits(best: int, **near: float) -> np.ndarray:
+    """Logits where `best` leads by 10 and each named token (by text) is `gap` below it."""
+    row = np.zeros(len(VOCAB), dtype=np.float32)
+    row[best] = 10.0
+    for text, gap in near.items():
+        row[VOCAB.index(" " + text[1:] if text.startswith("_") else text)] = 10.0 - gap
+    return row
+
+
+def test_a_term_starts_only_within_its_margin_and_then_continues() -> None:
+    index = KeytermIndex(VOCAB, ["Xarelto"], first_text_id=3)
+    settings = BiasSettings()
+    bias = KeytermBias(index, settings)
+    # " Xa" 1 below " the": boosted past it
+    assert bias.choose(logits(THE, _Xa=1.0)) == XA
+    # once started, a wider margin: "rel" 7 below is still taken, then "to"
+    assert bias.choose(logits(PAD, rel=7.0)) == REL
+    assert bias.choose(logits(PAD, to=2.0)) == TO
+    # the term is complete: its last piece is not pushed again
+    assert bias.choose(logits(PAD, to=2.0)) == PAD
+    # a start too far from the best is left alone: the audio does not support it
+    fresh = KeytermBias(index, settings)
+    assert fresh.choose(logits(THE, _Xa=settings.start_margin + 0.5)) == THE
+    assert fresh.boosted_steps == 0
+
+
+def test_a_term_whose_path_collapses_is_dropped() -> None:
+    index = KeytermIndex(VOCAB, ["Xarelto"], first_text_id=3)
+    bias = KeytermBias(index, BiasSettings(max_deficit=6.0))
+    assert bias.choose(logits(THE, _Xa=4.0)) == XA  # 4 spent
+    assert bias.choose(logits(PAD, rel=3.0)) == PAD  # 7 > 6: backed off, not forced
+
+
+def test_single_letter_starts_are_not_pushed() -> None:
+    index = KeytermIndex(VOCAB, ["Zero"], first_text_id=3)
+    bias = KeytermBias(index)
+    assert bias.choose(logits(THE, _Z=0.5)) == THE  # " Z" spells one letter: too common
+    # ...but if the model writes it itself, the term goes on from there
+    assert bias.choose(logits(8, ero=3.0)) == 8
+    assert bias.choose(logits(PAD, ero=3.0)) == VOCAB.index("ero")
+
+
+def test_padding_between_the_words_of_a_term_keeps_it_going() -> None:
+    index = KeytermIndex(VOCAB, ["Si N"], first_text_id=3)
+    with_pad = KeytermBias(index, separators=frozenset({PAD}))
+    assert with_pad.choose(logits(10, i=1.0)) == 10  # " S" is the model's own pick
+    assert with_pad.choose(logits(PAD, i=1.0)) == VOCAB.index("i")
+    assert with_pad.choose(logits(PAD, _N=9.0)) == PAD  # a pause before the next word...
+    assert with_pad.choose(logits(PAD, _N=7.0)) == VOCAB.index(" N")  # ...which continues it
+    without = KeytermBias(index)  # padding that is not a separator ends the term
+    for row in (logits(10), logits(PAD, i=1.0), logits(PAD, _N=9.0)):
+        without.choose(row)
+    assert without.choose(logits(PAD, _N=7.0)) == PAD

@@ -1,0 +1,154 @@
+"""Keyterms and word confidence on the Moonshine engine, on real speech through 8 kHz μ-law.
+
+Rare words are checked without and with keyterms in the same test, so a test cannot pass on a
+word the model already knew; bench/keyterms.py measures the same things on more sentences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+
+import numpy as np
+import pytest
+
+from engine.base import EngineEvent, Partial, Segment, Word
+from engine.moonshine import MoonshineEngine
+from telephony.audio import PcmArray, resample_whole, ulaw_decode, ulaw_encode
+from tests.conftest import MODEL_CACHE
+from tests.speech import (
+    SENTENCES,
+    normalize,
+    phone_bytes,
+    read_pcm,
+    sox_convert,
+    speech_wav,
+    word_error_rate,
+    words_right,
+)
+
+RATE = 16000
+# Rare words the model misspells through the phone path (measured: "Xerilto", "Zintricks",
+# "Branock", "Quillen"), each with the keyterm that names it.
+RARE = (
+    ("Please take your Xarelto twice a day with food.", "Xarelto"),
+    ("The new Zyntrix router keeps dropping the connection.", "Zyntrix"),
+    ("I live at forty two Brannock Street.", "Brannock Street"),
+    ("I bought the Quillon speaker from your store.", "Quillon"),
+)
+TERMS = tuple(term for _, term in RARE)
+
+
+def phone_pcm(text: str) -> PcmArray:
+    speech = resample_whole(ulaw_decode(phone_bytes(text)), 8000, RATE)
+    quiet = np.zeros(RATE // 2, dtype=np.int16)
+    return np.concatenate([quiet, speech, quiet, quiet])
+
+
+def noisy_pcm(text: str, snr_db: float, seed: int) -> PcmArray:
+    """Band-passed phone speech with white noise at `snr_db`, through μ-law, at 16 kHz."""
+    wav = sox_convert(
+        speech_wav(text), "-r", "8000", "-c", "1", "-b", "16", effects=("sinc", "300-3400")
+    )
+    pcm, _ = read_pcm(wav)
+    x = np.concatenate([np.zeros(4000), pcm.astype(np.float64), np.zeros(8000)])
+    power = np.mean(pcm.astype(np.float64) ** 2)
+    x += np.random.default_rng(seed).standard_normal(len(x)) * np.sqrt(power / 10 ** (snr_db / 10))
+    noisy = np.clip(x, -32768, 32767).astype(np.int16)
+    return resample_whole(ulaw_decode(ulaw_encode(noisy)), 8000, RATE)
+
+
+def says(text: str, term: str) -> bool:
+    words, wanted = normalize(text), normalize(term)
+    return any(words[i : i + len(wanted)] == wanted for i in range(len(words)))
+
+
+async def transcribe(
+    engine: MoonshineEngine, pcm: PcmArray, keyterms: tuple[str, ...] = ()
+) -> list[EngineEvent]:
+    stream = engine.open("call", "caller", keyterms=keyterms)
+    await stream.write(pcm)
+    stream.close()
+    return [event async for event in stream.events()]
+
+
+def text_of(events: list[EngineEvent]) -> str:
+    return " ".join(e.text for e in events if isinstance(e, Segment))
+
+
+@pytest.fixture(scope="module")
+async def engine() -> MoonshineEngine:
+    engine = MoonshineEngine(cache_dir=MODEL_CACHE, capacity=4, partial_interval_s=0)
+    await engine.start()
+    yield engine  # type: ignore[misc]
+    await engine.stop()
+
+
+async def test_rare_words_are_right_with_keyterms_and_not_without(
+    engine: MoonshineEngine,
+) -> None:
+    for text, term in RARE:
+        without = text_of(await transcribe(engine, phone_pcm(text)))
+        with_terms = text_of(await transcribe(engine, phone_pcm(text), TERMS))
+        assert not says(without, term), without  # the model alone gets it wrong
+        assert says(with_terms, term), with_terms
+        assert word_error_rate(text, with_terms) < word_error_rate(text, without), with_terms
+
+
+async def test_server_wide_keyterms_apply_to_every_stream() -> None:
+    engine = MoonshineEngine(
+        cache_dir=MODEL_CACHE, capacity=1, partial_interval_s=0, keyterms=("Zyntrix",)
+    )
+    await engine.start()
+    try:
+        text = text_of(await transcribe(engine, phone_pcm(RARE[1][0])))
+    finally:
+        await engine.stop()
+    assert says(text, "Zyntrix"), text
+
+
+async def test_boosted_terms_are_not_put_where_they_were_not_said(
+    engine: MoonshineEngine,
+) -> None:
+    for text in SENTENCES:
+        plain = text_of(await transcribe(engine, phone_pcm(text)))
+        boosted = text_of(await transcribe(engine, phone_pcm(text), TERMS))
+        assert not [t for t in TERMS if says(boosted, t)], boosted
+        assert normalize(boosted) == normalize(plain), boosted
+
+
+async def test_partials_use_the_keyterms_too() -> None:
+    engine = MoonshineEngine(cache_dir=MODEL_CACHE, capacity=1, partial_interval_s=0.8)
+    await engine.start()
+    try:
+        stream = engine.open("partials", keyterms=("Xarelto",))
+        pcm = phone_pcm("Please take your Xarelto twice a day with food and plenty of water.")
+        for frame in np.split(pcm, range(320, len(pcm), 320)):
+            stream.push(frame)  # 20 ms frames in real time: partials need a stream not behind
+            await asyncio.sleep(0.02)
+        stream.close()
+        events = [event async for event in stream.events()]
+    finally:
+        await engine.stop()
+    partials = [e.text for e in events if isinstance(e, Partial)]
+    assert any(says(p, "Xarelto") for p in partials), partials
+    assert says(text_of(events), "Xarelto")
+
+
+async def test_wrong_words_have_lower_confidence_than_right_ones(
+    engine: MoonshineEngine,
+) -> None:
+    right: list[float] = []
+    wrong: list[float] = []
+    for n, text in enumerate(SENTENCES):
+        events = await transcribe(engine, noisy_pcm(text, snr_db=3.0, seed=n))
+        words = [e for e in events if isinstance(e, Word)]
+        for word, ok in zip(words, words_right(text, [w.text for w in words]), strict=True):
+            assert word.confidence is not None and 0.0 <= word.confidence <= 1.0
+            (right if ok else wrong).append(word.confidence)
+        for segment in (e for e in events if isinstance(e, Segment)):
+            assert segment.confidence == pytest.approx(
+                statistics.fmean(w.confidence or 0.0 for w in segment.words), abs=1e-3
+            )
+    assert len(wrong) >= 5, (right, wrong)  # the noise makes the model err
+    assert statistics.fmean(wrong) < statistics.fmean(right) - 0.2, (right, wrong)

@@ -900,5 +900,5 @@ def _call_record(row: Sequence[Any]) -> CallRecord:
         labels=json.loads(row[6]),
         legs=json.loads(row[7]),
         node=row[8],
-    )
         redaction=tuple(k for k in row[9].split(",") if k),
+    )

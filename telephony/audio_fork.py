@@ -14,6 +14,7 @@ The wire carries no rate or channel count, so they come from the metadata (`rate
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from engine.base import BridgeError, EngineEvent, event_to_json
 from telephony.audio import PcmArray, ResampleStream, deinterleave, pcm16_decode
 from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
 from telephony.limits import messages, open_websocket, parse_json
-from telephony.session import Call, CallHub
+from telephony.session import AudioDropped, Call, CallHub, bus_event_to_json
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,28 @@ class AudioForkCodec:
         """Fired as `mod_audio_fork::error` before we close."""
         return json.dumps({"type": "error", "data": {"reason": reason}})
 
+    @staticmethod
+    def encode_dropped(notice: AudioDropped) -> str:
+        """Fired as `mod_audio_fork::json`: the module ignores a `type` it does not know, so
+        this one has none; `event` says what it is."""
+        body = bus_event_to_json(notice)
+        body["event"] = body.pop("type")
+        return json.dumps(body, separators=(",", ":"))
+
+
+def send_soon(ws: web.WebSocketResponse, text: str) -> None:
+    """Send from synchronous code (a push in the parser's callback); order is kept by the
+    socket's writer, and a closing socket is no error."""
+    if ws.closed:
+        return
+    task = asyncio.ensure_future(ws.send_str(text))
+    task.add_done_callback(_quiet)
+
+
+def _quiet(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # the socket closed under it: nothing to tell
+
 
 # --- aiohttp adapter --------------------------------------------------------------------------
 
@@ -141,6 +164,8 @@ async def handle_fork(request: web.Request) -> web.StreamResponse:
         )
         for leg in fmt.legs:
             resamplers[leg] = ResampleStream(fmt.rate, opened.sample_rate)
+        # The engine fell behind and dropped audio: FreeSWITCH fires it as an event.
+        opened.on_audio_dropped = lambda n: send_soon(ws, AudioForkCodec.encode_dropped(n))
         return opened, AudioForkCodec(fmt)
 
     def push(data: bytes) -> None:

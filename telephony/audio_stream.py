@@ -29,7 +29,7 @@ from telephony import audio_fork
 from telephony.audio import PcmArray, ResampleStream, deinterleave, pcm16_decode
 from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
 from telephony.limits import clean_labels, heartbeat_for, limits_of, messages, parse_json
-from telephony.session import Call, CallHub
+from telephony.session import AudioDropped, Call, CallHub, bus_event_to_json
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,11 @@ class AudioStreamCodec:
     def encode_error(reason: str) -> str:
         return json.dumps({"type": "error", "reason": reason}, separators=(",", ":"))
 
+    @staticmethod
+    def encode_dropped(notice: AudioDropped) -> str:
+        """`{"type":"audio_dropped",...}` as `/v1/events` has it (a `mod_audio_stream::json`)."""
+        return json.dumps(bus_event_to_json(notice), separators=(",", ":"))
+
 
 # --- aiohttp adapter --------------------------------------------------------------------------
 
@@ -156,6 +161,10 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
         )
         for leg in fmt.legs:
             resamplers[leg] = ResampleStream(fmt.rate, opened.sample_rate)
+        # The engine fell behind and dropped audio: FreeSWITCH fires it as an event.
+        opened.on_audio_dropped = lambda n: audio_fork.send_soon(
+            ws, AudioStreamCodec.encode_dropped(n)
+        )
         return opened, AudioStreamCodec(fmt)
 
     def push(data: bytes) -> None:

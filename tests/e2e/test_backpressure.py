@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import struct
 import uuid
 from typing import Any
 
@@ -30,6 +31,7 @@ from telephony.audio import PcmArray, pcm16_to_float, ulaw_decode
 from telephony.audiosocket import AudioSocketCodec
 from tests.conftest import ServiceFactory
 from tests.e2e.frontends import offline_words, paced, watch_events
+from tests.e2e.ws_peer import BINARY, CLOSE, TEXT, RawWebSocket, client_frame, libwsc_request
 from tests.speech import SENTENCES, phone_bytes
 
 MAX_BUFFER_S = 1.0
@@ -168,3 +170,44 @@ async def test_a_phone_leg_whose_engine_is_behind_keeps_its_times_and_records_th
     for got, want in zip(heard, words_of_last, strict=True):
         assert abs(got["start"] - want["start"]) < 0.1 and abs(got["end"] - want["end"]) < 0.1
     assert await dropped_total(service) == pytest.approx(dropped, abs=0.001)
+
+
+@pytest.mark.parametrize("module", ["audio_fork", "audio_stream"])
+async def test_freeswitch_is_told_of_dropped_audio(
+    start_service: ServiceFactory, module: str
+) -> None:
+    """mod_audio_fork and mod_audio_stream turn our text frames into FreeSWITCH events: a leg
+    whose engine drops audio says so there (`mod_audio_fork::json` has no `type`: the module
+    ignores types it does not know; `mod_audio_stream::json` takes any)."""
+    service = await start_service(max_buffer_s=MAX_BUFFER_S, partial_interval_s=0)
+    port = service.ports["audio"]
+    slin = file_bytes("pcm16", 8000)
+    frames = b"".join(client_frame(BINARY, slin[i : i + 320]) for i in range(0, len(slin), 320))
+    key = RawWebSocket.new_key()
+    host = f"127.0.0.1:{port}"
+    if module == "audio_fork":
+        request = (
+            f"GET /freeswitch/fs-drop HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Protocol: audio.drachtio.org\r\n\r\n"
+        ).encode()
+        meta = client_frame(TEXT, b'{"uuid":"fs-drop","mix":"mono","rate":8000}')
+    else:
+        request = libwsc_request("/freeswitch/fs-drop?mix=mono&rate=8000", host, key)
+        meta = client_frame(TEXT, b'{"uuid":"fs-drop"}')
+    close = client_frame(CLOSE, struct.pack("!H", 1000))
+    ws = await RawWebSocket.connect(port, request, key, pipelined=meta + frames + close)
+    texts: list[dict[str, Any]] = []
+    while True:
+        opcode, payload = await ws.receive(timeout=30)
+        if opcode == CLOSE:
+            break
+        texts.append(json.loads(payload))
+    ws.writer.close()
+    kind = "event" if module == "audio_fork" else "type"
+    notices = [t for t in texts if t.get(kind) == "audio_dropped"]
+    assert notices, texts
+    assert notices[0]["call_id"] == "fs-drop" and notices[0]["leg"] == "caller"
+    assert notices[0]["dropped_s"] > 0 and notices[0]["at"] > 0
+    if module == "audio_fork":
+        assert "type" not in notices[0]

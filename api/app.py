@@ -251,7 +251,8 @@ class Service:
         on the machine's first start (about 10 s, in a child process), read in ms after."""
         hub = self.bridge.hub
         try:
-            hub.names = await asyncio.get_running_loop().run_in_executor(None, names.load)
+            book = await asyncio.get_running_loop().run_in_executor(None, names.load)
+            hub.names.fill(book.first, book.last)
         except names.NamesUnavailable as exc:
             # Cues still find names ("my name is ..."); a `pii` default must not run without.
             if PII in hub.redact:

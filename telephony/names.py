@@ -2,11 +2,11 @@
 
 The wheel holds 727 000 first and 980 000 last names from 106 countries, with each name's
 rank per country; loading it takes about 12 s and 2 GB. So it is read once per machine, in a
-child process that gives that memory back, and the names common enough to matter (rank within
-3 000 (first) / 5 000 (last) in an English-speaking country, or within 300 anywhere: about
-60 000 names, 0.5 MB) go to a text file in the user's cache; every later start reads that file
-in milliseconds. telephony/redaction.py takes a capitalised word in mid-sentence that is on
-this list for a name.
+child process that gives that memory back, and the names common enough to matter go to two
+text files in the user's cache: first names ranked within 1 000 in an English-speaking country
+or 100 anywhere (a wider net takes in places: Paris, Dallas, Sydney), surnames within 5 000 /
+300. Every later start reads them in milliseconds. telephony/redaction.py takes a capitalised
+first name in mid-sentence, or a first name and a surname, for a person.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any, Final
 
-VERSION: Final = 1  # of the selection below: a new one builds a new file
+from telephony.redaction import NameBook
+
+VERSION: Final = 2  # of the selection below: a new one builds new files
 ENGLISH_SPEAKING: Final = frozenset({"US", "GB", "CA", "AU", "IE", "NZ", "ZA", "IN", "PH"})
-RANKS: Final = {"first_names": (3000, 300), "last_names": (5000, 300)}  # (English, anywhere)
+RANKS: Final = {"first": (1000, 100), "last": (5000, 300)}  # (English-speaking, anywhere)
 
 
 class NamesUnavailable(RuntimeError):
@@ -36,17 +38,17 @@ def cache_dir() -> Path:
     return Path(base) / "stt-bridge"
 
 
-def load(directory: Path | None = None) -> frozenset[str]:
-    """The lower-cased names, building the list on first use (under a lock: processes that
-    start together build it once)."""
+def load(directory: Path | None = None) -> NameBook:
+    """The lower-cased names, building the lists on first use (under a lock: processes that
+    start together build them once)."""
     directory = directory or cache_dir()
-    path = directory / f"names-v{VERSION}.txt"
-    if not path.exists():
+    path = directory / f"names-v{VERSION}"
+    if not (path / "last.txt").exists():
         try:
             directory.mkdir(parents=True, exist_ok=True)
             with open(directory / f"names-v{VERSION}.lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                if not path.exists():
+                if not (path / "last.txt").exists():
                     done = subprocess.run(
                         [sys.executable, "-m", "telephony.names", str(path)],
                         capture_output=True,
@@ -59,14 +61,17 @@ def load(directory: Path | None = None) -> frozenset[str]:
                         raise NamesUnavailable(f"cannot build the names list: {reason}")
         except OSError as exc:
             raise NamesUnavailable(f"cannot build the names list in {directory}: {exc}") from exc
-    return frozenset(path.read_text().split())
+    return NameBook(*(frozenset((path / f"{part}.txt").read_text().split()) for part in RANKS))
 
 
 def build(path: Path) -> int:
-    """Select the names from the wheel into `path` (atomically); returns how many."""
-    names: set[str] = set()
+    """Select the names from the wheel into `path`/first.txt and last.txt (each written
+    atomically, last.txt last: its presence says both are whole); returns how many."""
+    path.mkdir(parents=True, exist_ok=True)
+    count = 0
     for part, (english, anywhere) in RANKS.items():
-        source = importlib.resources.files("names_dataset") / "v3" / f"{part}.pkl.gz"
+        names: set[str] = set()
+        source = importlib.resources.files("names_dataset") / "v3" / f"{part}_names.pkl.gz"
         with source.open("rb") as raw, gzip.open(raw) as f:
             table: dict[str, dict[str, Any]] = pickle.load(f)  # the wheel's own data
         for name, info in table.items():
@@ -77,10 +82,11 @@ def build(path: Path) -> int:
             ):
                 names.add(name.lower())
         del table
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text("\n".join(sorted(names)) + "\n")
-    os.replace(tmp, path)
-    return len(names)
+        tmp = path / f"{part}.{os.getpid()}.tmp"
+        tmp.write_text("\n".join(sorted(names)) + "\n")
+        os.replace(tmp, path / f"{part}.txt")
+        count += len(names)
+    return count
 
 
 if __name__ == "__main__":

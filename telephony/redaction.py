@@ -20,7 +20,7 @@ Kinds (Deepgram's `redact=` values):
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -127,39 +127,70 @@ def is_number_token(word: str) -> bool:
 
 
 def read_digits(words: Sequence[str]) -> str:
-    """The digits a run of number words says: "four two four two" → "4242", "double four"
-    → "44", "oh four twenty six" → "0426", "twenty six" → "26", "4242-4242" → "42424242"."""
+    """The digits a run of number words says, read as a caller means them: "four two four two"
+    → "4242" (digits one by one), "double four" → "44", "oh four twenty six" → "0426",
+    "forty one eleven" → "4111" (in pairs), "one hundred twenty three" → "123" and "thirty
+    thousand three hundred nineteen" → "30319" (cardinals), "4242-4242" → "42424242"."""
     out: list[str] = []
+    total = 0  # thousands of the cardinal being read
+    value: int | None = None  # the cardinal below a thousand; None: no number open
+    last = ""  # what the last word was: unit, teen, tens, hundred, thousand
     repeat = 1
-    open_tens = False  # the last digits came from "twenty": a unit word fills its zero
+
+    def flush() -> None:
+        nonlocal total, value, last
+        if value is not None or total:
+            out.append(str(total + (value or 0)))
+        total, value, last = 0, None, ""
+
     for word in words:
         name = core(word)
         if name in REPEATS:
             repeat = REPEATS[name]
             continue
         if name in JOINERS:
-            open_tens = False
-            continue
-        if name in MULTIPLIERS:
-            out.append(MULTIPLIERS[name])
-            open_tens = False
+            flush()
             continue
         if _NUMERAL.match(name):
+            flush()
             digits = re.sub(r"\D", "", name)
-        else:
-            spoken = _number_word_digits(name)
-            if spoken is None:
-                continue
-            if open_tens and name in UNITS and spoken != "0":
-                out[-1] = out[-1][:-1] + spoken
-                open_tens = False
-                continue
-            digits = spoken
-        if repeat > 1 and digits:
-            digits = digits[0] * repeat + digits[1:]
+            out.append(digits[:1] * repeat + digits[1:] if digits else "")
             repeat = 1
-        out.append(digits)
-        open_tens = name in TENS
+            continue
+        if name == "hundred":
+            value = (value or 1) * 100 if last != "hundred" else (value or 1)
+            last = "hundred"
+            continue
+        if name == "thousand":
+            total, value, last = total + (value or 1) * 1000, 0, "thousand"
+            continue
+        spoken = _number_word_digits(name)
+        if spoken is None:
+            continue
+        number = int(spoken)
+        kind = "unit" if name in UNITS else "tens" if name in TENS else "teen"
+        if "-" in name:
+            kind = "unit"  # "twenty-six": a whole pair
+        if repeat > 1 and kind == "unit":
+            flush()
+            out.append(spoken * repeat)
+            repeat = 1
+            continue
+        joins = value is not None and (
+            (last in ("hundred", "thousand") and number < 100)
+            or (last == "tens" and kind == "unit" and value % 10 == 0 and 0 < number < 10)
+        )
+        if joins:
+            value = (value or 0) + number
+        elif number == 0:  # "oh" and "zero" are digits: "oh four" is "04", not 4
+            flush()
+            out.append("0")
+            continue
+        else:
+            flush()
+            value = number
+        last = kind
+    flush()
     return "".join(out)
 
 
@@ -192,21 +223,49 @@ def _context(words: Sequence[str]) -> str:
     return " ".join(core(w) for w in words[-CONTEXT_WORDS:])
 
 
+CARD_BEFORE: Final = re.compile(r"\bcard_number\b")  # the placeholder of a card's first groups
+CONTEXTS: Final = {
+    "card": CARD_CONTEXT,
+    "card_before": CARD_BEFORE,
+    "code": CODE_CONTEXT,
+    "expiry": EXPIRY_CONTEXT,
+    "ssn": SSN_CONTEXT,
+}
+
+
+def nearest_context(context: str) -> str | None:
+    """Which kind of number the words just before a run name, the nearest one winning
+    ("my card ... and the security code is": code)."""
+    best, at = None, -1
+    for name, pattern in CONTEXTS.items():
+        for match in pattern.finditer(context):
+            if match.end() > at or (match.end() == at and name != "card"):
+                best, at = name, match.end()
+    return best
+
+
 def classify_run(digits: int, context: str, kinds: frozenset[str]) -> str | None:
-    """The label a closed number run of `digits` digits gets under `kinds`, else None."""
-    card_words = bool(CARD_CONTEXT.search(context))
-    ssn_words = bool(SSN_CONTEXT.search(context)) and not CODE_CONTEXT.search(context)
-    card_before = "card_number" in context  # a group read after a card's first groups
-    if kinds & {PCI, PII} and (
-        digits >= 12 or (digits >= 8 and card_words) or (digits >= 4 and card_before)
+    """The label a closed number run of `digits` digits gets under `kinds`, else None.
+
+    After the words that name them, numbers are taken generously: recognition loses and adds
+    digits ("5500 0000" heard as "fifty five hundred zero"), and a leak costs more than a
+    harmless number hidden."""
+    named = nearest_context(context)
+    card = bool(kinds & {PCI, PII})
+    if PCI in kinds and named == "code" and 3 <= digits <= 4:
+        return CARD_SECURITY_CODE
+    if PCI in kinds and named == "expiry" and 3 <= digits <= 6:
+        return CARD_EXPIRY
+    if kinds & {SSN, PII} and named == "ssn" and 4 <= digits <= 11:
+        return SSN_LABEL
+    if card and (
+        digits >= 12
+        or (named == "card" and digits >= 5)
+        or (named == "card_before" and digits >= 2)  # a group read after the card's first
     ):
         return CARD_NUMBER
-    if kinds & {SSN, PII} and (digits == 9 or (4 <= digits <= 9 and ssn_words)):
+    if kinds & {SSN, PII} and digits == 9:
         return SSN_LABEL
-    if PCI in kinds and 3 <= digits <= 4 and CODE_CONTEXT.search(context):
-        return CARD_SECURITY_CODE
-    if PCI in kinds and 3 <= digits <= 6 and EXPIRY_CONTEXT.search(context):
-        return CARD_EXPIRY
     if PII in kinds and 7 <= digits <= 11:
         return PHONE_NUMBER
     if NUMBERS in kinds and digits >= 3:
@@ -250,19 +309,29 @@ def _email_spans(words: Sequence[str]) -> list[Span]:
     return spans
 
 
-NameTest = Callable[[str], bool]
+class NameBook:
+    """The people's names `pii` knows (lower-cased): first names, and surnames. Filled in
+    place once loaded (telephony/names.py, at start), so streams opened before see them."""
+
+    def __init__(
+        self, first: frozenset[str] = frozenset(), last: frozenset[str] = frozenset()
+    ) -> None:
+        self.fill(first, last)
+
+    def fill(self, first: frozenset[str], last: frozenset[str]) -> None:
+        self.first, self.last = first, last
 
 
 def find_spans(
     words: Sequence[str],
     kinds: frozenset[str],
     before: Sequence[str] = (),
-    is_name: NameTest | None = None,
+    names: NameBook | None = None,
 ) -> list[Span]:
     """Sensitive spans among `words`, every number run in them taken as closed.
 
     `before` are the leg's words just before these (already out): context for the first
-    run. `is_name` tells a name from a capitalised word (pii only).
+    run. `names` tells a name from another capitalised word (pii only).
     """
     spans: list[Span] = []
     history = list(before)
@@ -274,7 +343,7 @@ def find_spans(
                 spans.append(Span(first, last, label))
     if PII in kinds:
         spans.extend(_email_spans(words))
-        spans.extend(_name_spans(words, history, is_name or _no_list))
+        spans.extend(_name_spans(words, history, names or NO_NAMES))
     return _merge(spans)
 
 
@@ -310,6 +379,8 @@ def trailing_run(words: Sequence[str], min_digits: int = 2) -> int | None:
     if i == len(words):
         return None
     run = words[i:]
+    if min_digits <= 1:
+        return i  # mid-utterance even "oh" or "double" may start a number
     return i if is_real_run(run) and run_digits(run) >= min_digits else None
 
 
@@ -402,8 +473,9 @@ NOT_NAMES: Final = frozenset(
 )  # capitalised, yet not people's names
 
 
-def _no_list(name: str) -> bool:
-    return False
+NO_NAMES: Final = NameBook()
+# A capitalised word after these is a place more often than a person ("a flight to Austin").
+PLACE_WORDS: Final = frozenset({"in", "to", "from", "at", "near", "of", "via", "into", "across"})
 
 
 def _capitalised(word: str) -> bool:
@@ -411,7 +483,10 @@ def _capitalised(word: str) -> bool:
     return bool(stripped) and stripped[0].isupper() and core(word) not in NOT_NAMES
 
 
-def _name_spans(words: Sequence[str], before: Sequence[str], is_name: NameTest) -> list[Span]:
+def _name_spans(words: Sequence[str], before: Sequence[str], names: NameBook) -> list[Span]:
+    """A capitalised word after a cue ("my name is", "speaking with"), or a first name
+    mid-sentence (not after "to", "in", ...), with the capitalised words that follow it;
+    at a sentence's start only a first name followed by a surname ("Jennifer Walsh said")."""
     spans: list[Span] = []
     context = [core(w) for w in before[-4:]] + [core(w) for w in words]
     offset = len(context) - len(words)
@@ -424,7 +499,13 @@ def _name_spans(words: Sequence[str], before: Sequence[str], is_name: NameTest) 
         )
         previous = words[i - 1] if i > 0 else (before[-1] if before else "")
         sentence_start = not previous or previous.rstrip()[-1:] in ".?!"
-        listed = _capitalised(words[i]) and not sentence_start and is_name(core(words[i]))
+        name = core(words[i])
+        listed = _capitalised(words[i]) and name in names.first
+        if listed and sentence_start:
+            after = words[i + 1] if i + 1 < len(words) else ""
+            listed = _capitalised(after) and core(after) in names.last
+        elif listed:
+            listed = core(previous) not in PLACE_WORDS
         if (cued and _capitalised(words[i])) or listed:
             last = i
             # A name goes on over the capitalised words that follow it ("Siobhan Nguyen").
@@ -457,13 +538,13 @@ def _merge(spans: list[Span]) -> list[Span]:
 # --- partials ---------------------------------------------------------------------------------
 
 
-def mask_partial(text: str, kinds: frozenset[str], is_name: NameTest | None = None) -> str:
+def mask_partial(text: str, kinds: frozenset[str], names: NameBook | None = None) -> str:
     """A partial hypothesis with what could be sensitive masked: every number run of two or
     more digits (it may be the start of a card), and the spans `find_spans` finds."""
     if not kinds:
         return text
     words = text.split()
-    spans = find_spans(words, kinds, is_name=is_name)
+    spans = find_spans(words, kinds, names=names)
     if kinds & DIGIT_KINDS:
         spans = _merge(
             spans

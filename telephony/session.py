@@ -29,6 +29,7 @@ from engine.base import (
 )
 from telephony.audio import PcmArray, ResampleStream
 from telephony.limits import CALL_ID_MAX_CHARS, clean_label, clean_labels
+from telephony.redaction import NameBook
 from telephony.transcript import HOLD_S, NO_OPTIONS, TranscriptOptions, TranscriptStage
 
 log = logging.getLogger(__name__)
@@ -449,9 +450,9 @@ class CallHub:
         self.bus = bus or EventBus()
         self.redact = redact  # `[privacy] redact`: every call's, whatever its stream asks
         self.hold_s = hold_s
-        # People's names (pii; telephony/names.py), loaded by api/app.py at start: until then
+        # People's names (pii; telephony/names.py), filled by api/app.py at start: until then
         # names are found by their cues alone ("my name is ...").
-        self.names: frozenset[str] = frozenset()
+        self.names = NameBook()
         self.calls: dict[str, Call] = {}
         self.draining = False
         # A drain announced but not begun: health checks and SIP OPTIONS fail, so load balancers
@@ -497,7 +498,7 @@ class CallHub:
         call = Call(call_id, front_end, clean_labels(labels or {}), self, reply)
         kinds = self.redact | options.redact
         for leg, stream in zip(legs, streams, strict=True):
-            stage = TranscriptStage(kinds, self.hold_s, self.is_name) if kinds else None
+            stage = TranscriptStage(kinds, self.hold_s, self.names) if kinds else None
             call.legs[leg] = Session(call, leg, stream, stage)
         self.calls[call_id] = call
         self._ended.clear()
@@ -508,10 +509,6 @@ class CallHub:
         )
         log.info("call started", extra={"call_id": call_id, "front_end": front_end})
         return call
-
-    def is_name(self, word: str) -> bool:
-        """A lower-cased word that is a person's name (the list as loaded now)."""
-        return word in self.names
 
     def _forget(self, call: Call) -> None:
         self.calls.pop(call.id, None)

@@ -26,8 +26,9 @@ from engine.keyterms import InvalidKeyterms, check_keyterms
 from telephony.redaction import (
     CONTEXT_WORDS,
     DIGIT_KINDS,
+    PII,
     InvalidRedaction,
-    NameTest,
+    NameBook,
     Span,
     find_spans,
     mask_partial,
@@ -74,11 +75,11 @@ class TranscriptStage:
     """One leg's redaction: `feed` each engine event, send on what it returns."""
 
     def __init__(
-        self, kinds: frozenset[str], hold_s: float = HOLD_S, is_name: NameTest | None = None
+        self, kinds: frozenset[str], hold_s: float = HOLD_S, names: NameBook | None = None
     ) -> None:
         self.kinds = kinds
         self.hold_s = hold_s
-        self._is_name = is_name
+        self._names = names
         self._queue: deque[EngineEvent] = deque()  # held, in order
         self._open: list[Word] = []  # words not judged yet, in order
         self._segment_starts: set[WordKey] = set()  # open words that begin a new segment
@@ -92,7 +93,7 @@ class TranscriptStage:
 
     def feed(self, event: EngineEvent) -> list[EngineEvent]:
         if isinstance(event, Partial):
-            return [replace(event, text=mask_partial(event.text, self.kinds, self._is_name))]
+            return [replace(event, text=mask_partial(event.text, self.kinds, self._names))]
         if isinstance(event, Word):
             if self._open and event.start_s - self._open[-1].end_s > self.hold_s:
                 self._judge(len(self._open))  # too long a pause: the held run is over
@@ -107,7 +108,11 @@ class TranscriptStage:
             self._judge(len(self._open))
         else:
             held = None
-            if self.kinds & DIGIT_KINDS:
+            if PII in self.kinds and isinstance(event, Word):
+                # Names and e-mail addresses span words ("Jennifer Walsh", "john at example
+                # dot com"): under pii an utterance is judged whole, once its segment is in.
+                held = 0
+            elif self.kinds & DIGIT_KINDS:
                 # Mid-utterance any number may be the start of a run; once the utterance is
                 # over, only a group of two digits or more is worth waiting on.
                 in_utterance = isinstance(event, Word)
@@ -136,7 +141,7 @@ class TranscriptStage:
         if count <= 0:
             return
         words, self._open = self._open[:count], self._open[count:]
-        spans = find_spans([w.text for w in words], self.kinds, tuple(self._history), self._is_name)
+        spans = find_spans([w.text for w in words], self.kinds, tuple(self._history), self._names)
         for key, out in self._outcomes(words, spans):
             self._decided[key] = out
             # The context of later runs is what went out: a placeholder says what came before
@@ -191,7 +196,7 @@ class TranscriptStage:
     def _segment(self, segment: Segment) -> Segment:
         unknown = [w for w in segment.words if _key(w) not in self._decided]
         if unknown:  # words the engine did not send one by one: judged here, on their own
-            spans = find_spans([w.text for w in unknown], self.kinds, is_name=self._is_name)
+            spans = find_spans([w.text for w in unknown], self.kinds, names=self._names)
             self._decided.update(self._outcomes(unknown, spans))
         words = tuple(w for word in segment.words for w in self._decided[_key(word)])
         if words == segment.words:

@@ -218,3 +218,58 @@ def assert_close(expected: list[str], got: list[str], tolerance: int = 2) -> Non
         expected,
         got,
     )
+
+
+async def test_bad_redaction_or_keyterms_are_refused_before_the_upgrade(
+    start_service: ServiceFactory,
+) -> None:
+    service = await start_service()
+    audio = f"127.0.0.1:{service.ports['audio']}"
+    too_many = "&".join(f"keyterm=term{n}" for n in range(101))
+    ws_headers = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
+    async with aiohttp.ClientSession() as http:
+        for path, needle in (
+            ("/v1/listen?encoding=mulaw&sample_rate=8000&redact=phi", "phi"),
+            ("/v1/listen?encoding=mulaw&sample_rate=8000&" + too_many, "100"),
+            ("/v1/listen?encoding=mulaw&sample_rate=8000&keywords=Xarelto:x", "boost"),
+            ("/v1/stream?encoding=mulaw&redact=pci,cards", "cards"),
+            ("/v1/stream?encoding=mulaw&" + too_many, "100"),
+            ("/?redact=everything", "everything"),
+            ("/?keyterm=" + "x" * 200, "60"),
+        ):
+            async with http.get(f"http://{audio}{path}", headers=ws_headers) as response:
+                body = await response.text()
+            assert response.status == 400, (path, body)
+            assert needle in body, (path, body)
+        # Twilio names its options in the start message, after the upgrade: close 1007.
+        start = {
+            "event": "start",
+            "start": {
+                "streamSid": "MZ" + "3" * 32,
+                "accountSid": "AC" + "1" * 32,
+                "callSid": "CA" + "3" * 32,
+                "tracks": ["inbound"],
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                "customParameters": {"redact": "pci,bogus"},
+            },
+        }
+        async with http.ws_connect(f"ws://{audio}/twilio/media") as ws:
+            await ws.send_str(json.dumps(start))
+            msg = await ws.receive(timeout=10)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1007, msg
+        assert "bogus" in msg.extra
+        # The service goes on: a stream asking for a valid kind is served.
+        url = f"ws://{audio}/v1/stream?encoding=mulaw&redact=pci&customer=ACME-42"
+        async with http.ws_connect(url) as ws:
+            await ws.send_bytes(phone_bytes("Thank you for calling.", "mulaw", 8000))
+            await ws.send_str('{"type": "stop"}')
+            kinds = [json.loads(m.data)["type"] async for m in ws]
+        assert "segment" in kinds and kinds[-1] == "closed"
+        async with http.get(f"http://{audio}/v1/calls?limit=1") as response:
+            (call,) = (await response.json())["calls"]
+        assert call["labels"]["customer"] == "ACME-42" and call["redaction"] == ["pci"]

@@ -6,6 +6,7 @@ import pytest
 
 from telephony.redaction import (
     InvalidRedaction,
+    NameBook,
     apply_spans,
     find_spans,
     mask_partial,
@@ -18,9 +19,9 @@ PCI = frozenset({"pci"})
 ALL = frozenset({"pci", "ssn", "pii"})
 
 
-def redact(text: str, kinds: frozenset[str], names: frozenset[str] = frozenset()) -> str:
+def redact(text: str, kinds: frozenset[str], names: NameBook | None = None) -> str:
     words = text.split()
-    return " ".join(apply_spans(words, find_spans(words, kinds, is_name=names.__contains__)))
+    return " ".join(apply_spans(words, find_spans(words, kinds, names=names)))
 
 
 def test_kinds_parse_like_deepgram() -> None:
@@ -41,6 +42,10 @@ def test_kinds_parse_like_deepgram() -> None:
         ("twenty-six", "26"),
         ("triple seven", "777"),
         ("one hundred", "100"),
+        ("one hundred, twenty, three, forty, five, sixty, seven, eighty nine", "123456789"),
+        ("thirty thousand, three hundred nineteen", "30319"),
+        ("forty one eleven", "4111"),
+        ("double oh seven", "007"),
     ],
 )
 def test_spoken_numbers_read_as_digits(words: str, digits: str) -> None:
@@ -63,6 +68,10 @@ def test_spoken_numbers_read_as_digits(words: str, digits: str) -> None:
         ("The security code is seven three one.", "The security code is [CARD_SECURITY_CODE]."),
         # Harmless numbers stay: a zip code, an amount, a count, a short reference.
         ("My zip code is 30319.", "My zip code is 30319."),
+        (
+            "My zip code is thirty thousand, three hundred nineteen.",
+            "My zip code is thirty thousand, three hundred nineteen.",
+        ),
         ("I paid 45 dollars for 3 items.", "I paid 45 dollars for 3 items."),
         ("Oh, I see. Two of them.", "Oh, I see. Two of them."),
     ],
@@ -86,12 +95,14 @@ def test_ssn_phone_email_and_names_under_pii() -> None:
     assert redact("My name is Sia Penangyan and I live at 12 Oak Street.", ALL) == (
         "My name is [NAME] and I live at 12 Oak Street."
     )
-    names = frozenset({"jennifer", "walsh"})
-    assert redact("Yesterday I spoke to your colleague Jennifer Walsh about it.", ALL, names) == (
-        "Yesterday I spoke to your colleague [NAME] about it."
+    names = NameBook(first=frozenset({"jennifer", "austin"}), last=frozenset({"walsh"}))
+    assert redact("Yesterday your colleague Jennifer Walsh helped me.", ALL, names) == (
+        "Yesterday your colleague [NAME] helped me."
     )
-    # Sentence starts and words that are not names stay.
+    assert redact("Jennifer Walsh said so.", ALL, names) == "[NAME] said so."
+    # A first name alone at a sentence's start, a place after "to", words not names: kept.
     assert redact("Jennifer called. Please hold.", ALL, names) == "Jennifer called. Please hold."
+    assert redact("Then a flight to Austin.", ALL, names) == "Then a flight to Austin."
     # pci alone leaves names and phone numbers.
     assert redact("Call Jennifer at 555-123-4567.", PCI, names) == "Call Jennifer at 555-123-4567."
 
@@ -111,6 +122,7 @@ def test_a_trailing_group_may_go_on_a_single_digit_does_not() -> None:
 
 
 def test_partials_mask_every_number_that_may_be_a_card() -> None:
-    assert mask_partial("My card number is 4242 42", PCI) == "My card number is [REDACTED]"
+    assert mask_partial("My card number is 4242 42", PCI) == "My card number is [CARD_NUMBER]"
+    assert mask_partial("My card number is 42", PCI) == "My card number is [REDACTED]"
     assert mask_partial("I have two kids", PCI) == "I have two kids"
     assert mask_partial("no numbers here", frozenset()) == "no numbers here"

@@ -66,8 +66,8 @@ def test_flush_releases_at_once_and_partials_are_masked() -> None:
     stage = TranscriptStage(PCI, hold_s=3.0)
     feed(stage, utterance("card 4242 4242 4242 4242", 0.0))
     assert segments(stage.flush()) == ["card [CARD_NUMBER]"]
-    (partial,) = stage.feed(Partial("my card is 4242 4", 9.0, 10.0))
-    assert isinstance(partial, Partial) and partial.text == "my card is [REDACTED]"
+    (partial,) = stage.feed(Partial("so the number is 42", 9.0, 10.0))
+    assert isinstance(partial, Partial) and partial.text == "so the number is [REDACTED]"
 
 
 def test_without_number_kinds_nothing_is_held() -> None:
@@ -92,3 +92,16 @@ def test_digits_that_come_one_word_at_a_time_are_one_run() -> None:
     out += feed(stage, utterance("One, one, one, one, one, one, one.", 6.0))
     out += feed(stage, utterance("Thanks.", 10.0))
     assert segments(out) == ["My card number is [CARD_NUMBER].", "[CARD_NUMBER].", "Thanks."]
+
+
+def test_the_nearest_words_say_what_a_number_is() -> None:
+    stage = TranscriptStage(frozenset({"pci", "ssn"}), hold_s=3.0)
+    out = feed(stage, utterance("My card number is 4111 1111 1111 1111.", 0.0))
+    out += feed(stage, utterance("The security code is 731.", 8.0))
+    out += feed(stage, utterance("My social is 123 45 6789.", 12.0))
+    out += stage.feed(Closed("flushed"))
+    assert segments(out) == [
+        "My card number is [CARD_NUMBER].",
+        "The security code is [CARD_SECURITY_CODE].",
+        "My social is [SSN].",
+    ]

@@ -13,6 +13,7 @@ as falsely redacted when any placeholder appears in it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import sys
 from dataclasses import dataclass
@@ -127,7 +128,7 @@ def caught(text: str) -> bool:
     """No digit left, nor two number words in a row, nor one beside a placeholder ("O,
     [SSN]"); a lone number word elsewhere is the sentence's own ("the last four of")."""
     words = text.split()
-    for a, b in zip(words, words[1:], strict=False):
+    for a, b in itertools.pairwise(words):
         pair = [NUMBER_WORD.fullmatch(w.strip(".,?!")) for w in (a, b)]
         beside = [w.startswith("[") for w in (a, b)]
         if all(pair) or (pair[0] and beside[1]) or (beside[0] and pair[1]):

@@ -1,6 +1,8 @@
 """The call record API on the audio/API port.
 
-- `GET /v1/calls?front_end=&status=&since=&until=&limit=&offset=` — newest first, paginated.
+- `GET /v1/calls?front_end=&status=&since=&until=&limit=&offset=` — newest first, paginated;
+  with `q=words`, only calls whose transcript holds every word (api/search.py), each with a
+  `match`: the leg and a snippet of its best segment, matches in `<mark>`.
 - `GET /v1/calls/{id}` — one call, its labels and legs.
 - `GET /v1/calls/{id}/transcript?format=json|txt|vtt|srt` — legs interleaved by time, labelled.
 - `DELETE /v1/calls/{id}` — a finished call and its transcript (409 while it is live).
@@ -10,11 +12,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from typing import Any, Final
 
 from aiohttp import web
 
+from api import search
 from api.routes.events import stream_events
 from api.store import Line, Store, transcript_lines
 from api.transcribe import clock, subrip
@@ -53,29 +57,50 @@ def _number(request: web.Request, name: str, default: float | None) -> float | N
         ) from None
 
 
+def _bad(reason: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(
+        text=json.dumps({"error": "bad_parameters", "reason": reason}),
+        content_type="application/json",
+    )
+
+
 async def list_calls(request: web.Request) -> web.Response:
     limit = int(_number(request, "limit", 50) or 50)
     offset = int(_number(request, "offset", 0) or 0)
     limit = max(1, min(MAX_LIMIT, limit))
-    calls, total = await asyncio.get_running_loop().run_in_executor(
-        None,
-        lambda: request.app[STORE].list_calls(
-            front_end=request.query.get("front_end"),
-            status=request.query.get("status"),
-            since=_number(request, "since", None),
-            until=_number(request, "until", None),
-            limit=limit,
-            offset=offset,
-        ),
-    )
+    q = request.query.get("q", "").strip()
+    try:
+        terms = search.parse_query(q) if q else ()
+    except search.BadQuery as exc:
+        raise _bad(str(exc)) from None
+    filters: dict[str, Any] = {
+        "front_end": request.query.get("front_end"),
+        "status": request.query.get("status"),
+        "since": _number(request, "since", None),
+        "until": _number(request, "until", None),
+        "limit": limit,
+        "offset": offset,
+    }
+    store = request.app[STORE]
+    loop = asyncio.get_running_loop()
+    if terms:
+        found, total = await loop.run_in_executor(
+            None, lambda: store.search_calls(terms, **filters)
+        )
+        listed = [{**c.to_json(), "match": s.to_json() if s else None} for c, s in found]
+    else:
+        calls, total = await loop.run_in_executor(None, lambda: store.list_calls(**filters))
+        listed = [c.to_json() for c in calls]
     body: dict[str, Any] = {
-        "calls": [c.to_json() for c in calls],
+        "calls": listed,
         "total": total,
         "limit": limit,
         "offset": offset,
     }
-    if offset + len(calls) < total:
-        body["next_offset"] = offset + len(calls)
+    if terms:
+        body["q"] = list(terms)
+    if offset + len(listed) < total:
+        body["next_offset"] = offset + len(listed)
     return web.json_response(body)
 
 

@@ -1,0 +1,164 @@
+"""Full-text search over stored transcripts, for `GET /v1/calls?q=...` (api/routes/calls.py).
+
+What is indexed: each final segment's text, as the store writes it (after redaction: the store
+never sees unredacted words), one row per segment, written by the store's writer in the same
+transaction as the segment and removed with its call. A query's words (runs of letters and
+digits; case and punctuation ignored) must all occur in the call, in any of its segments and
+legs, each as a word or the beginning of one (`wind` finds "windscreen").
+
+SQLite: an FTS5 table `transcript_index`. Each call gets a number (`search_docs.doc`) and its
+n-th segment the rowid `doc * 2**20 + n`, so the calls a word occurs in come from the index's
+rowids alone (no row is read per hit) and one call's segments are a rowid range (its snippet).
+PostgreSQL: `transcript_index` rows with a `tsvector` (configuration `simple`: no stemming, no
+stop words, as FTS5's unicode61) under a GIN index; prefixes as `word:*`.
+
+A hit's snippet is the call's best-matching segment, cut to about `SNIPPET_WORDS` words, with
+each match between `<mark>` and `</mark>` and the rest HTML-escaped (`&`, `<`, `>`), so a page
+can show it as it comes.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+MAX_QUERY_CHARS: Final = 500
+MAX_TERMS: Final = 16
+SNIPPET_WORDS: Final = 16
+DOC_SHIFT: Final = 20  # a call's segments: rowids doc << 20 | 1 .. 2**20 - 1
+SEGMENT_MASK: Final = (1 << DOC_SHIFT) - 1
+_WORD = re.compile(r"[^\W_]+")
+
+
+class BadQuery(ValueError):
+    """A search the index cannot answer: no word in it, or too long (400)."""
+
+
+class Db(Protocol):
+    """The part of api/store.py's `Database` the index uses."""
+
+    postgres: bool
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Snippet:
+    leg: str
+    text: str  # HTML-escaped, matches in <mark>...</mark>
+
+    def to_json(self) -> dict[str, str]:
+        return {"leg": self.leg, "snippet": self.text}
+
+
+def parse_query(q: str) -> tuple[str, ...]:
+    """The words to find, lower-cased, each once, in the order typed."""
+    if len(q) > MAX_QUERY_CHARS:
+        raise BadQuery(f"q is longer than {MAX_QUERY_CHARS} characters")
+    terms = tuple(dict.fromkeys(_WORD.findall(q.casefold())))
+    if not terms:
+        raise BadQuery("q has no word to search for (letters or digits)")
+    if len(terms) > MAX_TERMS:
+        raise BadQuery(f"q has more than {MAX_TERMS} words")
+    return terms
+
+
+def index_segment(db: Db, call_id: str, leg: str, text: str) -> None:
+    """In the writer's transaction: this segment's words are searchable once it commits."""
+    if not text.strip():
+        return
+    if db.postgres:
+        db.execute(
+            "INSERT INTO transcript_index (call_id, leg, text, words) "
+            "VALUES (?, ?, ?, to_tsvector('simple', ?))",
+            (call_id, leg, text, text),
+        )
+        return
+    doc, n = db.execute(
+        "INSERT INTO search_docs (call_id, segments) VALUES (?, 1) ON CONFLICT (call_id) "
+        "DO UPDATE SET segments = segments + 1 RETURNING doc, segments",
+        (call_id,),
+    ).fetchall()[0]
+    if n <= SEGMENT_MASK:  # a call of over a million segments: the rest is not indexed
+        db.execute(
+            "INSERT INTO transcript_index (rowid, text, leg) VALUES (?, ?, ?)",
+            ((doc << DOC_SHIFT) | n, text, leg),
+        )
+
+
+def unindex(db: Db, calls_sql: str, args: Sequence[Any]) -> None:
+    """Remove the calls `calls_sql` selects (a `SELECT id FROM calls ...`) from the index,
+    inside the caller's transaction, before the calls themselves are deleted."""
+    if db.postgres:
+        db.execute(f"DELETE FROM transcript_index WHERE call_id IN ({calls_sql})", args)
+        return
+    docs = db.execute(
+        f"SELECT doc FROM search_docs WHERE call_id IN ({calls_sql})", args
+    ).fetchall()
+    for (doc,) in docs:
+        db.execute(
+            "DELETE FROM transcript_index WHERE rowid BETWEEN ? AND ?",
+            (doc << DOC_SHIFT, (doc << DOC_SHIFT) | SEGMENT_MASK),
+        )
+    db.execute(f"DELETE FROM search_docs WHERE call_id IN ({calls_sql})", args)
+
+
+def matching_calls(db: Db, terms: Sequence[str]) -> tuple[str, list[str]]:
+    """SQL selecting the ids of calls that hold every term (for `id IN (...)`), and its args."""
+    if db.postgres:
+        one = "SELECT call_id FROM transcript_index WHERE words @@ to_tsquery('simple', ?)"
+        return " INTERSECT ".join([one] * len(terms)), [f"{t}:*" for t in terms]
+    one = "SELECT rowid >> 20 FROM transcript_index WHERE transcript_index MATCH ?"
+    docs = " INTERSECT ".join([one] * len(terms))
+    return f"SELECT call_id FROM search_docs WHERE doc IN ({docs})", [f'"{t}"*' for t in terms]
+
+
+def snippet(db: Db, call_id: str, terms: Sequence[str]) -> Snippet | None:
+    """The call's segment that matches most of the terms (the first such), around its first
+    match. Read from the call's own index rows and marked here, the same on both backends:
+    asking the index to mark it would walk a common word's every hit once per result."""
+    if db.postgres:
+        rows = db.execute(
+            "SELECT leg, text FROM transcript_index WHERE call_id = ? ORDER BY id", (call_id,)
+        ).fetchall()
+    else:
+        found = db.execute("SELECT doc FROM search_docs WHERE call_id = ?", (call_id,)).fetchone()
+        if found is None:
+            return None
+        low = found[0] << DOC_SHIFT
+        rows = db.execute(
+            "SELECT leg, text FROM transcript_index WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
+            (low, low | SEGMENT_MASK),
+        ).fetchall()
+    return best_snippet([(str(leg), str(text)) for leg, text in rows], terms)
+
+
+def best_snippet(segments: Sequence[tuple[str, str]], terms: Sequence[str]) -> Snippet | None:
+    best: tuple[int, str, str, list[re.Match[str]]] | None = None
+    for leg, text in segments:
+        words = list(_WORD.finditer(text))
+        hits = {t for w in words for t in terms if w.group().casefold().startswith(t)}
+        if hits and (best is None or len(hits) > best[0]):
+            best = (len(hits), leg, text, words)
+            if len(hits) == len(terms):
+                break
+    if best is None:
+        return None
+    _, leg, text, words = best
+    matches = [w for w in words if any(w.group().casefold().startswith(t) for t in terms)]
+    first = words.index(matches[0])
+    begin = max(0, min(first - SNIPPET_WORDS // 4, len(words) - SNIPPET_WORDS))
+    shown = words[begin : begin + SNIPPET_WORDS]
+    cut_from = 0 if begin == 0 else shown[0].start()
+    cut_to = len(text) if begin + SNIPPET_WORDS >= len(words) else shown[-1].end()
+    out, at = [], cut_from
+    for w in matches:
+        if cut_from <= w.start() and w.end() <= cut_to:
+            out += [html.escape(text[at : w.start()], quote=False), "<mark>", w.group(), "</mark>"]
+            at = w.end()
+    out.append(html.escape(text[at:cut_to], quote=False))
+    marked = "".join(out).strip()
+    return Snippet(leg, ("…" if cut_from else "") + marked + ("…" if cut_to < len(text) else ""))

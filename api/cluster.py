@@ -44,7 +44,7 @@ RECONNECT_S: Final = 1.0
 
 
 def _word(d: dict[str, Any]) -> Word:
-    return Word(d["text"], d["start"], d["end"])
+    return Word(d["text"], d["start"], d["end"], d.get("confidence"))
 
 
 def _engine_event(d: dict[str, Any]) -> EngineEvent:
@@ -52,7 +52,8 @@ def _engine_event(d: dict[str, Any]) -> EngineEvent:
     if kind == "word":
         return _word(d)
     if kind == "segment":
-        return Segment(d["text"], d["start"], d["end"], tuple(_word(w) for w in d["words"]))
+        words = tuple(_word(w) for w in d["words"])
+        return Segment(d["text"], d["start"], d["end"], words, d.get("confidence"))
     if kind == "partial":
         return Partial(d["text"], d["start"], d["end"])
     if kind == "end_of_turn":
@@ -116,6 +117,10 @@ class Cluster:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        # The lease is renewed before this node takes a call: the one Store took at its start
+        # may have run out while the engine loaded (a model takes longer than `lease_s`), and
+        # a node whose calls are live must not look dead for the first period.
+        self._renew(sweep=False)  # dead nodes are the lease thread's, once views are open
         self._threads = [
             threading.Thread(target=self._listen, name="cluster-listen", daemon=True),
             threading.Thread(target=self._lease, name="cluster-lease", daemon=True),
@@ -169,12 +174,17 @@ class Cluster:
                 self._stop.wait(RECONNECT_S)
 
     def _lease(self) -> None:
+        """On its own thread, so an event loop kept busy (a long step, a GC pass, a burst of
+        calls) cannot make this node look dead: Python hands the GIL over every few ms."""
         period = self.store.lease_s / 4
         while not self._stop.wait(period):
-            try:
-                ended = self.store.heartbeat()
-            except DB_ERRORS:
-                log.exception("cluster: heartbeat failed")
-                continue
-            for event in ended:  # a dead node's calls: this node's own view hears it here
-                self._to_loop(event)
+            self._renew()
+
+    def _renew(self, sweep: bool = True) -> None:
+        try:
+            ended = self.store.heartbeat(sweep)  # a dropped connection is opened again there
+        except DB_ERRORS:
+            log.exception("cluster: heartbeat failed")
+            return
+        for event in ended:  # a dead node's calls: this node's own view hears it here
+            self._to_loop(event)

@@ -469,7 +469,8 @@ class Store:
         self._writer_db.close()
         self._reader_db.close()
         if self._lease_db is not None:  # the lease thread has stopped (api/cluster.py)
-            self._lease_db.execute("DELETE FROM nodes WHERE id = ?", (self.node_id,))
+            with contextlib.suppress(*DB_ERRORS):  # the database is away: the lease runs out
+                self._lease_db.execute("DELETE FROM nodes WHERE id = ?", (self.node_id,))
             self._lease_db.close()
 
     def _mark_interrupted(self) -> int:
@@ -614,8 +615,8 @@ class Store:
                     json.dumps(dict(event.labels)),
                     json.dumps(list(event.legs)),
                     self.node_id,
-                ),
                     ",".join(event.redaction),
+                ),
             )
             self._webhook("call.started", {"call": self._call_json(event.call_id)})
         elif isinstance(event, CallEnded):
@@ -685,11 +686,13 @@ class Store:
 
     # -- the cluster's lease (PostgreSQL; called by api/cluster.py every lease_s / 4) --
 
-    def heartbeat(self) -> list[CallEnded]:
-        """Renew this node's lease; then, for every node whose lease ran out, mark its live
-        calls `interrupted` (their words stay), queue their `call.ended` webhooks, and tell
-        every node. Returns those ends, for this node's own live view."""
-        if self._lease_db is None:
+    def heartbeat(self, sweep: bool = True) -> list[CallEnded]:
+        """Renew this node's lease; then (`sweep`), for every node whose lease ran out, mark
+        its live calls `interrupted` (their words stay), queue their `call.ended` webhooks,
+        and tell every node. Returns those ends, for this node's own live view."""
+        # A connection the server dropped (PostgreSQL restarted, a proxy cut it) is opened
+        # again here: a node whose lease thread kept the dead one would be declared dead.
+        if self._lease_db is None or self._lease_db.broken:
             self._lease_db = Database(self.location)
         db = self._lease_db
         now_sql = "EXTRACT(EPOCH FROM clock_timestamp())::float8"  # one clock: the database's
@@ -700,11 +703,13 @@ class Store:
                 f"ON CONFLICT (id) DO UPDATE SET heartbeat_at = {now_sql}, lease_s = ?",
                 (self.node_id, self.lease_s, self.lease_s),
             )
-            dead = db.execute(
-                f"SELECT id FROM nodes WHERE id <> ? AND heartbeat_at + lease_s < {now_sql} "
-                "FOR UPDATE SKIP LOCKED",
-                (self.node_id,),
-            ).fetchall()
+            dead: list[Any] = []
+            if sweep:
+                dead = db.execute(
+                    f"SELECT id FROM nodes WHERE id <> ? AND heartbeat_at + lease_s < {now_sql} "
+                    "FOR UPDATE SKIP LOCKED",
+                    (self.node_id,),
+                ).fetchall()
             for (node,) in dead:
                 reason = f"node {node} stopped mid-call"
                 now = time.time()

@@ -261,6 +261,44 @@ async def test_a_node_whose_event_loop_is_busy_is_not_declared_dead(
     watcher.close()
 
 
+async def test_a_node_whose_database_connections_are_cut_keeps_its_lease(
+    postgres: Postgres, start_service: ServiceFactory
+) -> None:
+    """PostgreSQL drops every connection of node a (as in a restart or a proxy's failover)
+    while a call is live on it, right after a started: a's lease, renewed as it started, is
+    fresh, and its lease thread opens a new connection and renews in time, so a node that
+    looks for dead nodes over the next three leases finds none, and the call stays live."""
+    url = postgres.fresh_database()
+    a = await start_service(node_config(url, "a"))
+    with psycopg.connect(url) as db:  # renewed as it started, not only a period later
+        ages = db.execute(
+            "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 - heartbeat_at FROM nodes"
+        ).fetchall()
+    assert len(ages) == 1 and ages[0][0] < LEASE_S / 2
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"ws://127.0.0.1:{a.ports['audio']}/v1/stream?call_id=cut")
+        await ws.send_bytes(bytes(9600))
+        await flush(a)
+        with psycopg.connect(url, autocommit=True) as db:
+            cut = db.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+        assert len(cut) >= 3  # the writer's, the reader's, the lease's (and the listener's)
+        watcher = Store(url, node_id="watcher", lease_s=LEASE_S)  # its own, new connections
+        declared: list[str] = []
+        loop = asyncio.get_running_loop()
+        for _ in range(12):  # three leases
+            await asyncio.sleep(LEASE_S / 4)
+            declared += [e.call_id for e in await loop.run_in_executor(None, watcher.heartbeat)]
+        assert declared == []
+        with psycopg.connect(url) as db:
+            status = db.execute("SELECT status, reason FROM calls WHERE id = 'cut'").fetchone()
+        assert status == ("live", None)
+        await ws.close()
+    watcher.close()
+
+
 async def test_options_answer_503_when_full_or_leaving(start_service: ServiceFactory) -> None:
     """Kamailio's ds_ping: 200 with a free slot, 503 (with Retry-After) when full, and 503
     while a drain is announced."""

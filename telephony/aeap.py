@@ -45,8 +45,9 @@ CODECS: Final[Mapping[str, Encoding]] = {
 """Codec names (not format names: `slin16` is announced as `slin`) we take."""
 
 FRAME_S: Final = 0.02  # Asterisk's speech frames are 20 ms: a first `slin` frame tells its rate
-SCORE_FINAL: Final = 900  # a finished utterance (the engine gives no confidence of its own)
+SCORE_FINAL: Final = 900  # a finished utterance whose engine gives no confidence of its own
 SCORE_PARTIAL: Final = 500  # a hypothesis still being spoken, handed over on `get`
+# Otherwise a result's score is 1000 x its segments' mean confidence (0..1, engine/confidence.py)
 TAIL_S: Final = 0.1  # audio this soon after a result is that recognition's last frames in flight
 UNSUPPORTED: Final = "Unsupported and/or un-handled message"  # res_aeap's own wording
 
@@ -166,6 +167,7 @@ class Recognition:
 
     number: int
     segments: list[str] = field(default_factory=list)
+    confidences: list[float | None] = field(default_factory=list)  # one per segment
     partial: str = ""
     heard: bool = False  # any word, partial or segment
     audio_s: float = 0.0  # at the wire rate, as Asterisk sent it
@@ -175,6 +177,7 @@ class Recognition:
         """Take one engine event; True when it ends the utterance (a `Segment`)."""
         if isinstance(event, Segment):
             self.segments.append(event.text)
+            self.confidences.append(event.confidence)
             self.partial = ""
             self.heard = True
             return True
@@ -188,6 +191,15 @@ class Recognition:
     @property
     def hypothesis(self) -> str:
         return " ".join(t for t in (*self.segments, self.partial) if t)
+
+    def score(self, final: bool) -> int:
+        """0-1000: the segments' mean confidence where the engine gives it; a hypothesis with
+        words still being spoken scores at most `SCORE_PARTIAL`."""
+        known = [c for c in self.confidences if c is not None]
+        if not known or len(known) < len(self.confidences):
+            return SCORE_FINAL if final else SCORE_PARTIAL
+        score = round(1000 * sum(known) / len(known))
+        return score if final and not self.partial else min(score, SCORE_PARTIAL)
 
 
 class AeapCodec:
@@ -279,7 +291,7 @@ class AeapCodec:
         text = recognition.hypothesis
         if not text or (self.settings.grammar == "digits" and not digits_of(text)):
             return []
-        return [self.result(text, SCORE_FINAL if final else SCORE_PARTIAL)]
+        return [self.result(text, recognition.score(final))]
 
     def encode_results(self, results: list[dict[str, Any]]) -> str:
         """Our `set` request that ends `SpeechBackground` with these results."""

@@ -47,7 +47,8 @@ IDLE_TIMEOUT_S: Final = 10.0
 FINALIZE_WAIT_S: Final = 5.0
 """The longest a `Finalize` waits for the engine before it is answered with what is out."""
 WORD_CONFIDENCE: Final = 1.0
-"""The engines give no confidences; 1.0 keeps clients that filter on confidence working."""
+"""For words whose engine gives no confidence (or interim words from a partial's text): 1.0
+keeps clients that filter on confidence working. Others carry the engine's (0..1)."""
 
 ENCODINGS: Final = {"linear16": Encoding.PCM16, "mulaw": Encoding.MULAW, "alaw": Encoding.ALAW}
 UNSUPPORTED_ENCODINGS: Final = (
@@ -315,6 +316,10 @@ def plain_word(written: str) -> str:
     return _EDGE_PUNCTUATION.sub("", written).lower()
 
 
+def _confidence(value: float | None) -> float:
+    return WORD_CONFIDENCE if value is None else round(value, 4)
+
+
 def _time(seconds: float) -> float:
     return round(max(0.0, seconds), 3)
 
@@ -524,7 +529,7 @@ class DeepgramCodec:
                     "word": plain,
                     "start": _time(word.start_s),
                     "end": _time(word.end_s),
-                    "confidence": WORD_CONFIDENCE,
+                    "confidence": _confidence(word.confidence),
                     "punctuated_word": word.text,
                 }
             )
@@ -542,7 +547,12 @@ class DeepgramCodec:
                 "alternatives": [
                     {
                         "transcript": transcript,
-                        "confidence": WORD_CONFIDENCE if entries else 0.0,
+                        # as Deepgram's: the mean of its words'
+                        "confidence": round(
+                            sum(float(e["confidence"]) for e in entries) / len(entries), 4
+                        )
+                        if entries
+                        else 0.0,
                         "words": entries,
                     }
                 ]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from telephony.aeap import SCORE_FINAL, UNSUPPORTED, digits_of
+from telephony.aeap import UNSUPPORTED, digits_of
 from telephony.audio import ulaw_decode
 from tests.conftest import ServiceFactory
 from tests.e2e.frontends import EventLog, offline_words, paced, watch_events
@@ -118,10 +118,14 @@ async def test_results_are_pushed_at_the_end_of_the_utterance_then_dtmf_and_digi
     (result,) = pushed["params"]["results"]
     assert result == {
         "text": segments(events, first)[0],  # the utterance the engine closed, at once
-        "score": SCORE_FINAL,
+        "score": result["score"],
         "grammar": "default",
         "best": 0,
     }
+    # The score is the segment's own confidence on AEAP's 0-1000 scale (not a fixed 900).
+    segment = next(e for e in events.of(first) if e["type"] == "segment")
+    assert abs(result["score"] - 1000 * segment["confidence"]) <= 1
+    assert 500 < result["score"] <= 1000  # clear speech: the model is sure
     heard = ulaw_decode(ulaw[: sent * 160])
     expected = await offline_words(service, heard, 8000)
     assert expected and events.words(first) == expected

@@ -145,3 +145,16 @@ def test_settings_from_speech_engine() -> None:
 )
 def test_digits_of_spoken_numbers(text: str, digits: str) -> None:
     assert digits_of(text) == digits
+
+
+def test_scores_are_the_segments_confidence_where_the_engine_gives_one() -> None:
+    recognition = Recognition(1)
+    recognition.hear(Segment("Xarelto twice a day.", 0.0, 1.0, (), 0.8125))
+    recognition.hear(Segment("With food.", 1.2, 2.0, (), 0.9))
+    assert recognition.score(final=True) == 856  # 1000 x the mean of 0.8125 and 0.9
+    recognition.hear(Partial("and", 2.1, 2.4))
+    assert recognition.score(final=True) == SCORE_PARTIAL  # words still being spoken
+    unknown = Recognition(2)
+    unknown.hear(Segment("Hello.", 0.0, 1.0))  # an engine without confidences
+    assert unknown.score(final=True) == SCORE_FINAL
+    assert unknown.score(final=False) == SCORE_PARTIAL

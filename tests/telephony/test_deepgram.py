@@ -231,6 +231,16 @@ def test_words_give_interims_then_one_final_that_the_sdk_validates() -> None:
     assert (nxt[-1]["start"], nxt[-1]["duration"]) == (4.2, 1.2)
 
 
+def test_word_and_transcript_confidence_are_the_engines() -> None:
+    sure, unsure = Word("Hello,", 3.12, 3.5, 0.98765), Word("Xarelto.", 3.58, 4.2, 0.41)
+    c = codec()
+    (final,) = loads(c.on_event("caller", Segment("Hello, Xarelto.", 3.12, 4.2, (sure, unsure))))
+    ListenV1Results.model_validate(final)
+    alternative = final["channel"]["alternatives"][0]
+    assert [w["confidence"] for w in alternative["words"]] == [0.9877, 0.41]
+    assert alternative["confidence"] == pytest.approx((0.9877 + 0.41) / 2, abs=1e-4)
+
+
 def test_without_punctuate_the_transcript_is_plain_and_nothing_optional_is_sent() -> None:
     c = codec()
     out = loads(c.on_event("caller", HELLO[0]) + c.on_event("caller", HELLO[1]))

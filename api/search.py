@@ -8,9 +8,14 @@ legs, each as a word or the beginning of one (`wind` finds "windscreen").
 
 SQLite: an FTS5 table `transcript_index`. Each call gets a number (`search_docs.doc`) and its
 n-th segment the rowid `doc * 2**20 + n`, so the calls a word occurs in come from the index's
-rowids alone (no row is read per hit) and one call's segments are a rowid range (its snippet).
+rowids alone (no row is read per hit) and one call's rows are a rowid range.
 PostgreSQL: `transcript_index` rows with a `tsvector` (configuration `simple`: no stemming, no
 stop words, as FTS5's unicode61) under a GIN index; prefixes as `word:*`.
+
+A search costs about a microsecond per index row that holds one of its words, so once a call has
+ended its segment rows are merged into one (`call_ended`): a word said in every segment of
+every call is then one row per call, not one per segment. Live calls keep a row per segment,
+searchable as each is written.
 
 A hit's snippet is the call's best-matching segment, cut to about `SNIPPET_WORDS` words, with
 each match between `<mark>` and `</mark>` and the rest HTML-escaped (`&`, `<`, `>`), so a page
@@ -28,6 +33,7 @@ from typing import Any, Final, Protocol
 MAX_QUERY_CHARS: Final = 500
 MAX_TERMS: Final = 16
 SNIPPET_WORDS: Final = 16
+MERGE_MAX_CHARS: Final = 100_000  # a longer call keeps its rows (a tsvector is at most 1 MB)
 DOC_SHIFT: Final = 20  # a call's segments: rowids doc << 20 | 1 .. 2**20 - 1
 SEGMENT_MASK: Final = (1 << DOC_SHIFT) - 1
 _WORD = re.compile(r"[^\W_]+")
@@ -106,6 +112,40 @@ def unindex(db: Db, calls_sql: str, args: Sequence[Any]) -> None:
     db.execute(f"DELETE FROM search_docs WHERE call_id IN ({calls_sql})", args)
 
 
+def call_ended(db: Db, call_id: str) -> None:
+    """In the writer's transaction: the call's rows become one (its segments' text, one per
+    line), so a word it said often is one hit, not one per segment."""
+    if db.postgres:
+        rows = db.execute(
+            "SELECT text FROM transcript_index WHERE call_id = ? ORDER BY id", (call_id,)
+        ).fetchall()
+        text = "\n".join(r[0] for r in rows)
+        if len(rows) < 2 or len(text) > MERGE_MAX_CHARS:
+            return
+        db.execute("DELETE FROM transcript_index WHERE call_id = ?", (call_id,))
+        db.execute(
+            "INSERT INTO transcript_index (call_id, leg, text, words) "
+            "VALUES (?, '', ?, to_tsvector('simple', ?))",
+            (call_id, text, text),
+        )
+        return
+    found = db.execute("SELECT doc FROM search_docs WHERE call_id = ?", (call_id,)).fetchone()
+    if found is None:
+        return
+    low = found[0] << DOC_SHIFT
+    rows = db.execute(
+        "SELECT text FROM transcript_index WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
+        (low, low | SEGMENT_MASK),
+    ).fetchall()
+    text = "\n".join(r[0] for r in rows)
+    if len(rows) < 2 or len(text) > MERGE_MAX_CHARS:
+        return
+    db.execute(
+        "DELETE FROM transcript_index WHERE rowid BETWEEN ? AND ?", (low, low | SEGMENT_MASK)
+    )
+    db.execute("INSERT INTO transcript_index (rowid, text, leg) VALUES (?, ?, '')", (low, text))
+
+
 def matching_calls(db: Db, terms: Sequence[str]) -> tuple[str, list[str]]:
     """SQL selecting the ids of calls that hold every term (for `id IN (...)`), and its args."""
     if db.postgres:
@@ -118,22 +158,13 @@ def matching_calls(db: Db, terms: Sequence[str]) -> tuple[str, list[str]]:
 
 def snippet(db: Db, call_id: str, terms: Sequence[str]) -> Snippet | None:
     """The call's segment that matches most of the terms (the first such), around its first
-    match. Read from the call's own index rows and marked here, the same on both backends:
-    asking the index to mark it would walk a common word's every hit once per result."""
-    if db.postgres:
-        rows = db.execute(
-            "SELECT leg, text FROM transcript_index WHERE call_id = ? ORDER BY id", (call_id,)
-        ).fetchall()
-    else:
-        found = db.execute("SELECT doc FROM search_docs WHERE call_id = ?", (call_id,)).fetchone()
-        if found is None:
-            return None
-        low = found[0] << DOC_SHIFT
-        rows = db.execute(
-            "SELECT leg, text FROM transcript_index WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
-            (low, low | SEGMENT_MASK),
-        ).fetchall()
-    return best_snippet([(str(leg), str(text)) for leg, text in rows], terms)
+    match: read from the call's stored segments and marked here, the same on both backends
+    (asking the index to mark it would walk a common word's every hit once per result)."""
+    rows = db.execute(
+        "SELECT leg, text FROM events WHERE call_id = ? AND type = 'segment' ORDER BY start_s, id",
+        (call_id,),
+    ).fetchall()
+    return best_snippet([(str(leg), str(text or "")) for leg, text in rows], terms)
 
 
 def best_snippet(segments: Sequence[tuple[str, str]], terms: Sequence[str]) -> Snippet | None:

@@ -144,7 +144,8 @@ MIGRATIONS: Final[Sequence[str | PerBackend]] = (
     CREATE INDEX outbox_failed ON outbox (failed_at);
     """,
     # 5: search (api/search.py). Every segment's text in a full-text index, calls already stored
-    # included: FTS5 rows numbered per call on SQLite, tsvector rows under GIN on PostgreSQL.
+    # included: FTS5 rows numbered per call on SQLite, tsvector rows under GIN on PostgreSQL; a
+    # call that has ended as one row (its segments, one per line), as `search.call_ended` does.
     PerBackend(
         sqlite="""
         CREATE TABLE search_docs (
@@ -160,10 +161,18 @@ MIGRATIONS: Final[Sequence[str | PerBackend]] = (
             JOIN events e ON e.call_id = c.id AND e.type = 'segment'
             GROUP BY c.id ORDER BY MIN(c.started_at), c.id;
         INSERT INTO transcript_index (rowid, text, leg)
+            SELECT doc * 1048576, merged, '' FROM (
+                SELECT d.doc, group_concat(e.text, char(10)) AS merged
+                FROM search_docs d JOIN calls c ON c.id = d.call_id
+                JOIN events e ON e.call_id = d.call_id AND e.type = 'segment'
+                WHERE c.status <> 'live' GROUP BY d.doc
+            ) WHERE length(merged) <= 100000;
+        INSERT INTO transcript_index (rowid, text, leg)
             SELECT d.doc * 1048576 + ROW_NUMBER() OVER (PARTITION BY e.call_id ORDER BY e.id),
                 e.text, e.leg
             FROM events e JOIN search_docs d ON d.call_id = e.call_id
-            WHERE e.type = 'segment';
+            WHERE e.type = 'segment' AND NOT EXISTS
+                (SELECT 1 FROM transcript_index t WHERE t.rowid = d.doc * 1048576);
         """,
         postgres="""
         CREATE TABLE transcript_index (
@@ -173,11 +182,20 @@ MIGRATIONS: Final[Sequence[str | PerBackend]] = (
             text TEXT NOT NULL,
             words tsvector NOT NULL
         );
-        CREATE INDEX transcript_index_words ON transcript_index USING GIN (words);
         CREATE INDEX transcript_index_call ON transcript_index (call_id);
         INSERT INTO transcript_index (call_id, leg, text, words)
-            SELECT call_id, leg, text, to_tsvector('simple', text) FROM events
-            WHERE type = 'segment' AND text IS NOT NULL ORDER BY id;
+            SELECT call_id, '', merged, to_tsvector('simple', merged) FROM (
+                SELECT e.call_id, string_agg(e.text, chr(10) ORDER BY e.id) AS merged
+                FROM events e JOIN calls c ON c.id = e.call_id
+                WHERE e.type = 'segment' AND e.text IS NOT NULL AND c.status <> 'live'
+                GROUP BY e.call_id
+            ) ended WHERE length(merged) <= 100000;
+        INSERT INTO transcript_index (call_id, leg, text, words)
+            SELECT e.call_id, e.leg, e.text, to_tsvector('simple', e.text) FROM events e
+            WHERE e.type = 'segment' AND e.text IS NOT NULL AND NOT EXISTS
+                (SELECT 1 FROM transcript_index t WHERE t.call_id = e.call_id)
+            ORDER BY e.id;
+        CREATE INDEX transcript_index_words ON transcript_index USING GIN (words);
         ANALYZE transcript_index;
         """,
     ),
@@ -626,6 +644,7 @@ class Store:
                 "UPDATE calls SET status = ?, reason = ?, ended_at = ? WHERE id = ?",
                 (status, event.reason, event.at, event.call_id),
             )
+            self._merge_search_rows(event.call_id)
             self._webhook(
                 "call.ended",
                 {
@@ -665,6 +684,20 @@ class Store:
                 self._webhook(
                     "segment", {"call_id": event.call_id, "leg": event.leg, "segment": payload}
                 )
+
+    def _merge_search_rows(self, call_id: str) -> None:
+        """The ended call's search rows become one (api/search.py). Only an optimisation: if it
+        fails, the call's end is written all the same, its rows left as they were."""
+        db = self._writer_db
+        db.execute("SAVEPOINT search_merge")
+        try:
+            search.call_ended(db, call_id)
+        except UNAVAILABLE:
+            raise  # the whole batch waits for the database, as every write does
+        except DB_ERRORS:
+            db.execute("ROLLBACK TO SAVEPOINT search_merge")
+            log.exception("search rows of an ended call not merged", extra={"call_id": call_id})
+        db.execute("RELEASE SAVEPOINT search_merge")
 
     def _webhook(self, name: str, data: dict[str, Any], db: Database | None = None) -> None:
         if not self.webhook_urls:

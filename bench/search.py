@@ -1,11 +1,12 @@
 """Search latency (`GET /v1/calls?q=`, api/search.py) at 1k, 10k and 100k stored calls, on
 SQLite and on PostgreSQL, and what the index costs the writer.
 
-Calls are generated: each has two legs and `--segments` segments of 8-20 words drawn from a
-5,000-word vocabulary with a Zipf distribution (so "w0" is in nearly every call, "w4000" in a few
-hundredth of them), plus two planted words: "windscreen" in one call in 10,000 and "cracked" in
-one in 1,000. They are loaded straight into a store at the schema before search (fast bulk
-inserts), then `Store()` migrates it: the migration indexes every stored segment (timed too).
+Calls are generated: each has two legs and `--segments` (12) segments of 8-20 words drawn from
+a 5,000-word vocabulary with a Zipf distribution (so "w0" is in nearly every call and "w300" in
+a few percent), plus two planted words: "windscreen" in one call in 10,000 and "cracked" in one
+in 1,000 (said together in one call in 10,000, in different segments). They are loaded
+straight into a store at the schema before search (fast bulk inserts), then `Store()`
+migrates it: the migration indexes every stored call (timed too), an ended call as one row.
 Each query is `Store.search_calls` as the route calls it (limit 50, snippets included), run
 `--runs` times after one warm-up; median and 95th percentile are printed.
 
@@ -177,7 +178,7 @@ def insert_cost(location: Callable[[], Path | str], calls: int, words: int) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000,100000")
-    parser.add_argument("--segments", type=int, default=6, help="segments per call")
+    parser.add_argument("--segments", type=int, default=12, help="segments per call")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--insert-calls", type=int, default=200)
     parser.add_argument("--words", type=int, default=100)

@@ -207,3 +207,31 @@ async def test_words_a_call_just_said_are_found(
     assert status == 200 and ids(body) == ["spoken"], (longest, body)
     word = longest[0].strip(".,?!").lower()
     assert f"<mark>{word}</mark>" in body["calls"][0]["match"]["snippet"].lower()
+
+
+def test_a_live_call_is_found_as_it_speaks_and_after_it_ends(
+    tmp_path: Path, store_url: str
+) -> None:
+    """Live, each segment is its own index row; once ended they are one row: the same search
+    finds the call both ways, and a deleted call in neither."""
+    store = Store(location(tmp_path, store_url))
+    try:
+        store.record(CallStarted("live", "sip", ("caller", "agent"), {}, T0))
+        say(store, "live", "caller", "the boiler in the loft", 1.0)
+        assert store.flush()
+        assert [c.id for c, _ in store.search_calls(["boiler", "leak"])[0]] == []
+        say(store, "live", "agent", "is there a leak", 4.0)
+        assert store.flush()
+        found, total = store.search_calls(["boiler", "leak"])
+        assert [c.id for c, _ in found] == ["live"] and total == 1
+        store.record(CallEnded("live", "sip", "hangup", T0 + 9, {"caller": 9.0}))
+        assert store.flush()
+        found, _ = store.search_calls(["boiler", "leak"])
+        assert [(c.id, c.status) for c, _ in found] == [("live", "ended")]
+        snippet = found[0][1]
+        assert snippet is not None and snippet.leg == "caller"
+        assert snippet.text == "the <mark>boiler</mark> in the loft"
+        assert store.delete_call("live") == "deleted"
+        assert store.search_calls(["boiler"]) == ([], 0)
+    finally:
+        store.close()

@@ -897,6 +897,10 @@ class Store:
         then. Rows another node is claiming are skipped, not waited for."""
         skip = " FOR UPDATE SKIP LOCKED" if self.postgres else ""
         with self._read_lock:
+            # The sender asks every `poll_s`, so here a connection PostgreSQL dropped (a restart,
+            # a failover) is opened again, for the outbox and for every reader of the API.
+            if self._reader_db.broken:
+                self._reader_db = Database(self.location)
             rows = self._reader_db.execute(
                 "UPDATE outbox SET next_at = ? WHERE id IN (SELECT id FROM outbox "
                 f"WHERE {WEBHOOK_STATUS_SQL['pending']} AND next_at <= ? "

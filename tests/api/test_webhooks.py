@@ -15,13 +15,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import psycopg
 import pytest
 from aiohttp import web
 
 from api.app import Service
 from api.config import WebhookConfig, load_config
 from tests.conftest import ServiceFactory, make_config
-from tests.pg import free_port
+from tests.pg import Postgres, free_port
 
 ATTEMPTS = 3
 
@@ -186,6 +187,51 @@ async def test_a_receiver_answering_4xx_gets_bounded_attempts_then_dead_letters_
     assert code == 400 and body["error"] == "bad_parameters"
     code, body = await api(service, "GET", "/v1/webhooks?limit=1")
     assert (code, body["total"], len(body["webhooks"]), body["next_offset"]) == (200, 2, 1, 1)
+
+
+async def test_webhooks_and_reads_come_back_after_postgresql_drops_the_connections(
+    postgres: Postgres, start_service: ServiceFactory, receiver: Receiver
+) -> None:
+    """PostgreSQL drops every connection of the node (as in a restart or a failover): the next
+    call's webhooks still go out, each once, and the API lists the call."""
+    receiver.status = 204
+    url = postgres.fresh_database()
+    base = make_config(data_url=url, name="sink")
+    hook = WebhookConfig(url=receiver.url)
+    service = await start_service(dataclasses.replace(base, webhook=hook))
+
+    async def call(call_id: str) -> None:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(
+                f"ws://127.0.0.1:{service.ports['audio']}/v1/stream?call_id={call_id}"
+            )
+            await ws.send_bytes(bytes(9600))
+            await ws.send_str('{"type": "stop"}')
+            async for _ in ws:
+                pass
+
+    async def delivered(n: int) -> bool:
+        return len(receiver.accepted) >= n
+
+    await call("before")
+    await until(lambda: delivered(2))
+    with psycopg.connect(url, autocommit=True) as db:
+        cut = db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    assert len(cut) >= 2  # the store's writer and reader at least
+    await call("after")
+    await until(lambda: delivered(4), timeout=30)
+    await asyncio.sleep(0.5)
+    assert sorted((h["event"], (h.get("call") or {}).get("id")) for h in receiver.accepted) == [
+        ("call.ended", "after"),
+        ("call.ended", "before"),
+        ("call.started", "after"),
+        ("call.started", "before"),
+    ]
+    code, body = await api(service, "GET", "/v1/calls")
+    assert code == 200 and {c["id"] for c in body["calls"]} == {"before", "after"}
 
 
 async def test_zero_attempts_retries_for_ever(

@@ -11,6 +11,7 @@ state, so a call of any length uses bounded memory and chunking does not change 
 from __future__ import annotations
 
 import enum
+import zlib
 from typing import Final
 
 import numpy as np
@@ -142,7 +143,9 @@ class ResampleStream:
 
     BATCH_S: Final = 0.08
 
-    def __init__(self, in_rate: int, out_rate: int) -> None:
+    def __init__(self, in_rate: int, out_rate: int, phase: float = 0.0) -> None:
+        """`phase` (0 ≤ phase < 1, `batch_phase`): the first batch is that much of a batch
+        shorter, so calls that start in the same 20 ms do not resample in the same one."""
         self.in_rate = in_rate
         self.out_rate = out_rate
         self.samples_in = 0
@@ -152,8 +155,9 @@ class ResampleStream:
             else soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality="HQ")
         )
         self._batch: list[PcmArray] = []
-        self._batched = 0
         self.batch_samples = int(self.BATCH_S * in_rate)
+        # The first batch ends early by `phase` of a batch: counted as if already gathered.
+        self._batched = int(self.batch_samples * phase)
 
     @property
     def passthrough(self) -> bool:
@@ -181,8 +185,9 @@ class ResampleStream:
         self.samples_in += len(samples)
         if self._stream is None:
             return _float_to_int16(samples)
-        if self._batched:
+        if self._batch:
             samples = np.concatenate([self._take_batch(), samples])
+        self._batched = 0
         return self._resample(samples, last)
 
     def flush(self) -> PcmArray:
@@ -198,6 +203,17 @@ class ResampleStream:
         batch = self._batch[0] if len(self._batch) == 1 else np.concatenate(self._batch or [_EMPTY])
         self._batch, self._batched = [], 0
         return batch.astype(np.float32)
+
+
+BATCH_PHASES: Final = 4  # 80 ms batches of 20 ms packets: four places a batch can end
+
+
+def batch_phase(call_id: str) -> float:
+    """Where a call's 80 ms batches end, from its id: a burst of calls that start in the same
+    20 ms (a mass reconnect) spreads its resampling and decoding over four 20 ms slots instead
+    of all landing in one (bench/load.py --mass-start). From the id, not a counter or the
+    clock, so a call's batches are the same on every run."""
+    return (zlib.crc32(call_id.encode("utf-8", "replace")) % BATCH_PHASES) / BATCH_PHASES
 
 
 def resample_whole(pcm: PcmArray, in_rate: int, out_rate: int) -> PcmArray:
@@ -235,7 +251,9 @@ class AudioDecoder:
     numpy pass per step per batch instead of per packet.
     """
 
-    def __init__(self, encoding: Encoding, sample_rate: int, out_rate: int) -> None:
+    def __init__(
+        self, encoding: Encoding, sample_rate: int, out_rate: int, phase: float = 0.0
+    ) -> None:
         if sample_rate not in WIRE_RATES:
             raise ValueError(f"unsupported sample rate {sample_rate}; use one of {WIRE_RATES}")
         self.encoding = encoding
@@ -245,6 +263,10 @@ class AudioDecoder:
         self._width = encoding.bytes_per_sample
         self._pending = bytearray()  # wire bytes of the batch being gathered (whole samples)
         self._batch_bytes = self._resampler.batch_samples * self._width
+        # The first batch is shorter by `phase` of a batch (`batch_phase`), in whole samples.
+        self._first_batch_bytes = (
+            self._batch_bytes - int(self._batch_bytes * phase) // (self._width) * self._width
+        )
 
     def decode(self, data: bytes) -> PcmArray:
         """Wire bytes to samples at the wire's own rate (no resampling)."""
@@ -262,8 +284,9 @@ class AudioDecoder:
             return self._resampler.process(self.decode(data))
         pending = self._pending
         pending += data
-        if len(pending) < self._batch_bytes:
+        if len(pending) < self._first_batch_bytes:
             return _EMPTY
+        self._first_batch_bytes = self._batch_bytes
         return self._resampler.resample_batch(self._take_pending())
 
     @property

@@ -147,3 +147,31 @@ def test_decoder_counts_the_batch_it_is_still_gathering() -> None:
         decoder.feed(b"\xff" * 160)
     assert decoder.seconds_in == pytest.approx(0.08)
     assert len(decoder.flush()) > 0
+
+
+def test_batch_phase_comes_from_the_call_id_and_spreads_a_burst() -> None:
+    ids = [f"CA{n:032x}" for n in range(400)]
+    phases = [audio.batch_phase(call_id) for call_id in ids]
+    assert phases == [audio.batch_phase(call_id) for call_id in ids]  # the same on every run
+    counts = [phases.count(p) for p in (0.0, 0.25, 0.5, 0.75)]
+    assert sum(counts) == len(ids) and min(counts) > 60, counts  # all four slots, evenly
+
+
+@pytest.mark.parametrize("encoding", [Encoding.MULAW, Encoding.PCM16])
+def test_a_phased_decoder_ends_its_first_batch_early_and_gives_the_same_samples(
+    encoding: Encoding,
+) -> None:
+    rng = np.random.default_rng(7)
+    width = encoding.bytes_per_sample
+    packets = [rng.integers(0, 256, 160 * width, dtype=np.uint8).tobytes() for _ in range(40)]
+    outputs = {}
+    for phase in (0.0, 0.25, 0.5, 0.75):
+        decoder = AudioDecoder(encoding, 8000, 16000, phase=phase)
+        sizes = [len(decoder.feed(p)) for p in packets]
+        # Batches end after packet 3, 7, 11, ... at phase 0; one packet earlier per quarter.
+        ends = {n % 4 for n, size in enumerate(sizes) if size}
+        assert ends == {3 - int(phase * 4)}, (phase, sizes)
+        replay = AudioDecoder(encoding, 8000, 16000, phase=phase)
+        outputs[phase] = np.concatenate([*(replay.feed(p) for p in packets), replay.flush()])
+    for phase in (0.25, 0.5, 0.75):  # where batches end does not change a sample
+        assert np.array_equal(outputs[phase], outputs[0.0])

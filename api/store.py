@@ -976,6 +976,16 @@ class Store:
             ).fetchall()
         return bool(rows)
 
+    def retry_failed_webhooks(self, now: float, url: str | None = None) -> int:
+        """Every dead letter (or those for one receiver `url`) pending again, due now."""
+        where = WEBHOOK_STATUS_SQL["failed"] + (" AND url = ?" if url is not None else "")
+        with self._read_lock:
+            cursor = self._reader_db.execute(
+                f"UPDATE outbox SET failed_at = NULL, attempts = 0, next_at = ? WHERE {where}",
+                (now, url) if url is not None else (now,),
+            )
+        return cursor.rowcount
+
 
 def _webhook_record(row: Sequence[Any]) -> WebhookRecord:
     try:

@@ -4,6 +4,8 @@
 - `GET /v1/webhooks/{id}` — one webhook: its event, call, attempts, last error, state.
 - `POST /v1/webhooks/{id}/retry` — a dead-lettered (failed) webhook is pending again, due now,
   with every attempt ahead of it; 409 for one that is pending or delivered already.
+- `POST /v1/webhooks/retry?url=` — every dead letter (or those for one receiver, its URL as
+  configured) pending again: once a broken receiver is fixed; answers how many.
 
 A webhook's URL is shown as its logs show it: scheme, host and path (its query or user info may
 hold a token). Delivered rows are kept a day, failed ones a week (api/store.py).
@@ -108,8 +110,18 @@ async def retry_webhook(request: web.Request) -> web.Response:
     return web.json_response(_json(record))
 
 
+async def retry_failed(request: web.Request) -> web.Response:
+    store = request.app[OUTBOX]
+    url = request.query.get("url")
+    retried = await asyncio.get_running_loop().run_in_executor(
+        None, store.retry_failed_webhooks, time.time(), url
+    )
+    return web.json_response({"retried": retried})
+
+
 def add_routes(app: web.Application, store: Store) -> None:
     app[OUTBOX] = store
     app.router.add_get("/v1/webhooks", list_webhooks)
     app.router.add_get("/v1/webhooks/{id}", get_webhook)
+    app.router.add_post("/v1/webhooks/retry", retry_failed)
     app.router.add_post("/v1/webhooks/{id}/retry", retry_webhook)

@@ -188,6 +188,21 @@ async def test_a_receiver_answering_4xx_gets_bounded_attempts_then_dead_letters_
     code, body = await api(service, "GET", "/v1/webhooks?limit=1")
     assert (code, body["total"], len(body["webhooks"]), body["next_offset"]) == (200, 2, 1, 1)
 
+    # Every dead letter at once, for one receiver: none for another URL, then this one's.
+    other = "http://127.0.0.1:1/other"
+    assert await api(service, "POST", f"/v1/webhooks/retry?url={other}") == (200, {"retried": 0})
+    assert await api(service, "POST", f"/v1/webhooks/retry?url={receiver.url}") == (
+        200,
+        {"retried": 1},
+    )
+
+    async def all_delivered() -> bool:
+        return len(await listed(service, "delivered")) == 2
+
+    await until(all_delivered)
+    assert sorted(w["event"] for w in receiver.accepted) == ["call.ended", "call.started"]
+    assert await api(service, "POST", "/v1/webhooks/retry") == (200, {"retried": 0})
+
 
 async def test_webhooks_and_reads_come_back_after_postgresql_drops_the_connections(
     postgres: Postgres, start_service: ServiceFactory, receiver: Receiver

@@ -47,6 +47,7 @@ MUST_GUARD = {
     "/v1/webhooks",
     "/v1/webhooks/{id}",
     "/v1/webhooks/{id}/retry",
+    "/v1/webhooks/retry",
 }
 
 

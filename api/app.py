@@ -24,7 +24,7 @@ from typing import Final
 from aiohttp import web
 
 from api import __version__, guard, health
-from api.auth import ApiKeys
+from api.auth import ApiKeys, twilio_note
 from api.bridge import BRIDGE, Bridge
 from api.cluster import Cluster
 from api.config import Config
@@ -96,7 +96,12 @@ def build_audio_app(bridge: Bridge) -> web.Application:
     start and stop with it through `app.cleanup_ctx`, and record their bound port in
     `bridge.ports[name]`."""
     api = bridge.config.api
-    keys = ApiKeys(api.keys, api.max_streams_per_key, api.requests_per_minute)
+    twilio_token = bridge.config.twilio.auth_token
+    keys = ApiKeys(
+        api.keys, api.max_streams_per_key, api.requests_per_minute, twilio_signed=bool(twilio_token)
+    )
+    if note := twilio_note(api.keys, twilio_token):
+        log.warning(note)
     limits = bridge.config.limits
     app = web.Application(
         middlewares=[guard.request_timeout(limits), *([keys.middleware] if keys.enabled else [])],
@@ -131,6 +136,7 @@ def build_audio_app(bridge: Bridge) -> web.Application:
                 limits,
                 bridge.shared,
                 on_problem=bridge.keep_audiosocket_problem,
+                allow=server.allow,
             )
         )
     if bridge.config.sip.enabled:
@@ -337,11 +343,12 @@ async def run(config: Config) -> int:
     # it out of the collector's way, so a full GC pass no longer stalls every call for 50+ ms.
     gc.collect()
     gc.freeze()
+    note = twilio_note(config.api.keys, config.twilio.auth_token)  # a road refused: say why
     print(
         f"stt-bridge {__version__}: engine {service.bridge.choice.name} "
         f"({service.bridge.choice.reason}); audio+API :{service.ports['audio']}, "
         f"health :{service.ports['health']}, web client :{service.ports['web']}; "
-        f"{urls_to_open(config, service.ports)}",
+        f"{urls_to_open(config, service.ports)}{f'; {note}' if note else ''}",
         flush=True,
     )
     return await serve(service, stop)

@@ -6,11 +6,20 @@ scheme in any case), `?token=KEY` (browsers cannot set headers on a WebSocket),
 `Sec-WebSocket-Protocol: token, KEY` (Deepgram's browser form), `kyutai-api-key: KEY` or
 `?auth_id=KEY` (moshi-server clients) or HTTP Basic with the key as password (FreeSWITCH
 mod_audio_fork can only send Basic). Missing or wrong: 401; a WebSocket is upgraded, then closed
-with 1008 and the reason, except on moshi-server's and Deepgram's routes (`HTTP_REFUSAL_PATHS`,
-`HTTP_REFUSAL_SUFFIXES`), refused with the HTTP status before the upgrade as those servers do.
+with 1008 and the reason, except on moshi-server's, Deepgram's and Twilio's routes
+(`HTTP_REFUSAL_PATHS`, `HTTP_REFUSAL_SUFFIXES`), refused with the HTTP status before the upgrade
+as those servers do.
 Per key: at most `max_streams_per_key` WebSockets at once and `requests_per_minute` requests;
-beyond either: 429. The web page, its static files and Twilio's routes (signed by Twilio
-instead) stay open. Keys are compared in constant time and never logged.
+beyond either: 429. The web page and its static files stay open; so do Twilio's routes when
+`twilio.auth_token` is set (Twilio signs each request instead). Without a Twilio token they need
+a key like every audio route: Twilio's own requests carry none and are refused, so no client
+can stream into `/twilio/media` unchecked. Keys are compared in constant time and never logged.
+
+Each key has a scope (api/scopes.py): a key whose scope does not cover the route gets 403 (on a
+WebSocket: closed with 1008 `forbidden: ...`, or 403 before the upgrade where 401 comes before
+it). `required_scope` says which scope a route needs: sending audio needs `ingest`; reading
+calls, transcripts, events and webhooks needs `read`; anything else, DELETE included, and any
+route not named here, needs `admin`.
 """
 
 from __future__ import annotations
@@ -25,11 +34,36 @@ from typing import Final
 
 from aiohttp import WSCloseCode, web
 
+from api import scopes
+from api.scopes import ADMIN, INGEST, READ
+
 log = logging.getLogger(__name__)
 
-OPEN_PATHS: Final = ("/config.json", "/static/", "/twilio/")
+OPEN_PATHS: Final = ("/config.json", "/static/")
+TWILIO_PATHS: Final = ("/twilio/",)  # open when Twilio's signature guards them
+# Routes that take audio (any method), by their path template; Deepgram's under any prefix too.
+AUDIO_ROUTES: Final = frozenset(
+    {
+        "/",
+        "/v1/stream",
+        "/v1/listen",
+        "/v1/audio/transcriptions",
+        "/twilio/voice",
+        "/twilio/media",
+        "/freeswitch",
+        "/freeswitch/{call_id}",
+        "/asterisk/media",
+        "/asterisk/aeap",
+        "/api/asr-streaming",
+    }
+)
+AUDIO_SUFFIXES: Final = ("/v1/listen",)
+# What `read` covers: GET under these (calls, transcripts, search, events, webhooks).
+READ_PREFIXES: Final = ("/v1/calls", "/v1/events", "/v1/webhooks")
+SCOPE_WORDS: Final = {INGEST: "send audio", READ: "read calls or events", ADMIN: "do this"}
 # moshi-server answers 401 before the upgrade, and clients written for it expect that status.
-HTTP_REFUSAL_PATHS: Final = ("/api/asr-streaming",)
+# Twilio reports a refused handshake's status (its own signature check answers 403 there too).
+HTTP_REFUSAL_PATHS: Final = ("/api/asr-streaming", "/twilio/")
 # Deepgram's live route, also behind a base-URL prefix; its SDK reports the status as ApiError.
 HTTP_REFUSAL_SUFFIXES: Final = ("/v1/listen",)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -56,11 +90,48 @@ def presented_key(request: web.Request) -> str | None:
     )
 
 
+def required_scope(method: str, template: str | None) -> str | None:
+    """The scope a route needs, from its method and path template (`/v1/calls/{call_id}`);
+    None for a request no route matched (a valid key of any scope gets its 404)."""
+    if template is None:
+        return None
+    if template in AUDIO_ROUTES or template.endswith(AUDIO_SUFFIXES):
+        return INGEST
+    under_read = any(template == p or template.startswith(p + "/") for p in READ_PREFIXES)
+    if under_read and method in ("GET", "HEAD"):
+        return READ
+    return ADMIN
+
+
+def twilio_note(keys: Sequence[str], twilio_token: str) -> str:
+    """For the start-up line: why Twilio's calls are refused (API keys on, no Twilio token), or
+    "" when nothing needs saying."""
+    if not any(keys) or twilio_token:
+        return ""
+    return (
+        "Twilio refused: API keys are set and twilio.auth_token is not, so /twilio/* needs a "
+        "key and Twilio's own requests (which carry none) get 401; set twilio.auth_token"
+    )
+
+
+def _template(request: web.Request) -> str | None:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else None
+
+
 class ApiKeys:
     def __init__(
-        self, keys: Sequence[str], max_streams_per_key: int, requests_per_minute: int
+        self,
+        keys: Sequence[str],
+        max_streams_per_key: int,
+        requests_per_minute: int,
+        twilio_signed: bool = False,
     ) -> None:
-        self._keys = tuple(k for k in keys if k)
+        """`keys`: `[api] keys` entries, each `KEY` or `KEY:scope`. `twilio_signed`: Twilio's
+        token is set, so its routes are checked by signature and need no key."""
+        self._scopes = scopes.key_scopes(keys)
+        self._keys = tuple(self._scopes)
+        self._open = OPEN_PATHS + (TWILIO_PATHS if twilio_signed else ())
         self._max_streams = max_streams_per_key
         self._per_minute = requests_per_minute
         self._streams: dict[str, int] = defaultdict(int)
@@ -96,7 +167,7 @@ class ApiKeys:
         path = request.path
         is_stream = request.headers.get("Upgrade", "").lower() == "websocket"
         is_page = path == "/" and not is_stream
-        if not self.enabled or is_page or path.startswith(OPEN_PATHS):
+        if not self.enabled or is_page or path.startswith(self._open):
             return await handler(request)
         key = self._match(presented_key(request))
         if key is None:
@@ -107,6 +178,20 @@ class ApiKeys:
         if self._over_rate(key):
             return await _refuse(
                 request, is_stream, 429, "rate_limited", "too many requests for this key"
+            )
+        needed = required_scope(request.method, _template(request))
+        if needed is not None and not scopes.allows(self._scopes[key], needed):
+            held = ",".join(sorted(self._scopes[key]))
+            log.warning(
+                "request outside the key's scope",
+                extra={"path": path, "remote": request.remote, "scope": held, "needed": needed},
+            )
+            return await _refuse(
+                request,
+                is_stream,
+                403,
+                "forbidden",
+                f"a {held} key may not {SCOPE_WORDS[needed]}: this needs a {needed} key",
             )
         if not is_stream:
             return await handler(request)

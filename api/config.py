@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from api.scopes import BadScope, parse_key
 from engine import config_checks as check
 from engine.config import EngineConfig, user_dir
 from engine.config_checks import ConfigError as ConfigError
@@ -95,6 +96,11 @@ class ApiConfig:
 
     def __post_init__(self) -> None:
         check.no_negative_numbers("api", self)
+        for n, entry in enumerate(self.keys, start=1):
+            try:
+                parse_key(entry)
+            except BadScope as exc:  # the message names the entry, never the key
+                raise ConfigError(f"api.keys, entry {n}: {exc}", "api.keys") from None
 
 
 @dataclass(frozen=True)

@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import socket
 import struct
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, cast
 
 from aiohttp import web
 
 from engine.base import BridgeError
-from telephony.audio import AudioDecoder, Encoding, PcmArray
+from telephony.audio import AudioDecoder, Encoding, PcmArray, batch_phase
 from telephony.config import LimitsConfig
 from telephony.errors import ProtocolError
 from telephony.limits import ConnectionGate, SourceLog
@@ -54,6 +55,7 @@ HEADER: Final = struct.Struct(">BH")
 # 20 ms at 192 kHz is 7680 bytes; a frame far beyond any ptime is a broken peer, not audio.
 MAX_PAYLOAD: Final = 32768
 DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
+ALLOW_ALL: Final = ("0.0.0.0/0", "::/0")
 
 
 class AudioSocketError(ProtocolError):
@@ -201,7 +203,10 @@ class _Leg:
             self.flush()  # a rate change mid-call: finish the old resampler's tail first
             self._done_s = self.session.audio_s
             self._decoder = AudioDecoder(
-                Encoding.PCM16, event.sample_rate, self.session.call.sample_rate
+                Encoding.PCM16,
+                event.sample_rate,
+                self.session.call.sample_rate,
+                phase=batch_phase(self.session.call.id),
             )
         self.session.push(self._decoder.feed(event.payload))
 
@@ -219,12 +224,33 @@ class _Done(Exception):
     """The peer ended the call on purpose."""
 
 
+class SourceAllowList:
+    """`audiosocket.allow`: the networks Asterisk may connect from. AudioSocket carries no
+    credential, so where it comes from is all there is to check; an IPv4 peer seen on a
+    dual-stack socket (`::ffff:10.0.0.5`) is checked as the IPv4 address it is."""
+
+    def __init__(self, cidrs: Iterable[str]) -> None:
+        self.networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+
+    def allows(self, source: str) -> bool:
+        try:
+            address = ipaddress.ip_address(source.split("%", 1)[0])  # no IPv6 zone
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks)
+
+
 class _Listener:
     """What the connections of one listening socket share."""
 
-    def __init__(self, hub: CallHub, limits: LimitsConfig) -> None:
+    def __init__(
+        self, hub: CallHub, limits: LimitsConfig, allow: Iterable[str] = ALLOW_ALL
+    ) -> None:
         self.hub = hub
         self.limits = limits
+        self.allow = SourceAllowList(allow)
         self.gate = ConnectionGate(limits.connections_per_ip, limits.connections_total)
         self.refusals = SourceLog(log)
         self.live: set[AudioSocketConnection] = set()
@@ -268,6 +294,16 @@ class AudioSocketConnection(asyncio.Protocol):
         if peer:
             self._source, self._remote = str(peer[0]), f"{peer[0]}:{peer[1]}"
         listener = self._listener
+        if not listener.allow.allows(self._source):
+            listener.refusals.warning(
+                self._source,
+                "audiosocket connection from %s refused: not in audiosocket.allow",
+                self._source,
+            )
+            self._transport.write(AudioSocketCodec.encode_hangup())
+            self._transport.close()
+            self._over = True
+            return
         self._admitted = listener.gate.admit(self._source)
         if not self._admitted:
             listener.refusals.warning(
@@ -387,12 +423,14 @@ def audiosocket_server(
     limits: LimitsConfig | None = None,
     reuse_port: bool = False,
     on_problem: Callable[[str], None] | None = None,
+    allow: Iterable[str] = ALLOW_ALL,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context: listen for Asterisk while the application runs.
     `reuse_port`: SO_REUSEPORT, the port shared by a node's worker processes. When the port
     cannot be had, the service goes on without AudioSocket, as without SIP: one log line that
-    names the setting, and `on_problem(why)` (for /info and /ready)."""
-    listener = _Listener(hub, limits or LimitsConfig())
+    names the setting, and `on_problem(why)` (for /info and /ready). `allow`: the source
+    networks that may connect (`audiosocket.allow`); any other is sent a hangup at once."""
+    listener = _Listener(hub, limits or LimitsConfig(), allow)
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()

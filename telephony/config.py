@@ -3,6 +3,7 @@ beside the code that reads them; api/config.py composes them (SIP's: telephony/s
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from engine import config_checks as check
@@ -14,9 +15,18 @@ class AudioSocketConfig:
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = 9092  # Asterisk AudioSocket() / Dial(AudioSocket/...) connect here
+    # Source CIDRs that may connect (the protocol carries no credential); others: hung up on.
+    allow: tuple[str, ...] = ("0.0.0.0/0", "::/0")
 
     def __post_init__(self) -> None:
         check.port("audiosocket.port", self.port)
+        for network in self.allow:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise check.fail(
+                    "audiosocket.allow", network, "a CIDR like 10.0.0.0/8, 192.0.2.7 or ::/0"
+                ) from None
 
 
 @dataclass(frozen=True)
@@ -73,4 +83,3 @@ class PrivacyConfig:
     @property
     def kinds(self) -> frozenset[str]:
         return parse_kinds(self.redact)
-

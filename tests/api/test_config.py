@@ -88,6 +88,7 @@ ALLOWED_OTHER: dict[tuple[str, str], tuple[str, object]] = {
     ("engine", "devices"): ("cuda:0, cuda:1", ["cuda:0", "cuda:1"]),
     ("sip", "backend"): ("pjsua2", "pjsua2"),
     ("sip", "allow"): ("10.0.0.0/8, ::1", ["10.0.0.0/8", "::1"]),
+    ("audiosocket", "allow"): ("10.0.0.0/8, ::1", ["10.0.0.0/8", "::1"]),
     ("log", "level"): ("debug", "debug"),
     ("data", "url"): ("postgresql://db/stt", "postgresql://db/stt"),
     ("webhook", "url"): ("https://hooks.example/", "https://hooks.example/"),

@@ -199,9 +199,13 @@ MIGRATIONS: Final[Sequence[str | PerBackend]] = (
         ANALYZE transcript_index;
         """,
     ),
+    # 6: audio lost to an engine that fell behind (a real-time phone leg), seconds, all legs.
+    """
+    ALTER TABLE calls ADD COLUMN dropped_s REAL NOT NULL DEFAULT 0;
+    """,
 )
 CALL_COLUMNS: Final = (
-    "id, front_end, status, reason, started_at, ended_at, labels, legs, node, redaction"
+    "id, front_end, status, reason, started_at, ended_at, labels, legs, node, redaction, dropped_s"
 )
 
 
@@ -217,6 +221,7 @@ class CallRecord:
     legs: list[str]
     node: str = ""  # the node that took the call (`server.node_id`)
     redaction: tuple[str, ...] = ()  # kinds redacted from its transcript (telephony/redaction.py)
+    dropped_s: float = 0.0  # audio its engine buffers dropped (a phone leg, engine behind)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -230,6 +235,7 @@ class CallRecord:
             "legs": self.legs,
             "node": self.node,
             "redaction": list(self.redaction),
+            "dropped_s": self.dropped_s,
         }
 
 
@@ -641,8 +647,8 @@ class Store:
             # A call its engine node dropped is cut off like one a node took down with it.
             status = "interrupted" if event.reason == ENGINE_LOST else "ended"
             db.execute(
-                "UPDATE calls SET status = ?, reason = ?, ended_at = ? WHERE id = ?",
-                (status, event.reason, event.at, event.call_id),
+                "UPDATE calls SET status = ?, reason = ?, ended_at = ?, dropped_s = ? WHERE id = ?",
+                (status, event.reason, event.at, round(event.dropped_s, 3), event.call_id),
             )
             self._merge_search_rows(event.call_id)
             self._webhook(
@@ -1046,4 +1052,5 @@ def _call_record(row: Sequence[Any]) -> CallRecord:
         legs=json.loads(row[7]),
         node=row[8],
         redaction=tuple(k for k in row[9].split(",") if k),
+        dropped_s=row[10],
     )

@@ -55,6 +55,18 @@ async def dropped_total(service: Service) -> float:
     return float(found.group(1))
 
 
+async def stored_call(service: Service, call_id: str) -> dict[str, Any]:
+    """`GET /v1/calls/{id}` once its end is written (the store writes on its own thread)."""
+    url = f"http://127.0.0.1:{service.ports['audio']}/v1/calls/{call_id}"
+    async with aiohttp.ClientSession() as http, asyncio.timeout(10):
+        while True:
+            async with http.get(url) as response:
+                call: dict[str, Any] = await response.json()
+            if call["status"] != "live":
+                return call
+            await asyncio.sleep(0.1)
+
+
 async def send_listen(url: str, audio: bytes, chunk: int, stop: str) -> list[dict[str, Any]]:
     """Every chunk as fast as the socket takes it, then the stop; the replies."""
     async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
@@ -133,8 +145,8 @@ async def test_a_phone_leg_whose_engine_is_behind_keeps_its_times_and_records_th
 ) -> None:
     """AudioSocket (Asterisk): two sentences sent at once overflow the 1 s engine buffer, then
     the third comes at real time. Its words are stamped where they are in the call's audio,
-    not earlier by the seconds dropped; the loss is on the bus, in the ended call and in
-    `/metrics`."""
+    not earlier by the seconds dropped; the loss is on the bus, in the ended call, in
+    `/v1/calls/{id}` and in `/metrics`."""
     service = await start_service(max_buffer_s=MAX_BUFFER_S, partial_interval_s=0)
     rate = 8000
     pause = bytes(int(PAUSE_S * rate) * 2)
@@ -169,6 +181,8 @@ async def test_a_phone_leg_whose_engine_is_behind_keeps_its_times_and_records_th
     assert [w["text"] for w in heard] == [w["text"] for w in words_of_last]
     for got, want in zip(heard, words_of_last, strict=True):
         assert abs(got["start"] - want["start"]) < 0.1 and abs(got["end"] - want["end"]) < 0.1
+    stored = await stored_call(service, key)
+    assert stored["dropped_s"] == pytest.approx(dropped, abs=0.001)
     assert await dropped_total(service) == pytest.approx(dropped, abs=0.001)
 
 

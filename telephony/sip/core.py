@@ -26,7 +26,7 @@ from aiosipua.message import SipMessage, SipRequest
 from aiosipua.sdp import parse_sdp as aiosipua_sdp
 
 from engine.base import BridgeError
-from telephony.audio import Encoding, PcmArray, ResampleStream
+from telephony.audio import Encoding, PcmArray, ResampleStream, batch_phase
 from telephony.errors import ProtocolError, rejection_for
 from telephony.session import Call, CallHub, Draining
 from telephony.sip import digest
@@ -216,7 +216,10 @@ class SipCall:
             leg.name: RtpReceiver(leg.payload_types, leg.dtmf_payload_type) for leg in legs
         }
         self.resamplers = {
-            leg.name: ResampleStream(RTP_RATE, self.call.sample_rate) for leg in legs
+            leg.name: ResampleStream(
+                RTP_RATE, self.call.sample_rate, phase=batch_phase(self.call.id)
+            )
+            for leg in legs
         }
         self.digits: list[str] = []
         self.on_hold = False

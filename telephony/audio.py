@@ -26,7 +26,7 @@ from engine.pcm import pcm16_to_float as pcm16_to_float
 SUPPORTED_RATES: Final = (8000, 16000, 24000, 48000)
 """Rates a client may choose on `/v1/stream`."""
 
-WIRE_RATES: Final = (8000, 12000, 16000, 24000, 32000, 44100, 48000, 96000, 192000)
+WIRE_RATES: Final = (8000, 12000, 16000, 24000, 32000, 44100, 48000, 64000, 96000, 192000)
 """Every rate some front end delivers (AudioSocket's slin kinds go up to 192 kHz)."""
 
 
@@ -34,12 +34,13 @@ class Encoding(enum.StrEnum):
     """Sample encodings the front ends receive."""
 
     PCM16 = "pcm16"  # signed 16-bit little-endian (slin, L16 as mod_audio_fork sends it)
+    PCM16_BE = "pcm16be"  # signed 16-bit big-endian: L16 as an RTP payload (Telnyx's L16)
     MULAW = "mulaw"  # G.711 μ-law (PCMU)
     ALAW = "alaw"  # G.711 A-law (PCMA)
 
     @property
     def bytes_per_sample(self) -> int:
-        return 2 if self is Encoding.PCM16 else 1
+        return 2 if self in (Encoding.PCM16, Encoding.PCM16_BE) else 1
 
 
 # --- G.711 tables -------------------------------------------------------------------------
@@ -277,6 +278,8 @@ class AudioDecoder:
         data = self._carry + data
         usable = len(data) - len(data) % 2
         self._carry = data[usable:]
+        if self.encoding is Encoding.PCM16_BE:
+            return np.frombuffer(data[:usable], dtype=">i2").astype(np.int16)
         return pcm16_decode(data[:usable])
 
     def feed(self, data: bytes) -> PcmArray:
@@ -313,4 +316,5 @@ class AudioDecoder:
         table = _DECODE_FLOAT.get(self.encoding)
         if table is not None:
             return np.take(table, np.frombuffer(data, dtype=np.uint8))
-        return np.frombuffer(data, dtype="<i2").astype(np.float32)
+        order = ">i2" if self.encoding is Encoding.PCM16_BE else "<i2"
+        return np.frombuffer(data, dtype=order).astype(np.float32)

@@ -30,7 +30,7 @@ from api.cluster import Cluster
 from api.config import Config
 from api.metrics import Metrics
 from api.preflight import listen_problem
-from api.routes import calls
+from api.routes import calls, files
 from api.routes import webhooks as webhook_routes
 from api.routes.events import REMOTE_CALLS, handle_events
 from api.store import Store
@@ -119,6 +119,7 @@ def build_audio_app(bridge: Bridge) -> web.Application:
     app.router.add_get("/", _root)
     app.router.add_get("/v1/stream", websocket.handle_stream)
     deepgram.add_routes(app, bridge.hub)
+    files.add_routes(app, bridge.hub, api.file_max_bytes, api.fetch_hosts)  # POST: files
     app.router.add_get("/v1/events", handle_events)
     twilio.add_routes(app, bridge.hub, bridge.config.twilio)
     audio_stream.add_routes(app, bridge.hub)  # /freeswitch: mod_audio_stream and mod_audio_fork

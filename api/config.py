@@ -93,6 +93,10 @@ class ApiConfig:
     keys: tuple[str, ...] = ()  # API keys; empty = no authentication
     max_streams_per_key: int = 100  # concurrent WebSockets per key
     requests_per_minute: int = 600  # requests (and stream openings) per key per minute
+    # Hosts a pre-recorded request's {"url": ...} may be fetched from ("host" or "host:port");
+    # empty = none: the bridge fetches nothing on a client's word (api/routes/files.py).
+    fetch_hosts: tuple[str, ...] = ()
+    file_max_bytes: int = 64 * 1024 * 1024  # one file sent or fetched for the file routes (413)
 
     def __post_init__(self) -> None:
         check.no_negative_numbers("api", self)

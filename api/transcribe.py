@@ -8,8 +8,9 @@ SubRip.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -19,6 +20,7 @@ import soundfile
 from engine.base import EndOfTurn, EngineEvent, Segment, Word
 from telephony.audio import PcmArray, float_to_pcm16, resample_whole
 from telephony.session import CallHub
+from telephony.transcript import NO_OPTIONS, TranscriptOptions
 
 FRONT_END: Final = "file"
 CHUNK_S: Final = 1.0
@@ -84,24 +86,52 @@ async def transcribe_pcm(
 ) -> Transcript:
     """Transcribe audio at the engine's rate through an engine stream; `progress` gets seconds
     written."""
+    transcripts = await transcribe_legs(hub, {"caller": pcm}, source, progress=progress)
+    return transcripts["caller"]
+
+
+async def transcribe_legs(
+    hub: CallHub,
+    legs: Mapping[str, PcmArray],
+    source: str,
+    *,
+    progress: Callable[[float], None] | None = None,
+    labels: Mapping[str, str] | None = None,
+    options: TranscriptOptions = NO_OPTIONS,
+    call_id: str | None = None,
+) -> dict[str, Transcript]:
+    """One call with a leg per channel (audio at the engine's rate), each written as fast as
+    the engine takes it; the legs advance together, a second at a time, so a file's channels
+    share the engine as a live call's would. Raises what `CallHub.open_call` raises
+    (`EngineFull`, `Draining`) before any audio is taken."""
     rate = hub.engine.sample_rate
-    transcript = Transcript(source, len(pcm) / rate)
+    transcripts = {leg: Transcript(source, len(pcm) / rate) for leg, pcm in legs.items()}
 
     async def collect(leg: str, event: EngineEvent) -> None:
-        transcript.add(event)
+        transcripts[leg].add(event)
 
-    call = hub.open_call(FRONT_END, labels={"file": source}, reply=collect)
-    leg = call.leg("caller")
+    call = hub.open_call(
+        FRONT_END,
+        legs=tuple(legs),
+        call_id=call_id,
+        labels={"file": source, **(labels or {})},
+        reply=collect,
+        options=options,
+    )
     step = int(CHUNK_S * rate)
+    longest = max((len(pcm) for pcm in legs.values()), default=0)
     try:
-        for start in range(0, len(pcm), step):
-            chunk = pcm[start : start + step]
-            await leg.write(chunk)
+        for start in range(0, longest, step):
+            chunks = {leg: pcm[start : start + step] for leg, pcm in legs.items()}
+            await asyncio.gather(
+                *(call.leg(leg).write(chunk) for leg, chunk in chunks.items() if len(chunk))
+            )
             if progress is not None:
-                progress(len(chunk) / rate)
+                progress(max(len(chunk) for chunk in chunks.values()) / rate)
     finally:
-        await call.end("end of file")
-    return transcript
+        # Shielded: a client that hangs up mid-file still leaves a flushed, stored call.
+        await asyncio.shield(call.end("end of file"))
+    return transcripts
 
 
 # --- output formats ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@ OPEN_ROUTES = {"/", "/config.json", "/static", "/twilio/voice", "/twilio/media"}
 # What the issue names: each must be among the routes found, so none is missed by a rename.
 MUST_GUARD = {
     "/v1/listen",
+    "/v1/audio/transcriptions",
     "/asterisk/media",
     "/asterisk/aeap",
     "/freeswitch",

@@ -135,6 +135,8 @@ async def get_transcript(request: web.Request) -> web.Response:
                 "segments": [x.__dict__ for x in lines],
                 "words": [
                     {"leg": e.leg, "text": e.text, "start": e.start_s, "end": e.end_s}
+                    # the engine's confidence (0..1) where it gave one
+                    | ({"confidence": e.payload["confidence"]} if "confidence" in e.payload else {})
                     for e in events
                     if e.type == "word"
                 ],

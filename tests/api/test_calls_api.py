@@ -60,6 +60,9 @@ async def test_calls_are_listed_and_transcripts_rendered(start_service: ServiceF
 
     status, transcript = await get(service, "/v1/calls/call-a/transcript")
     assert [w["text"] for w in transcript["words"]] == words_a
+    # The engine's word confidence is stored with each word and exported (clear speech: sure)
+    sure = [w["confidence"] for w in transcript["words"]]
+    assert all(0.0 < c <= 1.0 for c in sure) and sum(sure) / len(sure) > 0.8, sure
     assert " ".join(s["text"] for s in transcript["segments"]) == " ".join(words_a)
     status, txt = await get(service, "/v1/calls/call-b/transcript?format=txt")
     assert txt.splitlines()[0].startswith("[00:00:0") and "caller: " in txt

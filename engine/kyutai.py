@@ -19,6 +19,7 @@ Facts and sources: ../shared/protocols/kyutai-stt.md.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import math
@@ -440,7 +441,11 @@ class KyutaiStream(EngineStream):
         self._steps = 0  # steps this stream took (its own timeline, prefix included)
         # samples taken (with drops) at each audio frame the model has not settled yet
         self._taken_at_frame: deque[int] = deque()
-        self._audio_samples = 0
+        self._audio_samples = 0  # fed to the model: the decoder's clock
+        # Where our buffer dropped audio (a phone leg, the engine behind): fed samples there,
+        # and samples lost up to there. Times out are the leg's audio: fed time plus those.
+        self._gap_at: list[int] = []
+        self._gap_lost: list[int] = []
         self._settled_frames = 0
         self._turn_words: list[Word] = []
         self._finished = False
@@ -472,7 +477,12 @@ class KyutaiStream(EngineStream):
             self._prefix_left -= 1
             return np.zeros(FRAME_SIZE, dtype=np.float32)
         if self.pending_samples:
+            gap = self._take_gap()  # dropped just before this frame: taken together
             pcm = self._take_pending(FRAME_SIZE)
+            if gap:
+                lost = self._gap_lost[-1] if self._gap_lost else 0
+                self._gap_at.append(self._audio_samples)
+                self._gap_lost.append(lost + gap)
             self._audio_samples += len(pcm)
             self._taken_at_frame.append(self._taken)
             frame = pcm16_to_float(pcm)
@@ -521,10 +531,22 @@ class KyutaiStream(EngineStream):
             return
         if word.end_s > audio_s:
             word = Word(word.text, word.start_s, audio_s, word.confidence)
+        if self._gap_at:
+            start, end = self._leg_s(word.start_s), self._leg_s(word.end_s)
+            word = Word(word.text, start, end, word.confidence)
         self._turn_words.append(word)
         self._emit(word)
 
+    def _leg_s(self, fed_s: float) -> float:
+        """Seconds of the model's audio as seconds of the leg's: the dropped audio before that
+        point added back."""
+        at = round(fed_s * SAMPLE_RATE)
+        i = bisect.bisect_right(self._gap_at, at)
+        lost = self._gap_lost[i - 1] if i else 0
+        return round((at + lost) / SAMPLE_RATE, 3)
+
     def _end_turn(self, at_s: float, probability: float = 1.0) -> None:
+        at_s = self._leg_s(at_s) if self._gap_at else at_s
         words = tuple(self._turn_words)
         self._turn_words = []
         if not words:

@@ -374,3 +374,42 @@ async def test_a_failing_model_closes_its_calls_with_their_words_and_admits_no_m
     assert engine.free_slots == 0
     with pytest.raises(EngineUnavailable, match="illegal memory access"):
         engine.open("next")
+
+
+def shifted(events: list[EngineEvent], seconds: float) -> list[EngineEvent]:
+    """The events, `seconds` later."""
+
+    def word(w: Word) -> Word:
+        return Word(
+            w.text, round(w.start_s + seconds, 3), round(w.end_s + seconds, 3), w.confidence
+        )
+
+    out: list[EngineEvent] = []
+    for e in events:
+        if isinstance(e, Word):
+            out.append(word(e))
+        elif isinstance(e, Segment):
+            words = tuple(word(w) for w in e.words)
+            out.append(Segment(e.text, words[0].start_s, words[-1].end_s, words, e.confidence))
+        elif isinstance(e, EndOfTurn):
+            out.append(EndOfTurn(round(e.at_s + seconds, 3), e.probability))
+        else:
+            out.append(e)
+    return out
+
+
+async def test_audio_the_buffer_dropped_counts_in_the_times(engine_factory) -> None:  # type: ignore[no-untyped-def]
+    """A phone leg whose engine is behind: its 2 s buffer keeps the last 2 s of 6 s pushed at
+    once. The model hears exactly those (the same events as a stream of them alone), stamped
+    4 s later: times are the leg's audio, the lost seconds included."""
+    pcm = noise_call(6.0, seed=31)
+    kept = pcm[4 * 24000 :]
+    engine: KyutaiEngine = await engine_factory(2, max_buffer_s=2.0)
+    alone = await run_alone(engine, "kept", kept)
+    assert len(words(alone)) >= 2, "the fingerprint needs words"
+    stream = engine.open("behind")
+    for piece in np.array_split(pcm, 12):  # 0.5 s each, before the engine takes any
+        stream.push(piece)
+    assert stream.stats.samples_dropped == 4 * 24000
+    stream.close()
+    assert await collect(stream) == shifted(alone, 4.0)

@@ -41,7 +41,6 @@ from telephony import (
     aeap,
     asterisk_media,
     audio_stream,
-    audiohook_ws,
     audiosocket,
     deepgram,
     moshi_asr,
@@ -49,6 +48,7 @@ from telephony import (
     twilio,
     websocket,
 )
+from telephony.carriers import handler as carriers
 from telephony.limits import LIMITS, ConnectionGate
 from telephony.redaction import PII
 from telephony.session import CallHub
@@ -99,7 +99,11 @@ def build_audio_app(bridge: Bridge) -> web.Application:
     api = bridge.config.api
     twilio_token = bridge.config.twilio.auth_token
     keys = ApiKeys(
-        api.keys, api.max_streams_per_key, api.requests_per_minute, twilio_signed=bool(twilio_token)
+        api.keys,
+        api.max_streams_per_key,
+        api.requests_per_minute,
+        twilio_signed=bool(twilio_token),
+        signed_paths=carriers.signed_paths(bridge.config.carriers),
     )
     if note := twilio_note(api.keys, twilio_token):
         log.warning(note)
@@ -123,7 +127,7 @@ def build_audio_app(bridge: Bridge) -> web.Application:
     files.add_routes(app, bridge.hub, api.file_max_bytes, api.fetch_hosts)  # POST: files
     app.router.add_get("/v1/events", handle_events)
     twilio.add_routes(app, bridge.hub, bridge.config.twilio)
-    audiohook_ws.add_routes(app, bridge.hub, bridge.config.audiohook, keys_on=keys.enabled)
+    carriers.add_routes(app, bridge.hub, bridge.config.carriers)  # Telnyx, Plivo, Vonage, ...
     audio_stream.add_routes(app, bridge.hub)  # /freeswitch: mod_audio_stream and mod_audio_fork
     asterisk_media.add_routes(app, bridge.hub)
     aeap.add_routes(app, bridge.hub)

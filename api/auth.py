@@ -55,7 +55,12 @@ AUDIO_ROUTES: Final = frozenset(
         "/asterisk/media",
         "/asterisk/aeap",
         "/api/asr-streaming",
-        "/audiohook",
+        "/telnyx/media",
+        "/plivo/media",
+        "/vonage/media",
+        "/exotel/media",
+        "/signalwire/media",
+        "/jambonz/listen",
     }
 )
 AUDIO_SUFFIXES: Final = ("/v1/listen",)
@@ -64,16 +69,22 @@ READ_PREFIXES: Final = ("/v1/calls", "/v1/events", "/v1/webhooks")
 SCOPE_WORDS: Final = {INGEST: "send audio", READ: "read calls or events", ADMIN: "do this"}
 # moshi-server answers 401 before the upgrade, and clients written for it expect that status.
 # Twilio reports a refused handshake's status (its own signature check answers 403 there too).
-# Genesys AudioHook reports a refused handshake's status too (its reference server: 401).
-HTTP_REFUSAL_PATHS: Final = ("/api/asr-streaming", "/twilio/", "/audiohook")
+# Carriers report a refused handshake's status in their own call logs; so refused before it.
+CARRIER_PATHS: Final = (
+    "/telnyx/media",
+    "/plivo/media",
+    "/vonage/media",
+    "/exotel/media",
+    "/signalwire/media",
+    "/jambonz/listen",
+)
+HTTP_REFUSAL_PATHS: Final = (*CARRIER_PATHS, "/api/asr-streaming", "/twilio/")
 # Deepgram's live route, also behind a base-URL prefix; its SDK reports the status as ApiError.
 HTTP_REFUSAL_SUFFIXES: Final = ("/v1/listen",)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def presented_key(request: web.Request) -> str | None:
-    if request.path == "/audiohook" and "X-API-KEY" in request.headers:
-        return request.headers["X-API-KEY"]  # Genesys AudioHook sends its key only there
     header = request.headers.get("Authorization", "")
     scheme, _, credentials = header.partition(" ")
     if scheme.lower() in ("bearer", "token"):
@@ -130,12 +141,14 @@ class ApiKeys:
         max_streams_per_key: int,
         requests_per_minute: int,
         twilio_signed: bool = False,
+        signed_paths: Sequence[str] = (),
     ) -> None:
         """`keys`: `[api] keys` entries, each `KEY` or `KEY:scope`. `twilio_signed`: Twilio's
-        token is set, so its routes are checked by signature and need no key."""
+        token is set, so its routes are checked by signature and need no key. `signed_paths`:
+        carrier routes checked by the carrier's own credential instead of a key."""
         self._scopes = scopes.key_scopes(keys)
         self._keys = tuple(self._scopes)
-        self._open = OPEN_PATHS + (TWILIO_PATHS if twilio_signed else ())
+        self._open = OPEN_PATHS + (TWILIO_PATHS if twilio_signed else ()) + tuple(signed_paths)
         self._max_streams = max_streams_per_key
         self._per_minute = requests_per_minute
         self._streams: dict[str, int] = defaultdict(int)

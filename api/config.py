@@ -23,7 +23,7 @@ from engine import config_checks as check
 from engine.config import EngineConfig, user_dir
 from engine.config_checks import ConfigError as ConfigError
 from engine.config_checks import did_you_mean
-from telephony.audiohook import AudioHookConfig as AudioHookConfig
+from telephony.carriers.config import CarriersConfig as CarriersConfig
 from telephony.config import AudioSocketConfig as AudioSocketConfig
 from telephony.config import LimitsConfig as LimitsConfig
 from telephony.config import PrivacyConfig as PrivacyConfig
@@ -135,7 +135,7 @@ class Config:
     sip: SipConfig = field(default_factory=SipConfig)
     audiosocket: AudioSocketConfig = field(default_factory=AudioSocketConfig)
     twilio: TwilioConfig = field(default_factory=TwilioConfig)
-    audiohook: AudioHookConfig = field(default_factory=AudioHookConfig)
+    carriers: CarriersConfig = field(default_factory=CarriersConfig)
     data: DataConfig = field(default_factory=DataConfig)
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     api: ApiConfig = field(default_factory=ApiConfig)

@@ -4,7 +4,8 @@ The first frame is text: the call's metadata (`sampleRate`, `mixType`, `callSid`
 ... and the verb's own `metadata` keys merged at the top level). Then binary 16-bit
 little-endian PCM at `sampleRate`: `mono` is the caller, `mixed` both parties in one channel,
 `stereo` two channels interleaved, the caller's first. With `passDtmf`, DTMF comes as text
-frames between the audio. A graceful end sends a zero-length binary frame, then closes.
+frames between the audio. A graceful end sends a zero-length binary frame and waits for the
+server to close.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from telephony.carriers.events import (
     Media,
     Skipped,
     Started,
+    Stopped,
     dtmf_of,
 )
 from telephony.carriers.json_streams import flat_labels, json_object, rate_of
@@ -48,8 +50,8 @@ class JambonzCodec:
     def receive_binary(self, data: bytes) -> CarrierEvent:
         if self.started is None:
             raise CarrierStreamError("audio before the metadata frame")
-        if not data:
-            return Skipped("the closing flush frame")
+        if not data:  # mod_audio_fork's graceful shutdown: it waits for us to close
+            return Stopped("graceful shutdown")
         if self.started.audio.channels == 2:
             return Media(None, data)
         return Media("caller", data)

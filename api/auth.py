@@ -4,9 +4,11 @@ When `[api] keys` is set (STT_BRIDGE_API_KEYS, comma-separated), every audio and
 one of them, as `Authorization: Bearer KEY` or `Authorization: Token KEY` (Deepgram clients; the
 scheme in any case), `?token=KEY` (browsers cannot set headers on a WebSocket),
 `Sec-WebSocket-Protocol: token, KEY` (Deepgram's browser form), `kyutai-api-key: KEY` or
-`?auth_id=KEY` (moshi-server clients) or HTTP Basic with the key as password (FreeSWITCH
-mod_audio_fork can only send Basic). Missing or wrong: 401; a WebSocket is upgraded, then closed
-with 1008 and the reason, except on moshi-server's, Deepgram's and Twilio's routes
+`?auth_id=KEY` (moshi-server clients), HTTP Basic with the key as password (FreeSWITCH
+mod_audio_fork can only send Basic) or, on `/audiohook` only, `X-API-KEY: KEY` (Genesys; its
+signature is checked by telephony/audiohook_ws.py). Missing or wrong: 401; a WebSocket is
+upgraded, then closed with 1008 and the reason, except on moshi-server's, Deepgram's, Twilio's
+and AudioHook's routes
 (`HTTP_REFUSAL_PATHS`, `HTTP_REFUSAL_SUFFIXES`), refused with the HTTP status before the upgrade
 as those servers do.
 Per key: at most `max_streams_per_key` WebSockets at once and `requests_per_minute` requests;

@@ -41,6 +41,7 @@ from telephony import (
     aeap,
     asterisk_media,
     audio_stream,
+    audiohook_ws,
     audiosocket,
     deepgram,
     moshi_asr,
@@ -128,6 +129,7 @@ def build_audio_app(bridge: Bridge) -> web.Application:
     app.router.add_get("/v1/events", handle_events)
     twilio.add_routes(app, bridge.hub, bridge.config.twilio)
     carriers.add_routes(app, bridge.hub, bridge.config.carriers)  # Telnyx, Plivo, Vonage, ...
+    audiohook_ws.add_routes(app, bridge.hub, bridge.config.audiohook, keys_on=keys.enabled)
     audio_stream.add_routes(app, bridge.hub)  # /freeswitch: mod_audio_stream and mod_audio_fork
     asterisk_media.add_routes(app, bridge.hub)
     aeap.add_routes(app, bridge.hub)

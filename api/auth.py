@@ -63,6 +63,7 @@ AUDIO_ROUTES: Final = frozenset(
         "/exotel/media",
         "/signalwire/media",
         "/jambonz/listen",
+        "/audiohook",
     }
 )
 AUDIO_SUFFIXES: Final = ("/v1/listen",)
@@ -71,6 +72,7 @@ READ_PREFIXES: Final = ("/v1/calls", "/v1/events", "/v1/webhooks")
 SCOPE_WORDS: Final = {INGEST: "send audio", READ: "read calls or events", ADMIN: "do this"}
 # moshi-server answers 401 before the upgrade, and clients written for it expect that status.
 # Twilio reports a refused handshake's status (its own signature check answers 403 there too).
+# Genesys AudioHook reports a refused handshake's status too (its reference server: 401).
 # Carriers report a refused handshake's status in their own call logs; so refused before it.
 CARRIER_PATHS: Final = (
     "/telnyx/media",
@@ -80,13 +82,15 @@ CARRIER_PATHS: Final = (
     "/signalwire/media",
     "/jambonz/listen",
 )
-HTTP_REFUSAL_PATHS: Final = (*CARRIER_PATHS, "/api/asr-streaming", "/twilio/")
+HTTP_REFUSAL_PATHS: Final = (*CARRIER_PATHS, "/api/asr-streaming", "/twilio/", "/audiohook")
 # Deepgram's live route, also behind a base-URL prefix; its SDK reports the status as ApiError.
 HTTP_REFUSAL_SUFFIXES: Final = ("/v1/listen",)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def presented_key(request: web.Request) -> str | None:
+    if request.path == "/audiohook" and "X-API-KEY" in request.headers:
+        return request.headers["X-API-KEY"]  # Genesys AudioHook sends its key only there
     header = request.headers.get("Authorization", "")
     scheme, _, credentials = header.partition(" ")
     if scheme.lower() in ("bearer", "token"):

@@ -23,6 +23,7 @@ from engine import config_checks as check
 from engine.config import EngineConfig, user_dir
 from engine.config_checks import ConfigError as ConfigError
 from engine.config_checks import did_you_mean
+from telephony.audiohook import AudioHookConfig as AudioHookConfig
 from telephony.carriers.config import CarriersConfig as CarriersConfig
 from telephony.config import AudioSocketConfig as AudioSocketConfig
 from telephony.config import LimitsConfig as LimitsConfig
@@ -136,6 +137,7 @@ class Config:
     audiosocket: AudioSocketConfig = field(default_factory=AudioSocketConfig)
     twilio: TwilioConfig = field(default_factory=TwilioConfig)
     carriers: CarriersConfig = field(default_factory=CarriersConfig)
+    audiohook: AudioHookConfig = field(default_factory=AudioHookConfig)
     data: DataConfig = field(default_factory=DataConfig)
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     api: ApiConfig = field(default_factory=ApiConfig)

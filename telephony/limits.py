@@ -248,12 +248,17 @@ async def messages(
     if idle_s is None:
         idle_s = limits_of(request).idle_timeout_s
     last = loop.time()
+    # The handler is at work on a message (waiting for room in the engine's buffer: the client
+    # is slowed, not silent): the time until it reads again is not the client's idleness.
+    busy = False
 
     async def watch() -> None:
         assert idle_s is not None
         while not ws.closed:
             wait = last + idle_s - loop.time()
-            if wait <= 0:
+            if wait <= 0 and busy:
+                wait = idle_s  # looked at again once the handler reads
+            elif wait <= 0:
                 if on_idle is not None:
                     await on_idle()
                 else:
@@ -291,8 +296,10 @@ async def messages(
                     raise error
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return
-            last = loop.time()
+            busy = True
             yield msg
+            busy = False
+            last = loop.time()
     finally:
         if queue is not None:
             queue.direct = None

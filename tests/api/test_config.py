@@ -94,6 +94,8 @@ ALLOWED_OTHER: dict[tuple[str, str], tuple[str, object]] = {
     ("webhook", "url"): ("https://hooks.example/", "https://hooks.example/"),
     ("twilio", "public_url"): ("https://stt.example.com", "https://stt.example.com"),
     ("privacy", "redact"): ("pci, ssn", ["pci", "ssn"]),
+    ("audiohook", "client_secrets"): ("key1:c2VjcmV0, key2:", ["key1:c2VjcmV0", "key2:"]),
+    ("audiohook", "languages"): ("en-US, fr-FR", ["en-US", "fr-FR"]),
 }
 
 

@@ -46,6 +46,7 @@ MUST_GUARD = {
     "/exotel/media",
     "/signalwire/media",
     "/jambonz/listen",
+    "/audiohook",
     "/v1/calls",
     "/v1/calls/{call_id}",
     "/v1/calls/{call_id}/transcript",
@@ -110,6 +111,7 @@ async def test_every_audio_and_transcript_route_refuses_a_request_without_the_ke
         async with http.get(f"http://{base}/v1/calls?token={KEY}") as r:
             assert r.status == 200
     assert refused["/v1/listen"] == 401 and refused["/api/asr-streaming"] == 401
+    assert refused["/audiohook"] == 401  # Genesys reads the handshake's status
     # The web port serves the page and nothing of a call.
     web_routes = {
         (r.method, (r.resource.canonical if r.resource else ""))

@@ -43,6 +43,9 @@ def app_for(seen: Seen, limits: LimitsConfig | None = None) -> web.Application:
                     seen.handled.append(("loop", msg.data))
                 elif msg.data == "stop":
                     break
+                elif msg.data == "slow":  # waits on the engine (backpressure): not idle
+                    seen.handled.append(("loop", msg.data))
+                    await asyncio.sleep(1.0)
                 else:  # a control message that takes a while: frames queue meanwhile
                     seen.handled.append(("loop", msg.data))
                     await asyncio.sleep(0.05)
@@ -136,3 +139,18 @@ async def test_frames_taken_directly_count_as_activity_for_the_idle_limit() -> N
         closing = await asyncio.wait_for(ws.receive(), 2)  # then silence
     assert closing.type == WSMsgType.CLOSE and closing.data == WSCloseCode.POLICY_VIOLATION
     assert len(seen.handled) == 50
+
+
+async def test_a_handler_at_work_on_a_message_does_not_make_its_client_idle() -> None:
+    """While the handler waits (for room in a behind engine's buffer) it does not read, and
+    the client's frames wait in the socket: over the idle limit, but the client is not idle."""
+    seen = Seen()
+    app = app_for(seen, LimitsConfig(idle_timeout_s=0.3))
+    async with serve(app) as ws:
+        await ws.send_str("slow")  # the handler is busy for 1 s, three idle limits
+        await paced(ws, [b"y"] * 10, 0.02)
+        await asyncio.sleep(1.0)
+        assert not seen.ended.is_set() and not ws.closed
+        closing = await asyncio.wait_for(ws.receive(), 2)  # then silence: idle, closed
+    assert closing.type == WSMsgType.CLOSE and closing.data == WSCloseCode.POLICY_VIOLATION
+    assert [p for _, p in seen.handled] == ["slow", *[b"y"] * 10]

@@ -42,7 +42,8 @@ What it reports, per run:
   sent meanwhile, in µs: on a shared machine the steady figure, when late frames are noise.
 
 front ends: ws (raw 24 kHz on /), stream (μ-law 8 kHz on /v1/stream), deepgram (μ-law 8 kHz
-on /v1/listen), audiosocket, twilio, freeswitch. AudioSocket has no ping: its latency columns
+on /v1/listen), audiosocket, twilio, freeswitch, and the carriers telnyx, signalwire, plivo,
+exotel, vonage, jambonz (each its default codec). AudioSocket has no ping: its latency columns
 are empty; loop lag still applies, and `--find-max` takes a loop lag p99 of at most half a
 frame (10 ms) as on time.
 """
@@ -346,10 +347,118 @@ def front_end(name: str) -> FrontEnd:
         )
     if name == "audiosocket":
         return FrontEnd("audiosocket", "", b"\x10\x01\x40" + bytes(320), b"\x00\x00\x00")
+    if name in CARRIER_FRAMES:
+        return carrier_front_end(name)
     raise ValueError(name)
 
 
-FRONT_ENDS = ("ws", "stream", "deepgram", "audiosocket", "twilio", "freeswitch")
+# The carriers' media messages as each sends 20 ms of its default codec (carriers.md): {n} is
+# the frame's number. Exotel sends ~100 ms per message; 20 ms here, so the CPU per 20 ms frame
+# compares with the others'.
+_ULAW = base64.b64encode(b"\xff" * 160).decode()
+_L16_8K = base64.b64encode(bytes(320)).decode()
+CARRIER_FRAMES: dict[str, tuple[str, int, str]] = {
+    "telnyx": (
+        "/telnyx/media",
+        TEXT,
+        '{{"event":"media","sequence_number":"{n}","media":{{"track":"inbound","chunk":"{n}",'
+        '"timestamp":"{ms}","payload":"' + _ULAW + '"}},"stream_id":"6B1F2C3D-4E5F-4A6B"}}',
+    ),
+    "signalwire": (
+        "/signalwire/media",
+        TEXT,
+        '{{"event":"media","sequenceNumber":"{n}","media":{{"track":"inbound","chunk":"{n}",'
+        '"timestamp":"{ms}","payload":"' + _ULAW + '"}}}}',
+    ),
+    "plivo": (
+        "/plivo/media",
+        TEXT,
+        '{{"event":"media","sequenceNumber":{n},"streamId":"b2e9d4c1-7a3f","media":{{"track":'
+        '"inbound","timestamp":"{ms}","chunk":{n},"payload":"' + _L16_8K + '"}},'
+        '"extra_headers":"ticket=T4411"}}',
+    ),
+    "exotel": (
+        "/exotel/media",
+        TEXT,
+        '{{"event":"media","sequence_number":{n},"stream_sid":"a4f3c2b1d0e9","media":{{"chunk":'
+        '{n},"timestamp":"{ms}","payload":"' + _L16_8K + '"}}}}',
+    ),
+    "vonage": ("/vonage/media", BINARY, ""),  # 640 B: 20 ms of L16 at 16 kHz
+    "jambonz": ("/jambonz/listen", BINARY, ""),  # 320 B: 20 ms of L16 at 8 kHz, mono
+}
+CARRIER_STOPS: dict[str, bytes] = {
+    "telnyx": ws_frame(TEXT, b'{"event":"stop","stop":{}}'),
+    "signalwire": ws_frame(TEXT, b'{"event":"stop","sequenceNumber":"1"}'),
+    "exotel": ws_frame(TEXT, b'{"event":"stop","stop":{"reason":"callended"}}'),
+    "plivo": ws_frame(CLOSE, struct.pack("!H", 1000)),  # Plivo and Vonage just close
+    "vonage": ws_frame(CLOSE, struct.pack("!H", 1000)),
+    "jambonz": ws_frame(BINARY, b""),  # mod_audio_fork's graceful shutdown
+}
+
+
+def carrier_front_end(name: str) -> FrontEnd:
+    path, opcode, template = CARRIER_FRAMES[name]
+    if opcode == BINARY:
+        frame = ws_frame(BINARY, bytes(640 if name == "vonage" else 320))
+        protocol = "audio.jambonz.org" if name == "jambonz" else ""
+        return FrontEnd("audio", path, frame, CARRIER_STOPS[name], protocol=protocol)
+
+    def media(n: int) -> bytes:
+        return ws_frame(TEXT, template.format(n=n + 2, ms=n * 20).encode())
+
+    return FrontEnd("audio", path, media(0), CARRIER_STOPS[name], numbered=media)
+
+
+def carrier_start(name: str, call_id: uuid.UUID) -> str:
+    """Each carrier's first message (carriers.md), with the call's own id."""
+    hex_id = call_id.hex
+    if name == "telnyx":
+        return (
+            '{"event":"start","sequence_number":"1","start":{"call_control_id":"v3:' + hex_id + '",'
+            '"from":"+13125550143","to":"+13125550177","custom_parameters":{"ticket":"T4411"},'
+            '"media_format":{"encoding":"PCMU","sample_rate":8000,"channels":1}},'
+            '"stream_id":"6B1F2C3D-4E5F-4A6B"}'
+        )
+    if name == "signalwire":
+        return (
+            '{"event":"start","sequenceNumber":"1","start":{"streamSid":"' + hex_id + '",'
+            '"callSid":"' + str(call_id) + '","tracks":["inbound"],"customParameters":'
+            '{"ticket":"T4411"},"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000}}}'
+        )
+    if name == "plivo":
+        return (
+            '{"event":"start","sequenceNumber":1,"start":{"callId":"' + str(call_id) + '",'
+            '"streamId":"b2e9d4c1-7a3f","tracks":["inbound"],"mediaFormat":{"encoding":'
+            '"audio/x-l16","sampleRate":8000}},"extra_headers":"ticket=T4411"}'
+        )
+    if name == "exotel":
+        return (
+            '{"event":"start","sequence_number":1,"stream_sid":"a4f3c2b1d0e9","start":'
+            '{"stream_sid":"a4f3c2b1d0e9","call_sid":"' + hex_id + '","from":"+919876543210",'
+            '"custom_parameters":{"ticket":"T4411"},"media_format":{"encoding":"raw",'
+            '"sample_rate":"8000","bit_rate":"128"}}}'
+        )
+    if name == "vonage":
+        return (
+            '{"event":"websocket:connected","content-type":"audio/l16;rate=16000","uuid":"'
+            + str(call_id)
+            + '","from":"447700900001","ticket":"T4411"}'
+        )
+    return (
+        '{"sampleRate":8000,"mixType":"mono","callSid":"' + str(call_id) + '","direction":'
+        '"inbound","from":"+15083084809","to":"+15082139445","ticket":"T4411"}'
+    )
+
+
+FRONT_ENDS = (
+    "ws",
+    "stream",
+    "deepgram",
+    "audiosocket",
+    "twilio",
+    "freeswitch",
+    *CARRIER_FRAMES,
+)
 
 
 def hello(fe: FrontEnd, name: str, port: int) -> tuple[bytes, bytes]:
@@ -376,6 +485,8 @@ def hello(fe: FrontEnd, name: str, port: int) -> tuple[bytes, bytes]:
             '"tracks":["inbound"]}}'
         )
         return request, start.encode()
+    if name in CARRIER_FRAMES:
+        return request, carrier_start(name, call_id).encode()
     return request, b""
 
 

@@ -146,14 +146,18 @@ def call_ended(db: Db, call_id: str) -> None:
     db.execute("INSERT INTO transcript_index (rowid, text, leg) VALUES (?, ?, '')", (low, text))
 
 
-def matching_calls(db: Db, terms: Sequence[str]) -> tuple[str, list[str]]:
-    """SQL selecting the ids of calls that hold every term (for `id IN (...)`), and its args."""
+def matching_calls(db: Db, terms: Sequence[str]) -> tuple[str, str, list[str]]:
+    """What narrows `FROM calls` to the calls that hold every term: a join, a condition (each
+    to put in the caller's SQL) and the condition's arguments."""
     if db.postgres:
         one = "SELECT call_id FROM transcript_index WHERE words @@ to_tsquery('simple', ?)"
-        return " INTERSECT ".join([one] * len(terms)), [f"{t}:*" for t in terms]
+        hits = " INTERSECT ".join([one] * len(terms))
+        return "", f"calls.id IN ({hits})", [f"{t}:*" for t in terms]
+    # From each call's number to the call: one integer lookup per hit, before its text key.
     one = "SELECT rowid >> 20 FROM transcript_index WHERE transcript_index MATCH ?"
     docs = " INTERSECT ".join([one] * len(terms))
-    return f"SELECT call_id FROM search_docs WHERE doc IN ({docs})", [f'"{t}"*' for t in terms]
+    join = "JOIN search_docs ON search_docs.call_id = calls.id"
+    return join, f"search_docs.doc IN ({docs})", [f'"{t}"*' for t in terms]
 
 
 def snippet(db: Db, call_id: str, terms: Sequence[str]) -> Snippet | None:

@@ -848,22 +848,16 @@ class Store:
         """Calls whose transcript holds every term (api/search.py), with the filters of
         `list_calls`, newest first, each with a snippet of its best-matching segment."""
         db = self._reader_db
-        hits, hit_args = search.matching_calls(db, terms)
+        join, hits, hit_args = search.matching_calls(db, terms)
         where, args = _call_filters(front_end, status, since, until)
-        sql_where = " AND ".join([f"id IN ({hits})", *where])
+        sql_from = f"FROM calls {join} WHERE {' AND '.join([hits, *where])}"
         with self._read_lock:
-            # One pass over the hits: the count rides along with each row of the page.
+            # Two queries, not a window count: a page of ids sorts top-N, not every hit.
+            total = db.execute(f"SELECT COUNT(*) {sql_from}", (*hit_args, *args)).fetchone()[0]
             rows = db.execute(
-                f"SELECT {CALL_COLUMNS}, COUNT(*) OVER () FROM calls WHERE {sql_where} "
-                "ORDER BY started_at DESC, id LIMIT ? OFFSET ?",
+                f"SELECT {CALL_COLUMNS} {sql_from} ORDER BY started_at DESC, id LIMIT ? OFFSET ?",
                 (*hit_args, *args, limit, offset),
             ).fetchall()
-            if rows:
-                total = rows[0][-1]
-            else:  # a page past the end: count them alone
-                total = db.execute(
-                    f"SELECT COUNT(*) FROM calls WHERE {sql_where}", (*hit_args, *args)
-                ).fetchone()[0]
             found = [(_call_record(r), search.snippet(db, r[0], terms)) for r in rows]
         return found, int(total)
 

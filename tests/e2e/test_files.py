@@ -384,3 +384,36 @@ async def test_a_ten_minute_file_faster_than_real_time(start_service: ServiceFac
         assert word.start == pytest.approx(want["start"] + offset, abs=0.02)
         assert word.end == pytest.approx(want["end"] + offset, abs=0.02)
     assert took < duration  # faster than real time, even on a loaded machine
+
+
+async def test_a_full_engine_is_retry_later_in_each_apis_shape(
+    start_service: ServiceFactory,
+) -> None:
+    """The engine's one slot is a live call's: a file is refused (503, Retry-After), in each
+    API's own error, and the live call goes on; once it ends, the file is taken."""
+    service = await start_service(capacity=1)
+    live = service.bridge.hub.open_call("websocket")
+    body = wav_bytes(speech(0))
+    try:
+        with pytest.raises(ApiError) as deepgram_refused:
+            await deepgram_client(service).listen.v1.media.transcribe_file(request=body)
+        with pytest.raises(openai.InternalServerError) as openai_refused:
+            await openai_client(service).audio.transcriptions.create(
+                model="whisper-1", file=("a.wav", body)
+            )
+        assert not live.ended and live.id in service.bridge.hub.calls
+    finally:
+        await live.end("test over")
+    assert deepgram_refused.value.status_code == 503
+    assert (deepgram_refused.value.headers or {}).get("retry-after") == "1"
+    assert set(deepgram_refused.value.body) == {"err_code", "err_msg", "request_id"}
+    assert openai_refused.value.status_code == 503
+    assert openai_refused.value.response.headers["retry-after"] == "1"
+    assert set(openai_refused.value.response.json()["error"]) == {
+        "message",
+        "type",
+        "param",
+        "code",
+    }
+    answer = await deepgram_client(service).listen.v1.media.transcribe_file(request=body)
+    assert dg_words(answer)  # type: ignore[arg-type]

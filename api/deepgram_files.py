@@ -69,8 +69,8 @@ def parse_prerecorded(query: Iterable[tuple[str, str]]) -> PrerecordedParams:
     pairs = list(query)
     values = {key: value for key, value in pairs}  # the last of a repeated key, as the live route
     for name, why in REFUSED.items():
-        if name in values and (name == "callback" or _flag(name, values[name])):
-            raise BadParameters(why)
+        if values.get(name, "false").strip().lower() not in ("false", "0", ""):
+            raise BadParameters(why)  # `summarize=v2` too, not only `true`
     encoding = values.get("encoding", "").lower()
     raw = encoding in ENCODINGS
     if not raw and encoding and encoding not in CONTAINER_ENCODINGS:

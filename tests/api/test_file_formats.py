@@ -44,6 +44,7 @@ def test_prerecorded_parameters_container_and_raw() -> None:
         ([("encoding", "g729")], "not supported"),
         ([("encoding", "wma")], "encoding must be one of"),
         ([("callback", "https://example.com/hook")], "callback is not supported"),
+        ([("summarize", "v2")], "summarize is not supported"),
         ([("utt_split", "soon")], "utt_split must be a number"),
         ([("utt_split", "0")], "between 0 and 60"),
         ([("utterances", "maybe")], "utterances must be true or false"),

@@ -32,7 +32,7 @@ from telephony.audio import PcmArray, resample_whole
 from tests.conftest import ServiceFactory, make_config
 from tests.e2e.frontends import offline_words
 from tests.e2e.server_process import free_port
-from tests.speech import SENTENCES, normalize, read_pcm, speech_wav
+from tests.speech import SENTENCES, normalize, read_pcm, sox_convert, speech_wav
 
 KEY = "files-test-key"
 RATE = 24_000  # hibari-tts writes 24 kHz
@@ -417,3 +417,52 @@ async def test_a_full_engine_is_retry_later_in_each_apis_shape(
     }
     answer = await deepgram_client(service).listen.v1.media.transcribe_file(request=body)
     assert dg_words(answer)  # type: ignore[arg-type]
+
+
+# Rare words the engine alone misspells through the phone path (tests/engine's keyterm tests).
+VOICEMAIL = (
+    "I bought the Quillon speaker from your store.",
+    "The Tremfya injection arrived damaged.",
+)
+TERMS = ("Quillon", "Tremfya")
+
+
+def says(text: str, term: str) -> bool:
+    words, wanted = normalize(text), normalize(term)
+    return any(words[i : i + len(wanted)] == wanted for i in range(len(words)))
+
+
+def voicemail() -> bytes:
+    """Two sentences as a PBX stores a voicemail: 8 kHz μ-law WAV."""
+    parts = [sox_convert(speech_wav(text), "-r", "8000", "-c", "1") for text in VOICEMAIL]
+    pcm = np.concatenate([np.pad(read_pcm(p)[0], (4000, 8000)) for p in parts])
+    out = io.BytesIO()
+    soundfile.write(out, pcm, 8000, format="WAV", subtype="ULAW")
+    return out.getvalue()
+
+
+async def test_keyterms_from_a_prompt_list_or_keyterm_and_not_from_prose(
+    start_service: ServiceFactory,
+) -> None:
+    service = await start_service()
+    body = voicemail()
+    transcriptions = openai_client(service).audio.transcriptions
+
+    async def openai_text(prompt: str | None = None) -> str:
+        extra = {} if prompt is None else {"prompt": prompt}
+        answer = await transcriptions.create(model="whisper-1", file=("vm.wav", body), **extra)
+        return answer.text
+
+    plain = await openai_text()
+    assert not any(says(plain, term) for term in TERMS), plain  # the engine alone misses them
+    listed = await openai_text("Quillon, Tremfya")
+    assert all(says(listed, term) for term in TERMS), listed
+    # Prose naming the same words is Whisper's style hint: accepted, not used as keyterms.
+    prose = await openai_text("I bought the Quillon speaker and the Tremfya injection.")
+    assert prose == plain
+    # Deepgram's keyterm= on the same file, through the same call path.
+    response = await deepgram_client(service).listen.v1.media.transcribe_file(
+        request=body, keyterm=list(TERMS), punctuate=True
+    )
+    said = response.results.channels[0].alternatives[0].transcript or ""  # type: ignore[union-attr]
+    assert all(says(said, term) for term in TERMS), said

@@ -18,6 +18,7 @@ import asyncio
 import importlib.metadata
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -48,6 +49,7 @@ FORM_FIELDS_BYTES: Final = 1024 * 1024  # what a form may hold besides its file
 FETCH_REDIRECTS: Final = 5
 FETCH_TIMEOUT: Final = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
 CHUNK: Final = 1 << 16
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class TooLarge(Exception):
@@ -79,7 +81,9 @@ class FileRoutes:
 
         def refuse(status: int, code: str, message: str) -> web.Response:
             body = rejection_body(code, message, request_id)
-            return web.json_response(body, status=status, headers={**headers, "dg-error": message})
+            # The header quotes the client's own values: ASCII only, no line breaks.
+            header = _CONTROL.sub(" ", message.encode("ascii", "backslashreplace").decode())
+            return web.json_response(body, status=status, headers={**headers, "dg-error": header})
 
         try:
             params = deepgram_files.parse_prerecorded(request.query.items())
@@ -96,9 +100,7 @@ class FileRoutes:
             audio = await _off_loop(lambda: self._decode(params, data))
         except TooLarge as exc:
             return refuse(413, "Payload Too Large", str(exc))
-        except (FetchRefused, AudioFileError) as exc:
-            return refuse(400, "Bad Request", str(exc))
-        except UploadAborted as exc:
+        except (FetchRefused, AudioFileError, UploadAborted) as exc:
             return refuse(400, "Bad Request", str(exc))
         labels = {"api": "deepgram", **_deepgram_labels(params)}
         try:

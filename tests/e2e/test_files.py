@@ -315,22 +315,32 @@ async def test_bad_input_is_refused_in_each_apis_shape(start_service: ServiceFac
         assert isinstance(body, dict) and body["error"] == refused.value.body
         return refused.value.status_code, body
 
+    async def chunks(data: bytes) -> AsyncIterator[bytes]:
+        for start in range(0, len(data), 65536):
+            yield data[start : start + 65536]
+
     good_one = asyncio.create_task(listen.transcribe_file(request=good))
     results = await asyncio.gather(
         deepgram_error(request=not_audio),
         deepgram_error(request=too_large),
         deepgram_error(url="http://127.0.0.1:9/call.wav"),
         deepgram_error(request=good, redact="everything"),
+        deepgram_error(request=chunks(too_large)),  # no Content-Length: refused as it arrives
+        deepgram_error(request=good, redact="naïve\r\nx"),  # quoted back in the dg-error header
         openai_error(file=("a.wav", not_audio)),
         openai_error(file=("a.wav", too_large)),
         openai_error(file=("a.wav", good), response_format="docx"),  # type: ignore[arg-type]
     )
-    (dg_junk, dg_large, dg_url, dg_param, oa_junk, oa_large, oa_format) = results
+    (dg_junk, dg_large, dg_url, dg_param, dg_streamed, dg_odd, oa_junk, oa_large, oa_format) = (
+        results
+    )
     assert dg_junk[0] == 400 and "not audio" in dg_junk[1]["err_msg"]
     assert dg_large[0] == 413 and "limit of 1048576" in dg_large[1]["err_msg"]
     assert dg_url[0] == 400 and "fetch_hosts is empty" in dg_url[1]["err_msg"]
     assert dg_param[0] == 400 and "redaction kind" in dg_param[1]["err_msg"]
-    for _, body in (dg_junk, dg_large, dg_url, dg_param):
+    assert dg_streamed[0] == 413 and "the file is over the limit" in dg_streamed[1]["err_msg"]
+    assert dg_odd[0] == 400 and "naïve" in dg_odd[1]["err_msg"]
+    for _, body in (dg_junk, dg_large, dg_url, dg_param, dg_streamed, dg_odd):
         assert set(body) == {"err_code", "err_msg", "request_id"}
     assert oa_junk[0] == 400 and oa_junk[1]["error"]["param"] == "file"
     assert "Invalid file format" in oa_junk[1]["error"]["message"]

@@ -487,3 +487,40 @@ async def test_each_carrier_sends_its_credential_as_configured(
         bearer = {"Authorization": f"Bearer {KEY}"}
         assert await upgrade_status(f"{base}{path}", bearer, protocols) == 101
         assert await upgrade_status(f"{base}{path}?token={KEY}", {}, protocols) == 101
+
+
+async def test_wideband_codecs_telnyx_l16_big_endian_and_signalwire_l16_24k(
+    start_service: ServiceFactory,
+) -> None:
+    """Beyond the defaults: Telnyx's L16 is the RTP payload (network byte order), SignalWire's
+    `L16@24000h` little-endian at 24 kHz; each call's words equal the offline transcript."""
+    service = await start_service()
+    cases = []
+    for peer, rate in ((telnyx(), 16000), (signalwire(), 24000)):
+        start = json.loads(peer.opening[-1])
+        if peer.name == "telnyx":
+            start["start"]["media_format"] = {"encoding": "L16", "sample_rate": rate}
+        else:
+            start["start"]["mediaFormat"] = {"encoding": "audio/x-L16", "sampleRate": rate}
+            start["start"]["tracks"] = ["inbound"]
+        little = phone_bytes(SENTENCES[3], "pcm16", rate)
+        wire = (
+            little
+            if peer.name == "signalwire"
+            else np.frombuffer(little, "<i2").astype(">i2").tobytes()
+        )
+        changed = dataclasses.replace(
+            peer,
+            encoding="pcm16",
+            rate=rate,
+            opening=[*peer.opening[:-1], text(start)],
+            tracks=("inbound",),
+            query="",
+        )
+        cases.append((changed, wire, pcm16_decode(little)))
+    async with watch_events(service) as events:
+        await asyncio.gather(*(run_call(service, p, {"inbound": w}) for p, w, _ in cases))
+        await events.wait_ended(2)
+    for peer, _, pcm in cases:
+        expected = await offline_words(service, pcm, peer.rate)
+        assert expected and events.words(peer.call_id, "caller") == expected, peer.name

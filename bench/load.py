@@ -43,7 +43,9 @@ What it reports, per run:
 
 front ends: ws (raw 24 kHz on /), stream (μ-law 8 kHz on /v1/stream), deepgram (μ-law 8 kHz
 on /v1/listen), audiosocket, twilio, freeswitch, and the carriers telnyx, signalwire, plivo,
-exotel, vonage, jambonz (each its default codec). AudioSocket has no ping: its latency columns
+exotel, vonage, jambonz (each its default codec), and Genesys AudioHook (PCMU mono, 20 ms
+binary frames for comparison, where Genesys sends 200 ms; unsigned: the bench's bridge has no
+keys). AudioSocket has no ping: its latency columns
 are empty; loop lag still applies, and `--find-max` takes a loop lag p99 of at most half a
 frame (10 ms) as on time.
 """
@@ -349,6 +351,9 @@ def front_end(name: str) -> FrontEnd:
         return FrontEnd("audiosocket", "", b"\x10\x01\x40" + bytes(320), b"\x00\x00\x00")
     if name in CARRIER_FRAMES:
         return carrier_front_end(name)
+    if name == "audiohook":  # the call ends by a close frame: `close` carries the session id
+        close = ws_frame(CLOSE, struct.pack("!H", 1000))
+        return FrontEnd("audio", "/audiohook", ws_frame(BINARY, b"\xff" * 160), close)
     raise ValueError(name)
 
 
@@ -458,7 +463,9 @@ FRONT_ENDS = (
     "twilio",
     "freeswitch",
     *CARRIER_FRAMES,
+    "audiohook",
 )
+AUDIOHOOK_ORG = "d7934305-0972-4844-938e-9060eef73d05"
 
 
 def hello(fe: FrontEnd, name: str, port: int) -> tuple[bytes, bytes]:
@@ -477,6 +484,12 @@ def hello(fe: FrontEnd, name: str, port: int) -> tuple[bytes, bytes]:
     ]
     if fe.protocol:
         lines.append(f"Sec-WebSocket-Protocol: {fe.protocol}")
+    if name == "audiohook":
+        lines += [
+            f"Audiohook-Session-Id: {call_id}",
+            f"Audiohook-Organization-Id: {AUDIOHOOK_ORG}",
+            f"Audiohook-Correlation-Id: {uuid.uuid4()}",
+        ]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode()
     if name == "twilio":
         sid = f"CA{call_id.hex}"
@@ -487,7 +500,23 @@ def hello(fe: FrontEnd, name: str, port: int) -> tuple[bytes, bytes]:
         return request, start.encode()
     if name in CARRIER_FRAMES:
         return request, carrier_start(name, call_id).encode()
+    if name == "audiohook":
+        return request, audiohook_open(call_id).encode()
     return request, b""
+
+
+def audiohook_open(call_id: uuid.UUID) -> str:
+    """Genesys's `open` (audiohook.md): one PCMU channel, the customer."""
+    return (
+        '{"version":"2","id":"' + str(call_id) + '","type":"open","seq":1,"serverseq":0,'
+        '"position":"PT0S","parameters":{"organizationId":"' + AUDIOHOOK_ORG + '",'
+        '"conversationId":"'
+        + str(uuid.uuid4())
+        + '","participant":{"id":"'
+        + str(uuid.uuid4())
+        + '","ani":"+13125550143"},"media":[{"type":"audio","format":"PCMU",'
+        '"channels":["external"],"rate":8000}],"language":"en-US"}}'
+    )
 
 
 @dataclass

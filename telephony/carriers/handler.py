@@ -139,9 +139,11 @@ def options_of(parameters: Mapping[str, str]) -> TranscriptOptions:
     return transcript_options([parameters.get("redact", "")], keyterms)
 
 
-def labels_of(carrier: Carrier, event: Started) -> dict[str, str]:
+def labels_of(event: Started) -> dict[str, str]:
+    """The start's labels less the options; with two tracks, which track each leg is (as
+    Twilio's labels say; jambonz's two channels are no tracks)."""
     labels = {k: v for k, v in event.labels.items() if k not in ("redact", "keyterm")}
-    if len(event.legs) == 2:
+    if len(event.legs) == 2 and event.audio.channels == 1:
         labels.update(caller_leg="inbound", agent_leg="outbound")
     return labels
 
@@ -197,7 +199,7 @@ async def handle_stream(request: web.Request, carrier: Carrier) -> web.StreamRes
                     front_end,
                     legs=event.legs,
                     call_id=event.call_id or None,
-                    labels=labels_of(carrier, event),
+                    labels=labels_of(event),
                     options=options_of(event.parameters),
                 )
                 legs = Legs(call, event.audio)

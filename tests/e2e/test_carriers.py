@@ -398,6 +398,8 @@ async def check_carrier(start_service: ServiceFactory, peer: Peer) -> None:
     assert started["labels"]["ticket"] == TICKET
     assert "redact" not in started["labels"] and started["redaction"] == ["ssn"]
     assert peer.labels.items() <= started["labels"].items()
+    tracked = len(peer.tracks) == 2 and not peer.stereo  # which track each leg is, as Twilio's
+    assert ("agent_leg" in started["labels"]) == tracked
     dtmf = [e for e in events.of(peer.call_id) if e["type"] == "dtmf"]
     assert [(e["digit"], e["leg"]) for e in dtmf] == [("5", "caller")]
     assert 0.3 < dtmf[0]["at"] < 0.5 + peer.frame_ms * 20 / 1000

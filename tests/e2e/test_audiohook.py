@@ -274,3 +274,19 @@ async def test_protocol_errors_get_disconnect_and_leave_another_session_alone(
         assert "seq" in disconnect["parameters"]["info"]
         good.seq = 2  # the server still counts from the last good message
         await good.close()
+
+
+async def test_redaction_applies_to_connector_events(start_service: ServiceFactory) -> None:
+    """customConfig `redact` adds kinds as a stream's redact= does: the account number never
+    reaches Genesys, the words around it do."""
+    service = await audiohook_service(start_service)
+    wire = phone_bytes(SENTENCES[2], "mulaw", 8000)  # "... account number is four five six seven"
+    async with session(url_of(service), KEY, SECRET, ORG) as peer:
+        await peer.open(ORG, [media("external")], custom_config={"redact": "numbers"})
+        async for frame in paced(frames(wire), FRAME_S):
+            await peer.audio(frame)
+        await peer.close()
+    spoken = [w["text"] for d in peer.transcripts() for w in check_transcript(d, 0)]
+    said = " ".join(spoken).lower()
+    assert "account" in said and "bill" in said, said
+    assert not re.search(r"\d|\bfour\b|\bfive\b|\bsix\b|\bseven\b", said), said

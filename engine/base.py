@@ -247,6 +247,8 @@ class EngineStream(abc.ABC):
         step = max(1, self._max_pending // 4)
         for start in range(0, len(pcm), step):
             await self._room.wait()
+            if self._closing:
+                return  # it takes no more audio (push drops it): nothing to wait for
             self.push(pcm[start : start + step])
 
     def finalize(self) -> None:  # noqa: B027 (optional hook)
@@ -262,6 +264,9 @@ class EngineStream(abc.ABC):
         if self._closing:
             return
         self._closing = True
+        # A writer waiting for room goes on: a stream whose engine failed with a full buffer
+        # would hold it (and its client's socket) for good.
+        self._room.set()
         self._on_close()
 
     @property

@@ -118,3 +118,46 @@ async def test_a_drain_waits_for_a_call_its_front_end_is_already_ending() -> Non
     assert [e.reason for e in ended] == ["remote hangup"]
     assert words_of(events) == [f"w{n}" for n in range(8)]
     await hanging_up
+
+
+class StalledStream(EngineStream):
+    """Takes no audio (its engine is stuck, its buffer fills); `fail()` ends it as a failed
+    decode does (Moonshine's `engine error`)."""
+
+    def __init__(self, call_id: str, leg: str) -> None:
+        super().__init__(call_id, leg, max_buffer_s=1.0, sample_rate=24000)
+
+    def _on_audio(self) -> None:
+        pass
+
+    def _on_close(self) -> None:
+        pass
+
+    def fail(self) -> None:
+        self._emit(Closed("engine error"))
+
+
+class StalledEngine(ScriptedEngine):
+    def __init__(self) -> None:
+        super().__init__(words=0, interval_s=0)
+        self.stalled: list[StalledStream] = []
+
+    def open(
+        self, call_id: str, leg: str = "caller", keyterms: tuple[str, ...] = ()
+    ) -> EngineStream:
+        self.stalled.append(StalledStream(call_id, leg))
+        return self.stalled[-1]
+
+
+async def test_a_writer_waiting_for_room_goes_on_when_the_engine_fails() -> None:
+    """A client slowed by backpressure (`Session.write`) on an engine that then fails with its
+    buffer full: the call ends and the writer returns, instead of holding the socket."""
+    engine = StalledEngine()
+    hub = CallHub(engine)
+    call = hub.open_call("test")
+    writer = asyncio.create_task(call.leg("caller").write(np.zeros(3 * 24000, dtype=np.int16)))
+    await asyncio.sleep(0.1)
+    assert not writer.done(), "a full buffer makes the writer wait"
+    engine.stalled[0].fail()
+    await asyncio.wait_for(writer, 2)
+    assert call.ended and call.engine_reason == "engine error"

@@ -526,3 +526,34 @@ async def test_wideband_codecs_telnyx_l16_big_endian_and_signalwire_l16_24k(
     for peer, _, pcm in cases:
         expected = await offline_words(service, pcm, peer.rate)
         assert expected and events.words(peer.call_id, "caller") == expected, peer.name
+
+
+async def test_a_gap_in_plivo_unix_timestamps_is_silence_in_place(
+    start_service: ServiceFactory,
+) -> None:
+    """Plivo stamps media with Unix ms: counted from the first message, a jump (here 600 ms
+    the carrier never sent) is filled with silence, so later words keep their place."""
+    service = await start_service()
+    peer = dataclasses.replace(plivo(), tracks=("inbound",))
+    start = json.loads(peer.opening[0])
+    start["start"]["tracks"] = ["inbound"]
+    wire = phone_bytes(SENTENCES[1], "pcm16", 8000)
+    step = 320
+    lost = range(40 * step, 70 * step, step)  # frames 40-69: 0.8 s to 1.4 s
+    heard = bytearray(wire)
+    for offset in lost:
+        heard[offset : offset + step] = bytes(step)
+    url = f"ws://127.0.0.1:{service.ports['audio']}{peer.path}"
+    async with watch_events(service) as events, aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(url)
+        await ws.send_str(text(start))
+        async for offset in paced(range(0, len(wire), step)):
+            if offset not in lost:
+                frame = peer.media("inbound", wire[offset : offset + step], offset // 16)
+                assert isinstance(frame, str)  # Plivo's media are JSON text
+                await ws.send_str(frame)
+        await ws.close()
+        await events.wait_ended(1)
+    expected = await offline_words(service, pcm16_decode(bytes(heard)), 8000)
+    assert expected and events.words(peer.call_id, "caller") == expected
+    assert events.ended()[peer.call_id]["audio_s"]["caller"] == len(wire) / 16000

@@ -37,7 +37,9 @@ class EngineConfig:
     urls: tuple[str, ...] = ()
     api_key: str = ""  # remote: sent to the nodes as `kyutai-api-key`
     probe_interval_s: float = 2.0  # remote: how often each node's /info (or HTTP) is checked
-    max_buffer_s: float = 10.0  # per-stream audio buffer before the oldest audio is dropped
+    # per-stream audio buffer: WebSocket senders that can wait are slowed at half of it; phone
+    # legs drop their oldest audio beyond it
+    max_buffer_s: float = 10.0
     moonshine_model: str = ""  # moonshine: "" = base-en from the moonshine-cpp wheel, or a folder
     cache_dir: str = ""  # moonshine: the prepared model; "" = ~/.cache/stt-bridge (XDG)
     threads: int = 0  # moonshine: decoding threads; 0 = one per core

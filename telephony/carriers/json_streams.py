@@ -174,7 +174,7 @@ class JsonStreamCodec:
                 raise CarrierStreamError(f"{kind} before start")
             try:
                 return self._media(message) if kind == "media" else self._dtmf(message)
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:  # "1e999" included
                 return Skipped(f"malformed {kind} message: {exc!r}")
         if kind == "error":  # Telnyx reports what it thought of our frames
             return Skipped(f"the carrier reports an error: {str(message.get('payload'))[:200]}")

@@ -313,6 +313,9 @@ def test_bad_input_twilio_shaped(dialect: Dialect) -> None:
     assert isinstance(c.receive('{"event":"dtmf","dtmf":{"digit":"Z"}}'), Skipped)
     assert isinstance(c.receive('{"event":"media","media":{"track":"inbound"}}'), Skipped)
     assert isinstance(c.receive_binary(b"\x00\x01"), Skipped)
+    for stamp in ('"1e999"', '"inf"', "1e999", '"nan"', "[]"):
+        hostile = '{"event":"media","media":{"payload":"","timestamp":' + stamp + "}}"
+        assert isinstance(c.receive(hostile), Skipped), stamp
 
 
 VONAGE_CONNECTED = (

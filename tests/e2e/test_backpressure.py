@@ -3,8 +3,9 @@
 A WebSocket client that can wait (`/`, `/v1/stream`, Deepgram's `/v1/listen`, moshi-server's
 `/api/asr-streaming`) sends a file as fast as its socket takes it: the bridge stops reading
 the socket while the leg's engine buffer is over its high-water mark (TCP slows the client),
-so nothing is dropped and every word comes back with the times of a paced run (the offline
-transcript: the engine's cuts do not depend on how the audio is chunked). The engine buffer
+so nothing is dropped and every word comes back with the times of a paced run (on
+`/v1/stream` a paced run beside it; everywhere the offline transcript, which a paced run
+equals: the engine's cuts do not depend on how the audio is chunked). The engine buffer
 here is 1 s, so without backpressure most of the file would be dropped.
 
 A phone leg cannot wait: AudioSocket sent faster than real time drops the oldest audio, but the
@@ -30,7 +31,7 @@ from api.app import Service
 from telephony.audio import PcmArray, pcm16_to_float, ulaw_decode
 from telephony.audiosocket import AudioSocketCodec
 from tests.conftest import ServiceFactory
-from tests.e2e.frontends import offline_words, watch_events
+from tests.e2e.frontends import offline_words, paced, watch_events
 from tests.e2e.ws_peer import BINARY, CLOSE, TEXT, RawWebSocket, client_frame, libwsc_request
 from tests.speech import SENTENCES, phone_bytes
 
@@ -79,11 +80,19 @@ async def caught_up(service: Service, samples: int) -> None:
             await asyncio.sleep(0.05)
 
 
-async def send_listen(url: str, audio: bytes, chunk: int, stop: str) -> list[dict[str, Any]]:
-    """Every chunk as fast as the socket takes it, then the stop; the replies."""
+async def send_listen(
+    url: str, audio: bytes, chunk: int, stop: str, pace_s: float = 0.0
+) -> list[dict[str, Any]]:
+    """Every chunk as fast as the socket takes it (or one per `pace_s`), then the stop; the
+    replies."""
+    chunks = [audio[i : i + chunk] for i in range(0, len(audio), chunk)]
     async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
-        for i in range(0, len(audio), chunk):
-            await ws.send_bytes(audio[i : i + chunk])
+        if pace_s:
+            async for piece in paced(chunks, pace_s):
+                await ws.send_bytes(piece)
+        else:
+            for piece in chunks:
+                await ws.send_bytes(piece)
         await ws.send_str(json.dumps({"type": stop}))
         return [json.loads(msg.data) async for msg in ws if msg.type == aiohttp.WSMsgType.TEXT]
 
@@ -124,16 +133,25 @@ async def test_a_file_at_full_speed_loses_nothing_and_keeps_its_times(
     async with watch_events(service) as events:
         if route == "root":
             replies = await send_listen(f"{base}/", wire, 4800, "stop")
-        elif route == "stream":
+        elif route == "stream":  # and the same file paced, beside it: the same words, times
             url = f"{base}/v1/stream?encoding=mulaw&sample_rate=8000"
-            replies = await send_listen(url, wire, 800, "stop")
+            replies, paced_replies = await asyncio.gather(
+                send_listen(f"{url}&call_id=fast", wire, 800, "stop"),
+                send_listen(f"{url}&call_id=paced", wire, 160, "stop", pace_s=0.02),
+            )
         elif route == "deepgram":
             url = f"{base}/v1/listen?encoding=mulaw&sample_rate=8000"
             replies = await send_listen(url, wire, 800, "CloseStream")
         else:
             kinds = await send_moshi(f"{base}/api/asr-streaming", pcm)
             pcm = np.concatenate([pcm, np.zeros(24000, np.int16)])  # the silence after it
-        ended = await events.wait_ended(1, timeout=60)
+        ended = await events.wait_ended(2 if route == "stream" else 1, timeout=60)
+    if route == "stream":
+        assert events.words("fast") == events.words("paced")
+        assert ended.pop("paced")["dropped_s"] == 0.0
+        assert [r for r in paced_replies if r["type"] == "word"] == [
+            r for r in replies if r["type"] == "word"
+        ]
     ((call_id, end),) = ended.items()
     expected = await offline_words(service, pcm, rate)
     assert len(expected) > 30

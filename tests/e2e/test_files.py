@@ -28,7 +28,7 @@ from deepgram.types.listen_v1response import ListenV1Response
 from api.app import Service
 from api.config import ApiConfig
 from api.transcribe import transcribe_pcm
-from telephony.audio import PcmArray, resample_whole
+from telephony.audio import PcmArray, float_to_pcm16, resample_whole
 from tests.conftest import ServiceFactory, make_config
 from tests.e2e.frontends import offline_words
 from tests.e2e.server_process import free_port
@@ -476,3 +476,30 @@ async def test_keyterms_from_a_prompt_list_or_keyterm_and_not_from_prose(
     )
     said = response.results.channels[0].alternatives[0].transcript or ""  # type: ignore[union-attr]
     assert all(says(said, term) for term in TERMS), said
+
+
+async def test_mp3_and_ogg_opus_files(start_service: ServiceFactory) -> None:
+    """Lossy containers as recorders and phones keep them: MP3 through OpenAI's route, Ogg Opus
+    through Deepgram's; words equal the offline transcript of the same decoded audio."""
+    service = await start_service()
+    pcm = speech(1)
+    for fmt, subtype in (("MP3", "MPEG_LAYER_III"), ("OGG", "OPUS")):
+        out = io.BytesIO()
+        rate = 48000 if fmt == "OGG" else RATE  # Opus is 48 kHz only
+        soundfile.write(out, resample_whole(pcm, RATE, rate), rate, format=fmt, subtype=subtype)
+        body = out.getvalue()
+        samples, _ = soundfile.read(io.BytesIO(body), dtype="float32")
+        expected = rounded(await offline_words(service, float_to_pcm16(samples), rate))
+        assert expected
+        if fmt == "MP3":
+            verbose = await openai_client(service).audio.transcriptions.create(
+                model="whisper-1", file=("memo.mp3", body), response_format="verbose_json",
+                timestamp_granularities=["word"],
+            )  # fmt: skip
+            got = [{"text": w.word, "start": w.start, "end": w.end} for w in verbose.words or []]
+        else:
+            response = await deepgram_client(service).listen.v1.media.transcribe_file(
+                request=body, encoding="opus", punctuate=True
+            )
+            got = dg_words(response)  # type: ignore[arg-type]
+        assert got == expected, fmt

@@ -139,10 +139,15 @@ def options_of(parameters: Mapping[str, str]) -> TranscriptOptions:
     return transcript_options([parameters.get("redact", "")], keyterms)
 
 
+# Options, and the API key: Exotel copies the stream URL's query into its custom parameters,
+# so a `?token=KEY` there would otherwise be stored with the call.
+NOT_LABELS: Final = frozenset({"redact", "keyterm", "token", "auth_id"})
+
+
 def labels_of(event: Started) -> dict[str, str]:
     """The start's labels less the options; with two tracks, which track each leg is (as
     Twilio's labels say; jambonz's two channels are no tracks)."""
-    labels = {k: v for k, v in event.labels.items() if k not in ("redact", "keyterm")}
+    labels = {k: v for k, v in event.labels.items() if k not in NOT_LABELS}
     if len(event.legs) == 2 and event.audio.channels == 1:
         labels.update(caller_leg="inbound", agent_leg="outbound")
     return labels

@@ -33,6 +33,7 @@ from typing import Any, Final, Protocol
 MAX_QUERY_CHARS: Final = 500
 MAX_TERMS: Final = 16
 SNIPPET_WORDS: Final = 16
+FEW: Final = 2000  # PostgreSQL: fewer hits than this are looked up by call id
 MERGE_MAX_CHARS: Final = 100_000  # a longer call keeps its rows (a tsvector is at most 1 MB)
 DOC_SHIFT: Final = 20  # a call's segments: rowids doc << 20 | 1 .. 2**20 - 1
 SEGMENT_MASK: Final = (1 << DOC_SHIFT) - 1
@@ -146,13 +147,38 @@ def call_ended(db: Db, call_id: str) -> None:
     db.execute("INSERT INTO transcript_index (rowid, text, leg) VALUES (?, ?, '')", (low, text))
 
 
-def matching_calls(db: Db, terms: Sequence[str]) -> tuple[str, str, list[str]]:
+def matching_calls(db: Db, terms: Sequence[str]) -> tuple[str, str, list[Any]]:
     """What narrows `FROM calls` to the calls that hold every term: a join, a condition (each
     to put in the caller's SQL) and the condition's arguments."""
     if db.postgres:
         one = "SELECT call_id FROM transcript_index WHERE words @@ to_tsquery('simple', ?)"
         hits = " INTERSECT ".join([one] * len(terms))
-        return "", f"calls.id IN ({hits})", [f"{t}:*" for t in terms]
+        queries = [f"{t}:*" for t in terms]
+        # PostgreSQL cannot tell how many calls a prefix matches: for a rare word it walked
+        # every call newest first looking for one (80 ms at 100k calls). So each word's calls
+        # are asked for first, up to FEW: with a rare word among them, its calls are narrowed
+        # by the other words and looked up by id; with none, the index answers as a whole.
+        for n, query in enumerate(queries):
+            rows = db.execute(
+                "SELECT DISTINCT call_id FROM transcript_index "
+                "WHERE words @@ to_tsquery('simple', ?) LIMIT ?",
+                (query, FEW),
+            ).fetchall()
+            if len(rows) < FEW:
+                ids = [r[0] for r in rows]
+                for other in queries[:n] + queries[n + 1 :]:
+                    if not ids:
+                        break
+                    ids = [
+                        r[0]
+                        for r in db.execute(
+                            "SELECT DISTINCT call_id FROM transcript_index "
+                            "WHERE call_id = ANY(?) AND words @@ to_tsquery('simple', ?)",
+                            (ids, other),
+                        ).fetchall()
+                    ]
+                return "", "calls.id = ANY(?)", [ids]
+        return "", f"calls.id IN ({hits})", queries
     # From each call's number to the call: one integer lookup per hit, before its text key.
     one = "SELECT rowid >> 20 FROM transcript_index WHERE transcript_index MATCH ?"
     docs = " INTERSECT ".join([one] * len(terms))
@@ -160,15 +186,23 @@ def matching_calls(db: Db, terms: Sequence[str]) -> tuple[str, str, list[str]]:
     return join, f"search_docs.doc IN ({docs})", [f'"{t}"*' for t in terms]
 
 
-def snippet(db: Db, call_id: str, terms: Sequence[str]) -> Snippet | None:
-    """The call's segment that matches most of the terms (the first such), around its first
-    match: read from the call's stored segments and marked here, the same on both backends
-    (asking the index to mark it would walk a common word's every hit once per result)."""
+def snippets(db: Db, call_ids: Sequence[str], terms: Sequence[str]) -> dict[str, Snippet]:
+    """Each call's segment that matches most of the terms (the first such), around its first
+    match: read from the calls' stored segments in one query and marked here, the same on both
+    backends (asking the index to mark them would walk a common word's every hit per result)."""
+    if not call_ids:
+        return {}
+    marks = ",".join("?" * len(call_ids))
     rows = db.execute(
-        "SELECT leg, text FROM events WHERE call_id = ? AND type = 'segment' ORDER BY start_s, id",
-        (call_id,),
+        f"SELECT call_id, leg, text FROM events WHERE call_id IN ({marks}) AND type = 'segment' "
+        "ORDER BY call_id, start_s, id",
+        tuple(call_ids),
     ).fetchall()
-    return best_snippet([(str(leg), str(text or "")) for leg, text in rows], terms)
+    segments: dict[str, list[tuple[str, str]]] = {}
+    for call_id, leg, text in rows:
+        segments.setdefault(str(call_id), []).append((str(leg), str(text or "")))
+    found = {c: best_snippet(segs, terms) for c, segs in segments.items()}
+    return {c: snippet for c, snippet in found.items() if snippet is not None}
 
 
 def best_snippet(segments: Sequence[tuple[str, str]], terms: Sequence[str]) -> Snippet | None:

@@ -847,24 +847,23 @@ class Store:
     ) -> tuple[list[tuple[CallRecord, search.Snippet | None]], int]:
         """Calls whose transcript holds every term (api/search.py), with the filters of
         `list_calls`, newest first, each with a snippet of its best-matching segment."""
-        db = self._reader_db
-        join, hits, hit_args = search.matching_calls(db, terms)
         where, args = _call_filters(front_end, status, since, until)
-        sql_from = f"FROM calls {join} WHERE {' AND '.join([hits, *where])}"
-        with self._read_lock:
+        with self._reading() as db:
+            join, hits, hit_args = search.matching_calls(db, terms)
+            sql_from = f"FROM calls {join} WHERE {' AND '.join([hits, *where])}"
             # Two queries, not a window count: a page of ids sorts top-N, not every hit.
             total = db.execute(f"SELECT COUNT(*) {sql_from}", (*hit_args, *args)).fetchone()[0]
             rows = db.execute(
                 f"SELECT {CALL_COLUMNS} {sql_from} ORDER BY started_at DESC, id LIMIT ? OFFSET ?",
                 (*hit_args, *args, limit, offset),
             ).fetchall()
-            found = [(_call_record(r), search.snippet(db, r[0], terms)) for r in rows]
+            marked = search.snippets(db, [r[0] for r in rows], terms)
+            found = [(_call_record(r), marked.get(r[0])) for r in rows]
         return found, int(total)
 
     def delete_call(self, call_id: str) -> str:
         """ "deleted", "missing", or "live" (a live call is not deleted: its words still come)."""
-        with self._read_lock:
-            db = self._reader_db
+        with self._reading() as db:
             row = db.execute("SELECT status FROM calls WHERE id = ?", (call_id,)).fetchone()
             if row is None:
                 return "missing"

@@ -12,7 +12,9 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import pytest
 
+from api import search as index
 from api.store import MIGRATIONS, Database, PerBackend, Store
 from engine.base import Segment, Word
 from telephony.session import CallEnded, CallStarted, LegEvent
@@ -210,10 +212,11 @@ async def test_words_a_call_just_said_are_found(
 
 
 def test_a_live_call_is_found_as_it_speaks_and_after_it_ends(
-    tmp_path: Path, store_url: str
+    tmp_path: Path, store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Live, each segment is its own index row; once ended they are one row: the same search
-    finds the call both ways, and a deleted call in neither."""
+    finds the call both ways, and a deleted call in neither. PostgreSQL looks few hits up by
+    id and many through the index: both ways answer the same."""
     store = Store(location(tmp_path, store_url))
     try:
         store.record(CallStarted("live", "sip", ("caller", "agent"), {}, T0))
@@ -224,6 +227,10 @@ def test_a_live_call_is_found_as_it_speaks_and_after_it_ends(
         assert store.flush()
         found, total = store.search_calls(["boiler", "leak"])
         assert [c.id for c, _ in found] == ["live"] and total == 1
+        with monkeypatch.context() as many:
+            many.setattr(index, "FEW", 1)  # every search takes the many-hits form
+            assert store.search_calls(["boiler", "leak"])[1] == 1
+            assert store.search_calls(["boiler", "zebra"]) == ([], 0)
         store.record(CallEnded("live", "sip", "hangup", T0 + 9, {"caller": 9.0}))
         assert store.flush()
         found, _ = store.search_calls(["boiler", "leak"])

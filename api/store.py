@@ -848,7 +848,8 @@ class Store:
         """Calls whose transcript holds every term (api/search.py), with the filters of
         `list_calls`, newest first, each with a snippet of its best-matching segment."""
         where, args = _call_filters(front_end, status, since, until)
-        with self._reading() as db:
+        with self._read_lock:
+            db = self._reader_db
             join, hits, hit_args = search.matching_calls(db, terms)
             sql_from = f"FROM calls {join} WHERE {' AND '.join([hits, *where])}"
             # Two queries, not a window count: a page of ids sorts top-N, not every hit.
@@ -863,7 +864,8 @@ class Store:
 
     def delete_call(self, call_id: str) -> str:
         """ "deleted", "missing", or "live" (a live call is not deleted: its words still come)."""
-        with self._reading() as db:
+        with self._read_lock:
+            db = self._reader_db
             row = db.execute("SELECT status FROM calls WHERE id = ?", (call_id,)).fetchone()
             if row is None:
                 return "missing"

@@ -3,8 +3,9 @@
     python bench/keyterms.py              # every table below (about 2-3 minutes on 2 cores)
     python bench/keyterms.py rare controls wer cost confidence   # some of them
 
-Speech: hibari-tts through 8 kHz μ-law (bench/cpu_engine.py `phone_audio`), decoded whole by
-the same `MoonshineModel.decode` that the engine's finals and partials call.
+Speech: hibari-tts through 8 kHz μ-law (bench/cpu_engine.py `phone_audio`). rare, controls
+and wer go through the engine as a call does (VAD, utterances, finals; `engine.open(...,
+keyterms=...)`); cost and confidence time `MoonshineModel.decode`, which the finals call.
 - rare: sentences with names, drugs, products and streets made for this (RARE); a rare word is
   right when its words appear in the transcript (case and punctuation aside), without and
   with the sentence's own keyterms.
@@ -20,24 +21,27 @@ the same `MoonshineModel.decode` that the engine's finals and partials call.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cpu_engine import CALL_CENTRE, VOICES, phone_audio
+from engine.base import Segment
 from engine.confidence import Combine, word_confidences
-from engine.keyterm_bias import KeytermIndex
+from engine.keyterm_bias import KeytermBias, KeytermIndex
+from engine.moonshine import MoonshineEngine
 from engine.moonshine_model import (
     FIRST_TEXT_TOKEN,
     SAMPLE_RATE,
     MoonshineModel,
     Transcript,
-    load,
     token_probability,
 )
 from telephony.audio import PcmArray, resample_whole, ulaw_decode, ulaw_encode
@@ -102,7 +106,7 @@ def noisy_audio(text: str, voice: str, snr_db: float, seed: int) -> PcmArray:
     return resample_whole(ulaw_decode(ulaw_encode(pcm)), 8000, SAMPLE_RATE)
 
 
-def as_float(pcm: PcmArray) -> np.ndarray:  # type: ignore[type-arg]
+def as_float(pcm: PcmArray) -> npt.NDArray[np.float32]:
     return pcm.astype(np.float32) / 32768.0
 
 
@@ -120,29 +124,46 @@ def decode(
     return transcript, time.perf_counter() - began
 
 
-def rare(model: MoonshineModel) -> None:
+async def engine_text(engine: MoonshineEngine, pcm: PcmArray, terms: tuple[str, ...]) -> str:
+    """The finals of `pcm` through an engine stream with `terms` as its keyterms."""
+    stream = engine.open("bench", keyterms=terms)
+    quiet = np.zeros(SAMPLE_RATE // 2, dtype=np.int16)
+    await stream.write(np.concatenate([quiet, pcm, quiet, quiet]))
+    stream.close()
+    return " ".join([e.text async for e in stream.events() if isinstance(e, Segment)])
+
+
+async def rare(engine: MoonshineEngine) -> None:
     print("## Rare words through 8 kHz μ-law, right without and with keyterms\n")
-    print(f"| {'voice':<7} | {'rare words':>10} | {'right, none':>11} | {'right, keyterms':>15} |")
-    print(f"|{'-' * 9}|{'-' * 12}|{'-' * 13}|{'-' * 17}|")
+    print("(own: the sentence's own term; all: every rare term at once, competing)\n")
+    print(
+        f"| {'voice':<7} | {'rare words':>10} | {'right, none':>11} "
+        f"| {'right, own':>10} | {'right, all':>10} |"
+    )
+    print(f"|{'-' * 9}|{'-' * 12}|{'-' * 13}|{'-' * 12}|{'-' * 12}|")
     examples: list[str] = []
     for voice in ("hibari", "lower"):
-        total = right_without = right_with = 0
+        total = right_without = right_own = right_all = 0
         for n, (text, terms) in enumerate(RARE):
             pcm = phone_audio(text, voice, "1.0x", False, seed=n)
-            plain, _ = decode(model, pcm, None)
-            biased, _ = decode(model, pcm, model.keyterm_index(terms))
+            plain = await engine_text(engine, pcm, ())
+            own = await engine_text(engine, pcm, terms)
+            competing = await engine_text(engine, pcm, RARE_TERMS)
             for term in terms:
                 total += 1
-                right_without += says(plain.text, term)
-                right_with += says(biased.text, term)
+                right_without += says(plain, term)
+                right_own += says(own, term)
+                right_all += says(competing, term)
             if voice == "hibari":
-                examples.append(f"  {plain.text!r} -> {biased.text!r}")
-        print(f"| {voice:<7} | {total:>10} | {right_without:>11} | {right_with:>15} |")
-    print("\nhibari, without -> with:\n" + "\n".join(examples) + "\n")
+                examples.append(f"  {plain!r} -> {own!r} / {competing!r}")
+        print(
+            f"| {voice:<7} | {total:>10} | {right_without:>11} | {right_own:>10} "
+            f"| {right_all:>10} |"
+        )
+    print("\nhibari, without -> own term / all terms:\n" + "\n".join(examples) + "\n")
 
 
-def controls(model: MoonshineModel) -> None:
-    index = model.keyterm_index(RARE_TERMS)
+async def controls(engine: MoonshineEngine) -> None:
     print(f"## Controls: call-centre sentences with all {len(RARE_TERMS)} rare terms boosted\n")
     print(f"| {'set':<12} | {'sentences':>9} | {'false insertions':>16} | {'changed':>7} |")
     print(f"|{'-' * 14}|{'-' * 11}|{'-' * 18}|{'-' * 9}|")
@@ -150,18 +171,17 @@ def controls(model: MoonshineModel) -> None:
         inserted = changed = 0
         for n, text in enumerate(CALL_CENTRE):
             pcm = phone_audio(text, "hibari", "1.0x", noisy, seed=n)
-            plain, _ = decode(model, pcm, None)
-            biased, _ = decode(model, pcm, index)
-            inserted += sum(says(biased.text, t) and not says(text, t) for t in RARE_TERMS)
-            if normalize(plain.text) != normalize(biased.text):
+            plain = await engine_text(engine, pcm, ())
+            biased = await engine_text(engine, pcm, RARE_TERMS)
+            inserted += sum(says(biased, t) and not says(text, t) for t in RARE_TERMS)
+            if normalize(plain) != normalize(biased):
                 changed += 1
-                print(f"  changed: {plain.text!r} -> {biased.text!r}")
+                print(f"  changed: {plain!r} -> {biased!r}")
         print(f"| {label:<12} | {len(CALL_CENTRE):>9} | {inserted:>16} | {changed:>7} |")
     print()
 
 
-def wer(model: MoonshineModel) -> None:
-    index = model.keyterm_index(UNRELATED_20)
+async def wer(engine: MoonshineEngine) -> None:
     print("## WER of the call-centre set (hibari, 1.0x), 20 unrelated keyterms vs none\n")
     print(f"| {'set':<12} | {'words':>5} | {'WER, none':>9} | {'WER, 20 keyterms':>16} |")
     print(f"|{'-' * 14}|{'-' * 7}|{'-' * 11}|{'-' * 18}|")
@@ -171,8 +191,10 @@ def wer(model: MoonshineModel) -> None:
             pcm = phone_audio(text, "hibari", "1.0x", noisy, seed=n)
             count = len(normalize(text))
             words += count
-            wrong_plain += round(word_error_rate(text, decode(model, pcm, None)[0].text) * count)
-            wrong_biased += round(word_error_rate(text, decode(model, pcm, index)[0].text) * count)
+            plain = await engine_text(engine, pcm, ())
+            biased = await engine_text(engine, pcm, UNRELATED_20)
+            wrong_plain += round(word_error_rate(text, plain) * count)
+            wrong_biased += round(word_error_rate(text, biased) * count)
         print(
             f"| {label:<12} | {words:>5} | {wrong_plain / words:>9.3f} "
             f"| {wrong_biased / words:>16.3f} |"
@@ -180,33 +202,71 @@ def wer(model: MoonshineModel) -> None:
     print()
 
 
-def cost(model: MoonshineModel) -> None:
-    print("## Decode time (call-centre set, hibari, clean; one thread), per second of audio\n")
+async def cost(engine: MoonshineEngine) -> None:
+    model = engine_model(engine)
+    print("## Decode cost (call-centre set, hibari, clean; one thread)\n")
     audio = [phone_audio(t, "hibari", "1.0x", False, seed=n) for n, t in enumerate(CALL_CENTRE)]
     seconds = sum(len(a) for a in audio) / SAMPLE_RATE
     lists = {"none": (), "20": UNRELATED_20, "100": hundred_terms()}
-    print(f"| {'keyterms':<8} | {'ms per audio s':>14} | {'index build ms':>14} |")
-    print(f"|{'-' * 10}|{'-' * 16}|{'-' * 16}|")
+    indexes: dict[str, KeytermIndex | None] = {}
+    builds: dict[str, float] = {}
     for label, terms in lists.items():
         began = time.perf_counter()
-        index = (
-            KeytermIndex(model.vocabulary, terms, first_text_id=FIRST_TEXT_TOKEN) if terms else None
+        indexes[label] = KeytermIndex(model.vocabulary, terms, FIRST_TEXT_TOKEN) if terms else None
+        builds[label] = (time.perf_counter() - began) * 1000
+    # Time inside the bias itself, apart from the decoder (whose time the other processes on
+    # the machine make vary more than the bias costs).
+    in_bias = [0.0]
+    choose = KeytermBias.choose
+
+    def timed(self: KeytermBias, logits: npt.NDArray[np.float32]) -> int:
+        began = time.perf_counter()
+        token = choose(self, logits)
+        in_bias[0] += time.perf_counter() - began
+        return token
+
+    KeytermBias.choose = timed  # type: ignore[method-assign]
+    best: dict[str, list[float]] = {label: [float("inf")] * len(audio) for label in lists}
+    bias_s = dict.fromkeys(lists, 0.0)
+    steps = 0
+    try:
+        for run in range(3):  # interleaved, the fastest of three per sentence
+            for n, pcm in enumerate(audio):
+                for label, index in indexes.items():
+                    in_bias[0] = 0.0
+                    transcript, took = decode(model, pcm, index)
+                    best[label][n] = min(best[label][n], took)
+                    if run == 0:
+                        bias_s[label] += in_bias[0]
+                        steps += (len(transcript.pieces) + 1) * (label == "none")
+    finally:
+        KeytermBias.choose = choose  # type: ignore[method-assign]
+    print(
+        f"| {'keyterms':<8} | {'decode ms per audio s':>21} | {'in the bias, ms per audio s':>27} "
+        f"| {'index build ms':>14} |"
+    )
+    print(f"|{'-' * 10}|{'-' * 23}|{'-' * 29}|{'-' * 16}|")
+    for label in lists:
+        print(
+            f"| {label:<8} | {sum(best[label]) / seconds * 1000:>21.1f} "
+            f"| {bias_s[label] / seconds * 1000:>27.2f} | {builds[label]:>14.1f} |"
         )
-        build = (time.perf_counter() - began) * 1000
-        runs = []
-        for _ in range(2):  # the faster of two passes: other processes share the cores
-            total = sum(decode(model, pcm, index)[1] for pcm in audio)
-            runs.append(total)
-        print(f"| {label:<8} | {min(runs) / seconds * 1000:>14.1f} | {build:>14.1f} |")
     logits = np.random.default_rng(0).standard_normal(len(model.vocabulary)).astype(np.float32)
     began = time.perf_counter()
     for _ in range(2000):
         token_probability(logits, 5)
     per_token = (time.perf_counter() - began) / 2000 * 1e6
-    print(f"\nconfidence: softmax of one token {per_token:.0f} µs (a decoder step is ms)\n")
+    per_audio_s = per_token * steps / seconds / 1000  # ms of softmax per second of audio
+    decode_ms = sum(best["none"]) / seconds * 1000
+    print(
+        f"\nconfidence: the softmax for one token's probability takes {per_token:.0f} µs; "
+        f"{steps / seconds:.1f} tokens per second of audio make {per_audio_s:.2f} ms per "
+        f"second of audio, {per_audio_s / decode_ms:.2%} of the decode\n"
+    )
 
 
-def confidence(model: MoonshineModel) -> None:
+async def confidence(engine: MoonshineEngine) -> None:
+    model = engine_model(engine)
     how: tuple[Combine, ...] = ("min", "mean", "geometric")
     marked: dict[Combine, list[tuple[float, bool]]] = {h: [] for h in how}
     for snr in (10.0, 3.0):
@@ -229,9 +289,9 @@ def confidence(model: MoonshineModel) -> None:
     for h in how:
         for label, low, high in (("< 0.5", 0.0, 0.5), ("0.5-0.9", 0.5, 0.9), ("> 0.9", 0.9, 1.1)):
             band = [ok for c, ok in marked[h] if low <= c < high]
-            bad = sum(not ok for ok in band)
-            share = f"{bad / len(band):.0%}" if band else "-"
-            print(f"| {h:<10} | {label:<8} | {len(band):>5} | {bad:>5} | {share:>7} |")
+            errs = sum(not ok for ok in band)
+            share = f"{errs / len(band):.0%}" if band else "-"
+            print(f"| {h:<10} | {label:<8} | {len(band):>5} | {errs:>5} | {share:>7} |")
     print(f"\n| {'word score':<10} | {'mean, right':>11} | {'mean, wrong':>11} | {'AUC':>5} |")
     print(f"|{'-' * 12}|{'-' * 13}|{'-' * 13}|{'-' * 7}|")
     for h in how:
@@ -247,19 +307,31 @@ def confidence(model: MoonshineModel) -> None:
     print()
 
 
+def engine_model(engine: MoonshineEngine) -> MoonshineModel:
+    assert engine.model is not None
+    return engine.model
+
+
+async def run(tables: list[str]) -> None:
+    engine = MoonshineEngine(cache_dir=MODEL_CACHE, capacity=4, partial_interval_s=0)
+    await engine.start()
+    steps = {"rare": rare, "controls": controls, "wer": wer, "cost": cost}
+    try:
+        for table in tables:
+            await {**steps, "confidence": confidence}[table](engine)
+    finally:
+        await engine.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    tables = ("rare", "controls", "wer", "cost", "confidence")
+    tables = ["rare", "controls", "wer", "cost", "confidence"]
     parser.add_argument("tables", nargs="*", help=f"any of {', '.join(tables)} (default: all)")
     args = parser.parse_args()
     unknown = set(args.tables) - set(tables)
     if unknown:
         parser.error(f"unknown table(s): {', '.join(sorted(unknown))}")
-    model = load("", MODEL_CACHE)
-    for table in args.tables or tables:
-        {"rare": rare, "controls": controls, "wer": wer, "cost": cost, "confidence": confidence}[
-            table
-        ](model)
+    asyncio.run(run(args.tables or tables))
 
 
 if __name__ == "__main__":

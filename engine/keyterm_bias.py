@@ -39,8 +39,10 @@ class BiasSettings:
     continue_margin: float = 8.0  # its next tokens, once it has started
     continue_boost: float = 8.0
     max_deficit: float = 14.0  # sum of (best - chosen) logits over a term's tokens: back off past
-    # A first token spelling fewer letters of the term starts it only as the model's own pick
+    # A first token spelling fewer letters of the term (" X" of "Xarelto") starts so many
+    # words that it is boosted only this close to the best ("oak" is not to become "Ozempic")
     min_start_chars: int = 2
+    short_start_margin: float = 1.5
 
 
 DEFAULT_SETTINGS: Final = BiasSettings()
@@ -137,12 +139,13 @@ class KeytermBias:
 
         for walk in self._walks:
             for token, end in self._index.steps[walk.term][walk.offset]:
-                offer(token, walk.term, end, walk.deficit, False)
+                # A term begun on one letter is weak evidence: it goes on as a start would.
+                offer(token, walk.term, end, walk.deficit, walk.offset - 1 < s.min_start_chars)
         index = self._index
         near = np.flatnonzero(logits[index.start_tokens] >= best - s.start_margin)
         for i in near.tolist():
             token, end = int(index.start_tokens[i]), index.start_ends[i]
-            if end - 1 < s.min_start_chars and token != best_token:
+            if end - 1 < s.min_start_chars and best - float(logits[token]) > s.short_start_margin:
                 continue  # " O" is the start of too many words to be pushed for "Ozempic"
             offer(token, index.start_terms[i], end, 0.0, True)
 

@@ -114,13 +114,19 @@ def test_a_term_whose_path_collapses_is_dropped() -> None:
     assert bias.choose(logits(PAD, rel=3.0)) == PAD  # 7 > 6: backed off, not forced
 
 
-def test_single_letter_starts_are_not_pushed() -> None:
+def test_single_letter_starts_are_pushed_only_when_nearly_best() -> None:
     index = KeytermIndex(VOCAB, ["Zero"], first_text_id=3)
-    bias = KeytermBias(index)
-    assert bias.choose(logits(THE, _Z=0.5)) == THE  # " Z" spells one letter: too common
-    # ...but if the model writes it itself, the term goes on from there
-    assert bias.choose(logits(8, ero=3.0)) == 8
-    assert bias.choose(logits(PAD, ero=3.0)) == VOCAB.index("ero")
+    settings = BiasSettings()
+    far = KeytermBias(index, settings)
+    # " Z" spells one letter, the start of too many words: pushed only from close to the best
+    assert far.choose(logits(THE, _Z=settings.short_start_margin + 0.5)) == THE
+    near = KeytermBias(index, settings)
+    assert near.choose(logits(THE, _Z=settings.short_start_margin - 0.5)) == 8
+    # one letter is weak evidence: the term goes on only within the start margin, not wider
+    assert near.choose(logits(PAD, ero=settings.start_margin + 1.0)) == PAD
+    own = KeytermBias(index, settings)
+    assert own.choose(logits(8)) == 8  # the model's own " Z"
+    assert own.choose(logits(PAD, ero=settings.start_margin - 1.0)) == VOCAB.index("ero")
 
 
 def test_padding_between_the_words_of_a_term_keeps_it_going() -> None:

@@ -6,13 +6,12 @@ word the model already knew; bench/keyterms.py measures the same things on more 
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 
 import numpy as np
 import pytest
 
-from engine.base import EngineEvent, Partial, Segment, Word
+from engine.base import EngineEvent, Segment, Word
 from engine.moonshine import MoonshineEngine
 from telephony.audio import PcmArray, resample_whole, ulaw_decode, ulaw_encode
 from tests.conftest import MODEL_CACHE
@@ -28,13 +27,13 @@ from tests.speech import (
 )
 
 RATE = 16000
-# Rare words the model misspells through the phone path (measured: "Xerilto", "Zintricks",
-# "Branock", "Quillen"), each with the keyterm that names it.
+# Rare words the model misspells through the phone path (measured: "quill and", "a liquis",
+# "Berlinta", "Trimphia"), each with the keyterm that names it; all four are boosted at once.
 RARE = (
-    ("Please take your Xarelto twice a day with food.", "Xarelto"),
-    ("The new Zyntrix router keeps dropping the connection.", "Zyntrix"),
-    ("I live at forty two Brannock Street.", "Brannock Street"),
     ("I bought the Quillon speaker from your store.", "Quillon"),
+    ("The pharmacy switched me to Eliquis last week.", "Eliquis"),
+    ("He takes Brilinta after his heart surgery.", "Brilinta"),
+    ("The Tremfya injection arrived damaged.", "Tremfya"),
 )
 TERMS = tuple(term for _, term in RARE)
 
@@ -76,7 +75,7 @@ def text_of(events: list[EngineEvent]) -> str:
     return " ".join(e.text for e in events if isinstance(e, Segment))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 async def engine() -> MoonshineEngine:
     engine = MoonshineEngine(cache_dir=MODEL_CACHE, capacity=4, partial_interval_s=0)
     await engine.start()
@@ -97,14 +96,14 @@ async def test_rare_words_are_right_with_keyterms_and_not_without(
 
 async def test_server_wide_keyterms_apply_to_every_stream() -> None:
     engine = MoonshineEngine(
-        cache_dir=MODEL_CACHE, capacity=1, partial_interval_s=0, keyterms=("Zyntrix",)
+        cache_dir=MODEL_CACHE, capacity=1, partial_interval_s=0, keyterms=("Tremfya",)
     )
     await engine.start()
     try:
-        text = text_of(await transcribe(engine, phone_pcm(RARE[1][0])))
+        text = text_of(await transcribe(engine, phone_pcm(RARE[3][0])))
     finally:
         await engine.stop()
-    assert says(text, "Zyntrix"), text
+    assert says(text, "Tremfya"), text
 
 
 async def test_boosted_terms_are_not_put_where_they_were_not_said(
@@ -117,31 +116,13 @@ async def test_boosted_terms_are_not_put_where_they_were_not_said(
         assert normalize(boosted) == normalize(plain), boosted
 
 
-async def test_partials_use_the_keyterms_too() -> None:
-    engine = MoonshineEngine(cache_dir=MODEL_CACHE, capacity=1, partial_interval_s=0.8)
-    await engine.start()
-    try:
-        stream = engine.open("partials", keyterms=("Xarelto",))
-        pcm = phone_pcm("Please take your Xarelto twice a day with food and plenty of water.")
-        for frame in np.split(pcm, range(320, len(pcm), 320)):
-            stream.push(frame)  # 20 ms frames in real time: partials need a stream not behind
-            await asyncio.sleep(0.02)
-        stream.close()
-        events = [event async for event in stream.events()]
-    finally:
-        await engine.stop()
-    partials = [e.text for e in events if isinstance(e, Partial)]
-    assert any(says(p, "Xarelto") for p in partials), partials
-    assert says(text_of(events), "Xarelto")
-
-
 async def test_wrong_words_have_lower_confidence_than_right_ones(
     engine: MoonshineEngine,
 ) -> None:
     right: list[float] = []
     wrong: list[float] = []
     for n, text in enumerate(SENTENCES):
-        events = await transcribe(engine, noisy_pcm(text, snr_db=3.0, seed=n))
+        events = await transcribe(engine, noisy_pcm(text, snr_db=0.0, seed=n))
         words = [e for e in events if isinstance(e, Word)]
         for word, ok in zip(words, words_right(text, [w.text for w in words]), strict=True):
             assert word.confidence is not None and 0.0 <= word.confidence <= 1.0

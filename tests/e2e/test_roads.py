@@ -23,6 +23,14 @@ from tests.e2e.test_security import OPEN_ROUTES, concrete, routes, sink_config
 
 INGEST, READ, ADMIN, PLAIN = "k-ingest-51c2", "k-read-8e07", "k-admin-3a9d", "k-plain-77f0"
 KEYS = (f"{INGEST}:ingest", f"{READ}:read", f"{ADMIN}:admin", PLAIN)
+CARRIERS = (  # each carrier's media stream (telephony/carriers), when its own token is unset
+    "/telnyx/media",
+    "/plivo/media",
+    "/vonage/media",
+    "/exotel/media",
+    "/signalwire/media",
+    "/jambonz/listen",
+)
 # What each scope is for, as the issue says it; a route in none of these needs admin.
 AUDIO = {
     "/",
@@ -37,6 +45,8 @@ AUDIO = {
     "/asterisk/media",
     "/asterisk/aeap",
     "/api/asr-streaming",
+    *CARRIERS,
+    "/audiohook",
 }
 READ_ROUTES = {
     "/v1/calls",
@@ -48,7 +58,7 @@ READ_ROUTES = {
     "/v1/webhooks/{id}",
 }
 # Refused with an HTTP status before the upgrade, as those servers (and Twilio) expect.
-HTTP_REFUSED = ("/api/asr-streaming", "/twilio/")  # and /v1/listen under any prefix
+HTTP_REFUSED = ("/api/asr-streaming", "/twilio/", "/audiohook", *CARRIERS)  # and */v1/listen
 TWILIO = {"/twilio/voice", "/twilio/media"}
 
 

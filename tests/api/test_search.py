@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -242,3 +243,28 @@ def test_a_live_call_is_found_as_it_speaks_and_after_it_ends(
         assert store.search_calls(["boiler"]) == ([], 0)
     finally:
         store.close()
+
+
+def test_retention_takes_calls_out_of_the_index(tmp_path: Path, store_url: str) -> None:
+    where = location(tmp_path, store_url)
+    store = Store(where)
+    now = time.time()
+    record(store, "old", now - 40 * 86400, {"caller": ["the gutter is blocked"]})
+    record(store, "new", now - 86400, {"caller": ["the gutter overflows"]})
+    assert store.flush()
+    assert store.search_calls(["gutter"])[1] == 2
+    store.close()
+    store = Store(where, retention_s=30 * 86400)  # retention runs as the store opens
+    try:
+        found, total = store.search_calls(["gutter"])
+        assert [c.id for c, _ in found] == ["new"] and total == 1
+        assert store.search_calls(["blocked"]) == ([], 0)
+    finally:
+        store.close()
+    # Gone from the index itself, not only unreachable from the calls table.
+    db = Database(where)
+    try:
+        left = db.execute("SELECT COUNT(*) FROM transcript_index WHERE text LIKE ?", ("%gutter%",))
+        assert left.fetchone()[0] == 1
+    finally:
+        db.close()

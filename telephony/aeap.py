@@ -30,6 +30,7 @@ from telephony.audio import WIRE_RATES, AudioDecoder, Encoding
 from telephony.errors import ProtocolError, rejection_for
 from telephony.limits import clean_labels, limits_of, parse_json
 from telephony.session import Call, CallHub, Draining
+from telephony.ws_front import HUB
 
 log = logging.getLogger(__name__)
 
@@ -332,8 +333,6 @@ def _dump(message: Mapping[str, Any]) -> str:
 
 
 # --- aiohttp adapter --------------------------------------------------------------------------
-
-HUB: Final = web.AppKey("aeap_hub", CallHub)
 
 
 @dataclass(eq=False)

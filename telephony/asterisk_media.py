@@ -25,8 +25,9 @@ from aiohttp import WSMessage, WSMsgType, web
 from engine.base import BridgeError, EngineFull
 from telephony.audio import AudioDecoder, Encoding, PcmArray
 from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
-from telephony.limits import CALL_ID_MAX_CHARS, clean_labels, messages, open_websocket, parse_json
+from telephony.limits import CALL_ID_MAX_CHARS, clean_labels, parse_json
 from telephony.session import Call, CallHub, Draining
+from telephony.ws_front import HUB, messages, open_websocket
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +224,6 @@ class AsteriskMediaCodec:
 
 
 # --- aiohttp adapter --------------------------------------------------------------------------
-
-HUB: Final = web.AppKey("asterisk_media_hub", CallHub)
 
 
 async def handle_media(request: web.Request) -> web.StreamResponse:

@@ -26,8 +26,9 @@ from aiohttp import WSMessage, WSMsgType, web
 from engine.base import BridgeError, EngineEvent, event_to_json
 from telephony.audio import PcmArray, ResampleStream, deinterleave, pcm16_decode
 from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
-from telephony.limits import messages, open_websocket, parse_json
+from telephony.limits import parse_json
 from telephony.session import AudioDropped, Call, CallHub, bus_event_to_json
+from telephony.ws_front import HUB, messages, open_websocket
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,6 @@ def _quiet(task: asyncio.Future[None]) -> None:
 
 
 # --- aiohttp adapter --------------------------------------------------------------------------
-
-HUB: Final = web.AppKey("audio_fork_hub", CallHub)
 
 
 async def handle_fork(request: web.Request) -> web.StreamResponse:

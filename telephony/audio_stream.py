@@ -28,8 +28,9 @@ from engine.base import BridgeError, Closed, EngineEvent, event_to_json
 from telephony import audio_fork
 from telephony.audio import PcmArray, ResampleStream, deinterleave, pcm16_decode
 from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
-from telephony.limits import clean_labels, heartbeat_for, limits_of, messages, parse_json
+from telephony.limits import clean_labels, limits_of, parse_json
 from telephony.session import AudioDropped, Call, CallHub, bus_event_to_json
+from telephony.ws_front import HUB, heartbeat_for, messages
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,6 @@ class AudioStreamCodec:
 
 
 # --- aiohttp adapter --------------------------------------------------------------------------
-
-HUB: Final = web.AppKey("audio_stream_hub", CallHub)
 
 
 async def handle_stream(request: web.Request) -> web.StreamResponse:
@@ -245,6 +244,5 @@ def add_routes(app: web.Application, hub: CallHub) -> None:
     """Both FreeSWITCH modules on `/freeswitch` and `/freeswitch/{call_id}` (instead of
     `audio_fork.add_routes`)."""
     app[HUB] = hub
-    app[audio_fork.HUB] = hub
     app.router.add_get("/freeswitch", handle_freeswitch)
     app.router.add_get("/freeswitch/{call_id}", handle_freeswitch)

@@ -43,9 +43,9 @@ from telephony.audiohook import (
     transcript_entity,
 )
 from telephony.audiohook_signature import SignatureCheck, verify_request
-from telephony.limits import messages, open_websocket
 from telephony.session import Call, CallHub
 from telephony.transcript import InvalidOptions, TranscriptOptions, transcript_options
+from telephony.ws_front import HUB, messages, open_websocket
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,6 @@ PATH: Final = "/audiohook"
 MIN_FAILURE_S: Final = 0.5  # a refused signature is answered no sooner (upstream's 500 ms)
 ENCODINGS: Final = {"PCMU": Encoding.MULAW, "L16": Encoding.PCM16}
 
-HUB: Final = web.AppKey("audiohook_hub", CallHub)
 CONFIG: Final = web.AppKey("audiohook_config", AudioHookConfig)
 KEYS_ON: Final = web.AppKey("audiohook_keys_on", bool)
 

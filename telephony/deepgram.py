@@ -33,9 +33,10 @@ from engine.keyterms import InvalidKeyterms, parse_keywords
 from telephony.audio import WIRE_RATES, AudioDecoder, Encoding, PcmArray, ResampleStream
 from telephony.audio import deinterleave as split_channels
 from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
-from telephony.limits import limits_of, messages, open_websocket, parse_json
+from telephony.limits import limits_of, parse_json
 from telephony.session import Call, CallHub
 from telephony.transcript import NO_OPTIONS, InvalidOptions, TranscriptOptions, transcript_options
+from telephony.ws_front import HUB, messages, open_websocket
 
 log = logging.getLogger(__name__)
 
@@ -636,8 +637,6 @@ def _dumps(message: dict[str, Any]) -> str:
 
 
 # --- aiohttp adapter --------------------------------------------------------------------------
-
-HUB: Final = web.AppKey("deepgram_hub", CallHub)
 
 
 def _model_info(hub: CallHub) -> ModelInfo:

@@ -7,7 +7,7 @@ aiohttp server goes from 9.5 to 6 µs per frame without it, `/v1/stream` from 24
 (200 calls, bench/ws_floor.py and bench/load.py).
 
 `DirectWebSocket` gives aiohttp's parser a queue that first offers each message to the
-handler's `direct` function (see `telephony.limits.messages`), synchronously, when the handler
+handler's `direct` function (see `telephony.ws_front.messages`), synchronously, when the handler
 is waiting for a message and nothing is queued ahead of it, so order is kept. The function
 returns True when it has handled the message (pushed the audio), False to let the message go
 through the queue to the handler's loop as before. An exception it raises comes out of the

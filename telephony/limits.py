@@ -7,26 +7,23 @@
   encoded), no NUL or control character, bounded in length.
 - `SourceLog`: one log line per source per minute, so a flood cannot fill the disk.
 - `ConnectionGate`: open connections per source address and in total, per listener.
-- `open_websocket` / `messages`: a WebSocket with the configured message size, closed with 1008
-  when the client sends nothing (or trickles one frame) for `idle_timeout_s`.
 
+The WebSocket a front end reads (message size, idle timeout) is telephony/ws_front.py's.
 The limits themselves are `api.config.LimitsConfig` ([limits] in the config file).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
 import orjson
-from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
+from aiohttp import web
 
 from telephony.config import LimitsConfig
-from telephony.direct_ws import DIRECT_SUPPORTED, DirectHandler, DirectWebSocket
 
 LIMITS: Final = web.AppKey("limits", LimitsConfig)
 MAX_JSON_DEPTH: Final = 64
@@ -188,120 +185,3 @@ class RateLimit:
 
 def limits_of(request: web.Request) -> LimitsConfig:
     return request.app.get(LIMITS) or LimitsConfig()
-
-
-HEARTBEAT_S: Final = 30.0
-
-
-def heartbeat_for(request: web.Request, read_by_messages: bool) -> float | None:
-    """aiohttp's ping heartbeat, or None where `messages` watches the client already.
-
-    A connection read through `messages` is closed once silent for `idle_timeout_s`, which
-    finds a dead peer as a ping would. The heartbeat re-arms a timer after every message
-    received (a loop callback per 20 ms audio frame: 3-4 % of the server at 200 calls), so
-    audio connections go without it.
-    """
-    if read_by_messages and limits_of(request).idle_timeout_s > 0:
-        return None
-    return HEARTBEAT_S
-
-
-def open_websocket(
-    request: web.Request,
-    protocols: tuple[str, ...] = (),
-    max_msg_size: int | None = None,
-    read_by_messages: bool = False,
-) -> web.WebSocketResponse:
-    """A WebSocketResponse with the configured message size (over it: close 1009).
-    `read_by_messages`: the handler reads it through `messages` (see `heartbeat_for`), which
-    may then hand messages to a `direct` function as they are parsed (telephony/direct_ws.py)."""
-    limits = limits_of(request)
-    size = limits.websocket_max_message_bytes if max_msg_size is None else max_msg_size
-    heartbeat = heartbeat_for(request, read_by_messages)
-    kind = DirectWebSocket if read_by_messages and DIRECT_SUPPORTED else web.WebSocketResponse
-    return kind(protocols=protocols, heartbeat=heartbeat, max_msg_size=size)
-
-
-async def messages(
-    ws: web.WebSocketResponse,
-    request: web.Request,
-    idle_s: float | None = None,
-    on_idle: Callable[[], Awaitable[None]] | None = None,
-    direct: DirectHandler | None = None,
-) -> AsyncIterator[WSMessage]:
-    """`async for msg in ws`, except that a client silent for `idle_timeout_s` (a whole
-    message must arrive in that time: trickling one frame does not count) is closed with 1008.
-    A protocol with its own idle rule passes `idle_s` and `on_idle` (which closes the socket
-    its own way); iteration then ends as for any close.
-
-    One watchdog per connection checks the time of the last whole message, waking once per
-    `idle_timeout_s`: a timeout around every `receive` cost 6 % of the server's time at
-    100 calls (py-spy), an audio frame being a message every 20 ms.
-
-    `direct(msg)`, on a socket from `open_websocket(read_by_messages=True)`, is offered each
-    message as it is parsed while this loop waits with nothing queued (telephony/direct_ws.py):
-    True when it handled it, False to have it yielded here in order. It must do exactly what
-    the loop body does with such a message: on an aiohttp without the hook every message is
-    yielded. What it raises is raised here, in place of that message.
-    """
-    loop = asyncio.get_running_loop()
-    if idle_s is None:
-        idle_s = limits_of(request).idle_timeout_s
-    last = loop.time()
-    # The handler is at work on a message (waiting for room in the engine's buffer: the client
-    # is slowed, not silent): the time until it reads again is not the client's idleness.
-    busy = False
-
-    async def watch() -> None:
-        assert idle_s is not None
-        while not ws.closed:
-            wait = last + idle_s - loop.time()
-            if wait <= 0 and busy:
-                wait = idle_s  # looked at again once the handler reads
-            elif wait <= 0:
-                if on_idle is not None:
-                    await on_idle()
-                else:
-                    await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"idle timeout")
-                return
-            await asyncio.sleep(wait)
-
-    # Without a `direct` function (or without the hook) this is the plain loop.
-    queue = ws.direct_queue if direct is not None and isinstance(ws, DirectWebSocket) else None
-    if queue is not None:
-        assert direct is not None
-
-        def handled(msg: WSMessage) -> bool:
-            nonlocal last
-            if direct(msg):
-                last = loop.time()
-                return True
-            return False
-
-        queue.direct = handled
-
-    watchdog = loop.create_task(watch()) if idle_s > 0 else None
-    try:
-        while True:
-            if queue is None:
-                msg = await ws.receive()
-            else:
-                queue.waiting = True
-                try:
-                    msg = await ws.receive()
-                finally:
-                    queue.waiting = False
-                if queue.error is not None:
-                    error, queue.error = queue.error, None
-                    raise error
-            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                return
-            busy = True
-            yield msg
-            busy = False
-            last = loop.time()
-    finally:
-        if queue is not None:
-            queue.direct = None
-        if watchdog is not None:
-            watchdog.cancel()

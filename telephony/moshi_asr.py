@@ -32,10 +32,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 from engine.base import BridgeError, EngineEvent, EngineFull, ModelStep, Word
 from telephony.audio import PcmArray, ResampleStream, float_to_pcm16, resample_whole
 from telephony.errors import ProtocolError, rejection_for
-from telephony.limits import limits_of, open_websocket
-from telephony.limits import messages as ws_messages
+from telephony.limits import limits_of
 from telephony.session import Call, CallHub, ReplyCallback, Session
-from telephony.websocket import HUB
+from telephony.ws_front import HUB, open_websocket
+from telephony.ws_front import messages as ws_messages
 
 log = logging.getLogger(__name__)
 

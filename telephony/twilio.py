@@ -13,7 +13,6 @@ See ../shared/protocols/twilio-media-streams.md.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import logging
@@ -26,26 +25,30 @@ from aiohttp import WSMessage, WSMsgType, web
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Start, VoiceResponse
 
-from engine.base import BridgeError
-from telephony.audio import AudioDecoder, Encoding
+from telephony.audio import Encoding
 from telephony.config import TwilioConfig
-from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
-from telephony.limits import messages, open_websocket, parse_json
-from telephony.session import Call, CallHub
+from telephony.errors import ProtocolError
+from telephony.limits import parse_json
+from telephony.session import CallHub
 from telephony.transcript import TranscriptOptions, transcript_options
+from telephony.ws_front import (
+    HUB,
+    AudioFormat,
+    Dtmf,
+    OpenCall,
+    Received,
+    Stopped,
+    WsCodec,
+    run_stream,
+)
+from telephony.ws_front import Media as FrontMedia
+from telephony.ws_front import Skipped as FrontSkipped
 
 log = logging.getLogger(__name__)
 
 FRONT_END: Final = "twilio"
 LEG_OF_TRACK: Final = {"inbound": "caller", "outbound": "agent"}
 RATE: Final = 8000
-# A jump in media.timestamp beyond this is a gap (silence suppression, loss): filled with silence
-# so later words keep their place on the call's timeline.
-GAP_TOLERANCE_SAMPLES: Final = 160
-# A jump beyond this (10 s, as RTP's) is a clock reset or a hostile timestamp, not loss: the
-# timeline resynchronises instead of allocating the gap as silence.
-MAX_GAP_SAMPLES: Final = 10 * RATE
-ULAW_SILENCE: Final = b"\xff"  # μ-law code of 0
 DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 
 
@@ -231,7 +234,6 @@ def _signature_ok(config: TwilioConfig, url: str, params: Mapping[str, str], hea
 
 # --- aiohttp adapter --------------------------------------------------------------------------
 
-HUB: Final = web.AppKey("twilio_hub", CallHub)
 CONFIG: Final = web.AppKey("twilio_config", TwilioConfig)
 
 
@@ -258,42 +260,38 @@ async def handle_voice(request: web.Request) -> web.Response:
     return web.Response(text=voice_twiml(base, form, config), content_type="application/xml")
 
 
-class _Legs:
-    """μ-law 8 kHz per track → the engine's rate per leg, gaps in media.timestamp as silence."""
+class TwilioFront(WsCodec):
+    """Twilio's stream for the WebSocket adapter (telephony/ws_front.py): a phone call, pushed
+    in real time; tracks are legs, media.timestamp is the stream's clock from 0."""
 
-    def __init__(self, call: Call) -> None:
-        self.call = call
-        self._decoders = {
-            leg: AudioDecoder(Encoding.MULAW, RATE, call.sample_rate) for leg in call.legs
-        }
-        self._samples = dict.fromkeys(call.legs, 0)
+    front_end = FRONT_END
+    closed_reason = "socket closed without stop"
 
-    def media(self, event: Media) -> None:
-        leg = LEG_OF_TRACK[event.track]
-        decoder = self._decoders.get(leg)
-        if decoder is None:
-            return  # a track the start message did not announce
-        payload = event.payload
-        at = event.timestamp_ms * RATE // 1000
-        gap = at - self._samples[leg]
-        if gap > MAX_GAP_SAMPLES:
-            self._samples[leg] = at  # a clock jump: resynchronise, allocate nothing
-        elif gap > GAP_TOLERANCE_SAMPLES:
-            payload = ULAW_SILENCE * gap + payload
-        self._samples[leg] += len(payload)  # a μ-law byte is a sample
-        pcm = decoder.feed(payload)
-        if len(pcm):
-            self.call.leg(leg).push(pcm)
+    def __init__(self) -> None:
+        self.codec = TwilioMediaCodec()
 
-    def dtmf(self, digit: str) -> None:
-        # Twilio reports keys on the inbound track; an outbound-only stream has only the
-        # agent's leg, which then carries them.
-        leg = "caller" if "caller" in self.call.legs else next(iter(self.call.legs))
-        self.call.leg(leg).dtmf(digit, self._decoders[leg].seconds_in)
-
-    def flush(self) -> None:
-        for leg, decoder in self._decoders.items():
-            self.call.leg(leg).push(decoder.flush())
+    def receive(self, msg: WSMessage) -> Received:
+        if msg.type != WSMsgType.TEXT:
+            return None
+        event = self.codec.receive(msg.data)
+        if isinstance(event, Media):
+            return FrontMedia(LEG_OF_TRACK[event.track], event.payload, event.timestamp_ms)
+        if isinstance(event, StreamStarted):
+            return OpenCall(
+                legs=tuple(LEG_OF_TRACK[t] for t in event.tracks),
+                audio=AudioFormat(Encoding.MULAW, RATE),
+                call_id=event.call_sid,
+                labels=_labels(event),
+                options=_options(event),
+                clock_from_zero=True,
+            )
+        if isinstance(event, DtmfDigit):
+            return Dtmf(event.digit)
+        if isinstance(event, StreamStopped):
+            return Stopped("stop")
+        if isinstance(event, Skipped):
+            return FrontSkipped(event.reason)
+        return None  # connected, mark: nothing to do
 
 
 async def handle_media(request: web.Request) -> web.StreamResponse:
@@ -308,63 +306,7 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
                 extra={"front_end": FRONT_END, "remote": request.remote},
             )
             return web.Response(status=403, text="invalid X-Twilio-Signature")
-    ws = open_websocket(request, read_by_messages=True)
-    await ws.prepare(request)
-    codec = TwilioMediaCodec()
-    call: Call | None = None
-    legs: _Legs | None = None
-    reason = "socket closed without stop"
-
-    def media(msg: WSMessage) -> bool:
-        """The loop's media branch, as frames are parsed. Anything else is parsed again in
-        the loop, which is harmless: only `start` changes the codec, and this takes none
-        before the call is open (a second one raises here as there)."""
-        if msg.type != WSMsgType.TEXT or legs is None or legs.call.ended:
-            return False
-        event = codec.receive(msg.data)
-        if not isinstance(event, Media):
-            return False
-        legs.media(event)
-        return True
-
-    try:
-        async for msg in messages(ws, request, direct=media):
-            if msg.type != WSMsgType.TEXT:
-                continue
-            event = codec.receive(msg.data)
-            if isinstance(event, StreamStarted):
-                call = request.app[HUB].open_call(
-                    FRONT_END,
-                    legs=tuple(LEG_OF_TRACK[t] for t in event.tracks),
-                    call_id=event.call_sid,
-                    labels=_labels(event),
-                    options=_options(event),
-                )
-                legs = _Legs(call)
-            elif isinstance(event, Media) and legs is not None:
-                legs.media(event)
-                if legs.call.ended:  # by the engine (a lost engine node)
-                    break
-            elif isinstance(event, DtmfDigit) and legs is not None:
-                legs.dtmf(event.digit)
-            elif isinstance(event, StreamStopped):
-                reason = "stop"
-                break
-            elif isinstance(event, Skipped):
-                log.info("twilio message skipped: %s", event.reason, extra={"front_end": FRONT_END})
-    except BridgeError as exc:
-        log.warning("twilio stream closed: %s", exc, extra={"front_end": FRONT_END})
-        reason = f"rejected: {exc}"
-        await ws.close(code=rejection_for(exc).ws_close, message=str(exc).encode()[:120])
-    finally:
-        if legs is not None:
-            legs.flush()
-        if call is not None:
-            await asyncio.shield(call.end(reason))
-        if not ws.closed:
-            code, message = ws_close_at_end(call)
-            await ws.close(code=code, message=message)
-    return ws
+    return await run_stream(request, TwilioFront())
 
 
 def _labels(event: StreamStarted) -> dict[str, str]:

@@ -33,9 +33,10 @@ from multidict import MultiMapping
 from engine.base import BridgeError, Closed, EngineEvent, event_to_json
 from telephony.audio import SUPPORTED_RATES, AudioDecoder, Encoding, PcmArray
 from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
-from telephony.limits import messages, open_websocket, parse_json
-from telephony.session import CallHub, Session
+from telephony.limits import parse_json
+from telephony.session import Session
 from telephony.transcript import NO_OPTIONS, TranscriptOptions, transcript_options
+from telephony.ws_front import HUB, messages, open_websocket
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +177,6 @@ class ListenCodec:
 
 
 # --- asyncio adapter --------------------------------------------------------------------------
-
-HUB: Final = web.AppKey("call_hub", CallHub)
 
 
 def is_websocket_upgrade(request: web.Request) -> bool:

@@ -19,7 +19,7 @@ from aiohttp import WSCloseCode, web
 
 from telephony.limits import limits_of
 from telephony.session import CallHub, CallStarted, Subscription, bus_event_to_json
-from telephony.websocket import HUB
+from telephony.ws_front import HUB
 
 ALL_CALLS_QUEUE: Final = 10_000
 ONE_CALL_QUEUE: Final = 1_000

@@ -6,9 +6,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from telephony.audio import WIRE_RATES, Encoding
+from telephony.audio import WIRE_RATES
 from telephony.errors import ProtocolError
 from telephony.twilio import DTMF_DIGITS
+from telephony.ws_front import AudioFormat as WireFormat
+
+# The adapter's own events, as the carriers' codecs yield them.
+from telephony.ws_front import Dtmf as Dtmf
+from telephony.ws_front import Media as Media
+from telephony.ws_front import Skipped as Skipped
+from telephony.ws_front import Stopped as Stopped
 
 LEG_OF_TRACK: Final = {"inbound": "caller", "outbound": "agent"}
 STEREO_LEGS: Final = ("caller", "agent")  # jambonz stereo: the caller's channel first
@@ -20,10 +27,8 @@ class CarrierStreamError(ProtocolError):
 
 
 @dataclass(frozen=True)
-class AudioFormat:
-    encoding: Encoding
-    rate: int
-    channels: int = 1  # 2: samples interleaved, one channel per leg (jambonz stereo)
+class AudioFormat(WireFormat):
+    """The adapter's wire format, refused at once when no decoder takes its rate."""
 
     def __post_init__(self) -> None:
         if self.rate not in WIRE_RATES:
@@ -40,30 +45,6 @@ class Started:
     labels: Mapping[str, str] = field(default_factory=dict)
     # Custom parameters as the application set them: `redact` and `keyterm` are read here.
     parameters: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Media:
-    leg: str | None  # None: every leg, interleaved as `AudioFormat.channels` says
-    payload: bytes
-    timestamp_ms: int | None = None  # the carrier's media clock, where it sends one
-
-
-@dataclass(frozen=True)
-class Dtmf:
-    digit: str
-
-
-@dataclass(frozen=True)
-class Stopped:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A message the stream survives (connected, mark, an unknown event): logged, ignored."""
-
-    reason: str
 
 
 CarrierEvent = Started | Media | Dtmf | Stopped | Skipped

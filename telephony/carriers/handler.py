@@ -1,15 +1,15 @@
 """The one aiohttp handler the six carriers run on, and their routes.
 
 A `Carrier` names its route, its codec and its credential check; `handle_stream` does the rest
-as telephony/twilio.py's handler does: the codec's `Started` opens the call (refused with the
-rejection's close code), media go to the legs (also on the direct path, as frames are parsed),
-DTMF to the caller's leg, `stop` or a plain close ends the call (a close without stop is the
-normal end for Plivo, Vonage and jambonz), bad input closes with 1007 and its reason.
+through the WebSocket adapter (telephony/ws_front.py), as Twilio's does: the codec's `Started`
+opens the call (refused with the rejection's close code), media go to the legs (also on the
+direct path, as frames are parsed), DTMF to the caller's leg, `stop` or a plain close ends the
+call (a close without stop is the normal end for Plivo, Vonage and jambonz), bad input closes
+with 1007 and its reason.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import time
@@ -18,20 +18,12 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 import jwt
-import numpy as np
 from aiohttp import WSMessage, WSMsgType, web
 
-from engine.base import BridgeError
-from telephony.audio import AudioDecoder, Encoding, alaw_encode, deinterleave, ulaw_encode
 from telephony.carriers.config import CarriersConfig
 from telephony.carriers.events import (
-    AudioFormat,
     CarrierEvent,
-    Dtmf,
-    Media,
-    Skipped,
     Started,
-    Stopped,
 )
 from telephony.carriers.jambonz import SUBPROTOCOL, JambonzCodec
 from telephony.carriers.json_streams import (
@@ -42,24 +34,11 @@ from telephony.carriers.json_streams import (
     JsonStreamCodec,
 )
 from telephony.carriers.vonage import VonageCodec
-from telephony.errors import rejection_for, ws_close_at_end
-from telephony.limits import messages, open_websocket
-from telephony.session import Call, CallHub
+from telephony.session import CallHub
 from telephony.transcript import TranscriptOptions, transcript_options
+from telephony.ws_front import HUB, OpenCall, Received, WsCodec, run_stream
 
 log = logging.getLogger(__name__)
-
-# A jump in a media timestamp beyond 20 ms is a gap (silence suppression, loss): filled with
-# silence so later words keep their place; beyond 10 s it is a clock jump, not loss.
-GAP_TOLERANCE_S: Final = 0.02
-MAX_GAP_S: Final = 10.0
-_ZERO: Final = np.zeros(1, dtype=np.int16)
-SILENCE: Final = {
-    Encoding.MULAW: ulaw_encode(_ZERO),
-    Encoding.ALAW: alaw_encode(_ZERO),
-    Encoding.PCM16: b"\0\0",
-    Encoding.PCM16_BE: b"\0\0",
-}
 
 
 class CarrierCodec(Protocol):
@@ -78,58 +57,6 @@ class Carrier:
     codec: Callable[[Mapping[str, str]], CarrierCodec]  # the upgrade's URL query -> a codec
     protocols: tuple[str, ...] = ()
     check: Check | None = None
-
-
-class Legs:
-    """Wire audio per leg → the engine's rate, gaps in the carrier's media clock as silence."""
-
-    def __init__(self, call: Call, audio: AudioFormat) -> None:
-        self.call = call
-        self.audio = audio
-        self._decoders = {
-            leg: AudioDecoder(audio.encoding, audio.rate, call.sample_rate) for leg in call.legs
-        }
-        self._width = audio.encoding.bytes_per_sample
-        self._origin: dict[str, int] = {}  # each leg's first timestamp, ms
-        self._samples = dict.fromkeys(call.legs, 0)
-
-    def media(self, event: Media) -> None:
-        if event.leg is None:  # interleaved channels, one per leg in order
-            first = next(iter(self._decoders.values()))
-            channels = deinterleave(first.decode(event.payload), self.audio.channels)
-            for (leg, leg_decoder), samples in zip(self._decoders.items(), channels, strict=False):
-                pcm = leg_decoder.feed_samples(samples)
-                if len(pcm):
-                    self.call.leg(leg).push(pcm)
-            return
-        decoder = self._decoders.get(event.leg)
-        if decoder is None:
-            return  # a track the stream was not set up for
-        payload = event.payload
-        if event.timestamp_ms is not None:
-            payload = self._fill_gap(event.leg, event.timestamp_ms, payload)
-        self._samples[event.leg] += len(payload) // self._width
-        pcm = decoder.feed(payload)
-        if len(pcm):
-            self.call.leg(event.leg).push(pcm)
-
-    def _fill_gap(self, leg: str, timestamp_ms: int, payload: bytes) -> bytes:
-        origin = self._origin.setdefault(leg, timestamp_ms)
-        rate = self.audio.rate
-        gap = (timestamp_ms - origin) * rate // 1000 - self._samples[leg]
-        if gap > MAX_GAP_S * rate:
-            self._samples[leg] += gap  # a clock jump: resynchronise, allocate nothing
-        elif gap > GAP_TOLERANCE_S * rate:
-            return SILENCE[self.audio.encoding] * gap + payload
-        return payload
-
-    def dtmf(self, digit: str) -> None:
-        leg = "caller" if "caller" in self.call.legs else next(iter(self.call.legs))
-        self.call.leg(leg).dtmf(digit, self._decoders[leg].seconds_in)
-
-    def flush(self) -> None:
-        for leg, decoder in self._decoders.items():
-            self.call.leg(leg).push(decoder.flush())
 
 
 def options_of(parameters: Mapping[str, str]) -> TranscriptOptions:
@@ -153,8 +80,40 @@ def labels_of(event: Started) -> dict[str, str]:
     return labels
 
 
-HUB: Final = web.AppKey("carriers_hub", CallHub)
 CONFIG: Final = web.AppKey("carriers_config", CarriersConfig)
+
+
+class CarrierFront(WsCodec):
+    """A carrier's codec for the WebSocket adapter (telephony/ws_front.py): a phone call, pushed
+    in real time; its start opens the call with its labels and options."""
+
+    closed_reason = "socket closed"  # the normal end for Plivo, Vonage and jambonz
+
+    def __init__(self, carrier: Carrier, query: Mapping[str, str]) -> None:
+        self.front_end = carrier.front_end
+        self.protocols = carrier.protocols
+        self.codec = carrier.codec(query)
+
+    def receive(self, msg: WSMessage) -> Received:
+        if msg.type == WSMsgType.TEXT:
+            event = self.codec.receive(msg.data)
+        elif msg.type == WSMsgType.BINARY:
+            event = self.codec.receive_binary(msg.data)
+        else:
+            return None
+        if isinstance(event, Started):
+            return OpenCall(
+                legs=event.legs,
+                audio=event.audio,
+                call_id=event.call_id or None,
+                labels=labels_of(event),
+                options=options_of(event.parameters),
+            )
+        return event
+
+    def may_be_media(self, msg: WSMessage) -> bool:
+        # A JSON message that is not media is left (and its parse) to the loop.
+        return msg.type != WSMsgType.TEXT or '"media"' in msg.data
 
 
 async def handle_stream(request: web.Request, carrier: Carrier) -> web.StreamResponse:
@@ -169,74 +128,7 @@ async def handle_stream(request: web.Request, carrier: Carrier) -> web.StreamRes
                 extra={"front_end": front_end, "remote": request.remote},
             )
             return web.Response(status=403, text=refused)
-    ws = open_websocket(request, protocols=carrier.protocols, read_by_messages=True)
-    await ws.prepare(request)
-    codec = carrier.codec(request.query)
-    call: Call | None = None
-    legs: Legs | None = None
-    reason = "socket closed"
-
-    def receive(msg: WSMessage) -> CarrierEvent | None:
-        if msg.type == WSMsgType.TEXT:
-            return codec.receive(msg.data)
-        if msg.type == WSMsgType.BINARY:
-            return codec.receive_binary(msg.data)
-        return None
-
-    def media(msg: WSMessage) -> bool:
-        """The loop's media branch, as frames are parsed; anything else is parsed again in the
-        loop (harmless: only the start message changes a codec, and none is taken here)."""
-        if legs is None or legs.call.ended:
-            return False
-        if msg.type == WSMsgType.TEXT and '"media"' not in msg.data:
-            return False  # not a media message: leave it (and its parse) to the loop
-        event = receive(msg)
-        if not isinstance(event, Media):
-            return False
-        legs.media(event)
-        return True
-
-    try:
-        async for msg in messages(ws, request, direct=media):
-            event = receive(msg)
-            if isinstance(event, Started):
-                call = request.app[HUB].open_call(
-                    front_end,
-                    legs=event.legs,
-                    call_id=event.call_id or None,
-                    labels=labels_of(event),
-                    options=options_of(event.parameters),
-                )
-                legs = Legs(call, event.audio)
-            elif isinstance(event, Media) and legs is not None:
-                legs.media(event)
-                if legs.call.ended:  # by the engine (a lost engine node)
-                    break
-            elif isinstance(event, Dtmf) and legs is not None:
-                legs.dtmf(event.digit)
-            elif isinstance(event, Stopped):
-                reason = event.reason
-                break
-            elif isinstance(event, Skipped):
-                log.info(
-                    "%s message skipped: %s",
-                    front_end,
-                    event.reason,
-                    extra={"front_end": front_end},
-                )
-    except BridgeError as exc:
-        log.warning("%s stream closed: %s", front_end, exc, extra={"front_end": front_end})
-        reason = f"rejected: {exc}"
-        await ws.close(code=rejection_for(exc).ws_close, message=str(exc).encode()[:120])
-    finally:
-        if legs is not None:
-            legs.flush()
-        if call is not None:
-            await asyncio.shield(call.end(reason))
-        if not ws.closed:
-            code, message = ws_close_at_end(call)
-            await ws.close(code=code, message=message)
-    return ws
+    return await run_stream(request, CarrierFront(carrier, request.query))
 
 
 # --- credentials -------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from telephony.config import LimitsConfig
 from telephony.direct_ws import DIRECT_SUPPORTED
-from telephony.limits import LIMITS, messages, open_websocket
+from telephony.limits import LIMITS
+from telephony.ws_front import messages, open_websocket
 
 
 @dataclass

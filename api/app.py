@@ -48,7 +48,6 @@ from telephony import (
     names,
     twilio,
     websocket,
-    ws_front,
 )
 from telephony.carriers import handler as carriers
 from telephony.limits import LIMITS, ConnectionGate
@@ -116,7 +115,7 @@ def build_audio_app(bridge: Bridge) -> web.Application:
     )
     app[LIMITS] = limits
     app[BRIDGE] = bridge
-    app[ws_front.HUB] = bridge.hub
+    app[websocket.HUB] = bridge.hub
     calls.add_routes(app, bridge.store, bridge.hub)
     webhook_routes.add_routes(app, bridge.store)
     if bridge.cluster is not None:
@@ -197,6 +196,7 @@ class Service:
             own_calls_only=shared,
         )
         hub.bus.add_sink(store.record)
+        hub.unavailable = lambda: store.problem  # SIP OPTIONS: 503 while PostgreSQL is away
         metrics = Metrics(hub, store)
         self.bridge = Bridge(config, engine, choice, hub, store, metrics, shared=shared)
         if store.postgres:

@@ -13,6 +13,14 @@ Two threads, each with its own connection, start and stop with the service:
 
 `remote_live` holds the calls live on other nodes, so a `/v1/events` opened mid-call starts with
 them as it starts with this node's own.
+
+PostgreSQL going away takes the channel with it, and a notification sent while this node was
+not listening is lost for good (the other node's writer may commit its waiting events before
+this one listens again). So each relayed event carries its `events.id`, and once the listener
+is back it reads from the store what other nodes wrote since it lost the channel: calls that
+started or ended, and every stored event past the last one it relayed per call. Notifications
+that repeat what it read are dropped (`Relayed`). This node's own subscribers never depend on
+the channel: its bus tells them directly.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from typing import Any, Final
 
 import psycopg
@@ -41,6 +50,10 @@ log = logging.getLogger(__name__)
 
 LISTEN_POLL_S: Final = 0.5  # how often the listener looks up from its socket to see if it must stop
 RECONNECT_S: Final = 1.0
+# What the relay read back after a lost channel starts this long before it last heard the
+# channel: notifications already on the wire when it broke are lost with it.
+CATCH_UP_MARGIN_S: Final = 5.0
+RELAYED_KEEP_S: Final = 600.0  # an ended call's relay state, kept against late repeats
 
 
 def _word(d: dict[str, Any]) -> Word:
@@ -103,6 +116,66 @@ class Reassembly:
         return whole
 
 
+class Relayed:
+    """What the relay has shown of other nodes' calls, so an event read back from the store
+    after a lost channel and the same event notified later are shown once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the listener thread; the snapshot at start
+        self.live: set[str] = set()
+        self.rows: dict[str, int] = {}  # the last `events.id` shown per call
+        self.ended: dict[str, float] = {}  # calls whose end was shown (monotonic time)
+
+    def started_elsewhere(self, call_id: str) -> None:
+        with self._lock:
+            self.live.add(call_id)
+
+    def fresh(self, event: BusEvent, row: int | None) -> bool:
+        """Whether `event` is new to this node's views (and now counted as shown)."""
+        call_id = event.call_id
+        with self._lock:
+            if isinstance(event, CallStarted):
+                if call_id in self.live:
+                    return False
+                self.live.add(call_id)
+                self.ended.pop(call_id, None)
+                return True
+            if isinstance(event, CallEnded):
+                if call_id in self.ended and call_id not in self.live:
+                    return False
+                self.live.discard(call_id)
+                self._forget_old()
+                self.ended[call_id] = time.monotonic()
+                return True
+            if row is not None:
+                if row <= self.rows.get(call_id, 0):
+                    return False
+                self.rows[call_id] = row
+            return True
+
+    def done(self, call_id: str) -> bool:
+        """Its end was shown and it is not live again: nothing of it is left to read back."""
+        with self._lock:
+            return call_id in self.ended and call_id not in self.live
+
+    def last_row(self, call_id: str) -> int:
+        with self._lock:
+            return self.rows.get(call_id, 0)
+
+    def _forget_old(self) -> None:
+        cutoff = time.monotonic() - RELAYED_KEEP_S
+        for call_id in [c for c, at in self.ended.items() if at < cutoff]:
+            del self.ended[call_id]
+            self.rows.pop(call_id, None)
+
+
+def stored_event(call_id: str, leg: str, payload: dict[str, Any]) -> BusEvent:
+    """A row of `events` (its payload) as the bus event that wrote it."""
+    if payload["type"] == "dtmf":
+        return DtmfPressed(call_id, leg, payload["digit"], payload["at"])
+    return LegEvent(call_id, leg, _engine_event(payload))
+
+
 class Cluster:
     def __init__(self, store: Store, bus: EventBus) -> None:
         assert store.postgres, "a cluster needs the PostgreSQL store (data.url)"
@@ -114,6 +187,8 @@ class Cluster:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads: list[threading.Thread] = []
         self._listening = threading.Event()
+        self._shown = Relayed()
+        self.caught_up = 0  # events read back from the store after a lost channel (tests)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -132,6 +207,7 @@ class Cluster:
             self.remote_live[call.id] = CallStarted(
                 call.id, call.front_end, tuple(call.legs), call.labels, call.started_at
             )
+            self._shown.started_elsewhere(call.id)
 
     def stop(self) -> None:
         self._stop.set()
@@ -159,19 +235,54 @@ class Cluster:
 
     def _listen(self) -> None:
         reassembly = Reassembly(self.store.node_id)
+        heard_at = 0.0  # wall clock: when the channel last answered
+        lost_at: float | None = None  # when the channel was lost; None while it is not
         while not self._stop.is_set():
             try:
                 with psycopg.connect(str(self.store.location), autocommit=True) as db:
                     db.execute(f"LISTEN {EVENTS_CHANNEL}")
+                    if lost_at is not None:  # listening again: what was missed is in the store
+                        self._catch_up(lost_at)
+                        log.warning("cluster: event channel back; missed events read back")
+                        lost_at = None
                     self._listening.set()
                     while not self._stop.is_set():
+                        heard_at = time.time()
                         for note in db.notifies(timeout=LISTEN_POLL_S):
                             data = reassembly.feed(note.payload)
-                            if data is not None:
-                                self._to_loop(bus_event_from_json(data))
-            except DB_ERRORS:
-                log.exception("cluster: lost the event channel; reconnecting")
+                            if data is None:
+                                continue
+                            event = bus_event_from_json(data)
+                            if self._shown.fresh(event, data.get("row")):
+                                self._to_loop(event)
+            except DB_ERRORS as exc:
+                if lost_at is None:
+                    lost_at = (heard_at or time.time()) - CATCH_UP_MARGIN_S
+                    log.error("cluster: lost the event channel; reconnecting: %s", exc)
                 self._stop.wait(RECONNECT_S)
+
+    def _catch_up(self, since: float) -> None:
+        """Other nodes' events the channel did not bring while it was away, from the store, in
+        the order they were written, each call's start before its words and its end after."""
+        for call in self.store.calls_elsewhere_since(since):
+            if self._shown.done(call.id):
+                continue
+            started = CallStarted(
+                call.id, call.front_end, tuple(call.legs), call.labels, call.started_at
+            )
+            if self._shown.fresh(started, None):
+                self._to_loop(started)
+            for row, leg, payload in self.store.rows_after(call.id, self._shown.last_row(call.id)):
+                event = stored_event(call.id, leg, payload)
+                if self._shown.fresh(event, row):
+                    self.caught_up += 1
+                    self._to_loop(event)
+            if call.status != "live" and call.ended_at is not None:
+                ended = CallEnded(
+                    call.id, call.front_end, call.reason or "", call.ended_at, {}, call.dropped_s
+                )
+                if self._shown.fresh(ended, None):
+                    self._to_loop(ended)
 
     def _lease(self) -> None:
         """On its own thread, so an event loop kept busy (a long step, a GC pass, a burst of
@@ -181,10 +292,12 @@ class Cluster:
             self._renew()
 
     def _renew(self, sweep: bool = True) -> None:
+        was_away = bool(self.store.lease_problem)
         try:
             ended = self.store.heartbeat(sweep)  # a dropped connection is opened again there
-        except DB_ERRORS:
-            log.exception("cluster: heartbeat failed")
+        except DB_ERRORS as exc:
+            if not was_away:  # once per outage: it is tried every lease_s / 4
+                log.error("cluster: heartbeat failed: %s", exc)
             return
         for event in ended:  # a dead node's calls: this node's own view hears it here
             self._to_loop(event)

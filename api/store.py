@@ -20,6 +20,13 @@ Cluster (PostgreSQL only; see api/cluster.py): each call records the node that t
 writer NOTIFYs every event it commits on `EVENTS_CHANNEL`, so other nodes show it live; each
 node renews a lease in `nodes`, and `heartbeat()` marks the live calls of a node whose lease ran
 out `interrupted`, keeping their words.
+
+PostgreSQL going away (a restart, `kill -9`, a failover): events wait in the bounded queue and
+`problem` says why (`/ready` and SIP OPTIONS answer 503); the writer tries again, backing off.
+A batch is one transaction that also records its number in `writer_marks`: a COMMIT whose answer
+was lost (the connection cut after the server committed) is found there on the next try and not
+written twice. API reads take a connection of a small pool (`ReadPool`), never the writer's, so
+a slow reader neither stalls the writer nor other readers.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +82,11 @@ DB_ERRORS: Final = (sqlite3.Error, psycopg.Error)
 # lost): the batch waits and is written again, not skipped.
 UNAVAILABLE: Final = (sqlite3.OperationalError, psycopg.OperationalError)
 RETRY_MIN_S: Final = 0.2
-RETRY_MAX_S: Final = 5.0
+# At most a second between tries: a database back from a restart is written to within a second
+# (a try is one connection attempt, or one batch on SQLite: cheap).
+RETRY_MAX_S: Final = 1.0
+READ_POOL: Final = 4  # API readers' connections at most (and the webhook sender's)
+MARKS_KEEP_S: Final = 86400.0  # a writer's last batch mark is kept a day after its last batch
 
 
 @dataclass(frozen=True)
@@ -202,6 +214,16 @@ MIGRATIONS: Final[Sequence[str | PerBackend]] = (
     # 6: audio lost to an engine that fell behind (a real-time phone leg), seconds, all legs.
     """
     ALTER TABLE calls ADD COLUMN dropped_s REAL NOT NULL DEFAULT 0;
+    """,
+    # 7: exactly-once writes. Each writer (one per Store: node and start) records the number of
+    # its last committed batch in the batch's own transaction, so a COMMIT whose answer was lost
+    # is known to have happened when the writer reconnects.
+    """
+    CREATE TABLE writer_marks (
+        writer TEXT PRIMARY KEY,
+        batch INTEGER NOT NULL,
+        at REAL NOT NULL
+    );
     """,
 )
 CALL_COLUMNS: Final = (
@@ -383,6 +405,47 @@ class Database:
             self._lite.close()
 
 
+class ReadPool:
+    """Up to `size` reader connections, opened when first needed and opened again when the
+    server dropped them: a long query or a held transaction takes one, the others go on."""
+
+    def __init__(self, location: Path | str, size: int = READ_POOL) -> None:
+        self.location = location
+        self._idle: list[Database] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max(1, size))
+        self.opened = 0  # connections opened over the pool's life (tests, reconnects)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Database]:
+        with self._slots:
+            with self._lock:
+                db = self._idle.pop() if self._idle else None
+            if db is None or db.broken:
+                if db is not None:
+                    db.close()
+                db = Database(self.location)  # the server away: the caller's DB error
+                self.opened += 1
+            try:
+                yield db
+            except BaseException:
+                with contextlib.suppress(*DB_ERRORS):  # a transaction left open by the error
+                    db.execute("ROLLBACK")
+                raise
+            finally:
+                if db.broken:
+                    db.close()
+                else:
+                    with self._lock:
+                        self._idle.append(db)
+
+    def close(self) -> None:
+        with self._lock:
+            for db in self._idle:
+                db.close()
+            self._idle.clear()
+
+
 def migrate(db: Database) -> int:
     # SQLite: take the write lock first, so processes opening one file together migrate in turn.
     with db.transaction(immediate=not db.postgres):
@@ -400,10 +463,14 @@ def migrate(db: Database) -> int:
     return len(MIGRATIONS)
 
 
-def notify_payloads(sender: str, seq: int, event: BusEvent) -> list[str]:
+def notify_payloads(sender: str, seq: int, event: BusEvent, row: int | None = None) -> list[str]:
     """One bus event as NOTIFY payloads: `sender seq index count chunk`, the chunks of its JSON
-    (ASCII, so characters are bytes) short enough for PostgreSQL's 8000-byte limit."""
-    text = json.dumps(bus_event_to_json(event))
+    (ASCII, so characters are bytes) short enough for PostgreSQL's 8000-byte limit. `row`: its
+    `events.id`, so a node that missed notifications reads what follows from the store."""
+    data = bus_event_to_json(event)
+    if row is not None:
+        data["row"] = row
+    text = json.dumps(data)
     chunks = [text[i : i + NOTIFY_CHUNK] for i in range(0, len(text), NOTIFY_CHUNK)] or [""]
     return [f"{sender} {seq} {i} {len(chunks)} {c}" for i, c in enumerate(chunks)]
 
@@ -437,17 +504,21 @@ class Store:
         self.purge_every_s = purge_every_s
         self._writer_db = Database(location)
         migrate(self._writer_db)
-        self._reader_db = Database(location)
+        self._readers = ReadPool(location)
         self._lease_db: Database | None = None
         self._notify_seq = 0
-        self._read_lock = threading.Lock()
+        # This writer's batches are numbered; each records its number as it commits (7).
+        self._writer_id = f"{self.node_id}/{uuid.uuid4().hex[:12]}"
+        self._batch_no = 0
+        self._lease_ok_since = 0.0  # monotonic: since when the lease is renewed without a gap
         self._queue: queue.Queue[BusEvent | None] = queue.Queue(max(1, max_queue))  # 0: unbounded
         self._written = threading.Condition()
         self._pending = 0
         self.dropped = 0  # events lost because the queue was full (the disk stalled)
         self.failed = 0  # events the writer could not write (skipped; the writer goes on)
         # Why the database takes no writes now ("" while it does): events wait in the queue.
-        self.problem = ""
+        self.write_problem = ""
+        self.lease_problem = ""  # why the lease could not be renewed (PostgreSQL away)
         self.unavailable_errors = 0  # write attempts that failed because of it
         self._stopping = threading.Event()
         self.interrupted = self._mark_interrupted()
@@ -479,6 +550,20 @@ class Store:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def unwritten(self) -> int:
+        """Events recorded and not yet written: the queue and the batch the writer holds (the
+        one it retries while the database is away)."""
+        with self._written:
+            return self._pending
+
+    @property
+    def problem(self) -> str:
+        """Why the store takes no writes now ("" while it does): the writer's last failure, or
+        the lease thread's (it asks every `lease_s / 4`, so an outage shows while no call
+        speaks)."""
+        return self.write_problem or self.lease_problem
+
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything recorded so far is on disk."""
         with self._written:
@@ -491,7 +576,7 @@ class Store:
         self._queue.put(None)  # blocks only while the queue is full: the writer drains it
         self._thread.join(timeout=30)
         self._writer_db.close()
-        self._reader_db.close()
+        self._readers.close()
         if self._lease_db is not None:  # the lease thread has stopped (api/cluster.py)
             with contextlib.suppress(*DB_ERRORS):  # the database is away: the lease runs out
                 self._lease_db.execute("DELETE FROM nodes WHERE id = ?", (self.node_id,))
@@ -525,6 +610,7 @@ class Store:
                 f"DELETE FROM outbox WHERE {WEBHOOK_STATUS_SQL['failed']} AND failed_at < ?",
                 (now - FAILED_KEEP_S,),
             )
+            self._writer_db.execute("DELETE FROM writer_marks WHERE at < ?", (now - MARKS_KEEP_S,))
         except DB_ERRORS:
             log.exception("retention purge failed")
             return
@@ -576,15 +662,21 @@ class Store:
         in the bounded queue and nothing is half-written. Once the store is closing with the
         database still away, the batch is dropped (counted) so shutdown ends."""
         delay = RETRY_MIN_S
+        self._batch_no += 1
+        retried = False
         while True:
             try:
-                self._write(batch)
+                if retried and self._committed(self._batch_no):
+                    log.warning("store: a batch whose COMMIT answer was lost had been written")
+                else:
+                    self._write(batch)
             except UNAVAILABLE as exc:
                 self._rollback()
+                retried = True
                 self.unavailable_errors += 1
-                if not self.problem:
+                if not self.write_problem:
                     log.error("store unavailable, events wait in memory: %s", exc)
-                self.problem = str(exc)[:200] or type(exc).__name__
+                self.write_problem = str(exc)[:200] or type(exc).__name__
                 if self._stopping.is_set():
                     with self._written:
                         self.dropped += len(batch)
@@ -593,10 +685,18 @@ class Store:
                 delay = min(RETRY_MAX_S, delay * 2)
                 self._reconnect()
                 continue
-            if self.problem:
+            if self.write_problem:
                 log.warning("store available again: waiting events written")
-                self.problem = ""
+                self.write_problem = ""
             return
+
+    def _committed(self, batch_no: int) -> bool:
+        """Whether this writer's batch `batch_no` is in the database already: its COMMIT went
+        through but the answer was lost with the connection (retrying would write it twice)."""
+        row = self._writer_db.execute(
+            "SELECT batch FROM writer_marks WHERE writer = ?", (self._writer_id,)
+        ).fetchone()
+        return row is not None and int(row[0]) >= batch_no
 
     def _reconnect(self) -> None:
         """PostgreSQL: a connection the server dropped is opened again (SQLite's stays)."""
@@ -606,22 +706,27 @@ class Store:
 
     def _write(self, batch: list[BusEvent]) -> None:
         self._writer_db.execute("BEGIN")
-        for event in batch:
-            self._apply(event)
+        rows = [self._apply(event) for event in batch]
+        self._writer_db.execute(
+            "INSERT INTO writer_marks (writer, batch, at) VALUES (?, ?, ?) ON CONFLICT (writer) "
+            "DO UPDATE SET batch = excluded.batch, at = excluded.at",
+            (self._writer_id, self._batch_no, time.time()),
+        )
         if self.postgres:  # other nodes show these live; NOTIFY is delivered at COMMIT
-            self._writer_db.notify(self._payloads(batch))
+            self._writer_db.notify(self._payloads(zip(batch, rows, strict=True)))
         self._writer_db.execute("COMMIT")
 
-    def _payloads(self, events: Iterable[BusEvent]) -> Iterator[str]:
-        for event in events:
+    def _payloads(self, events: Iterable[tuple[BusEvent, int | None]]) -> Iterator[str]:
+        for event, row in events:
             self._notify_seq += 1
-            yield from notify_payloads(self.node_id, self._notify_seq, event)
+            yield from notify_payloads(self.node_id, self._notify_seq, event, row)
 
     def _rollback(self) -> None:
         with contextlib.suppress(*DB_ERRORS):  # no transaction was open (BEGIN itself failed)
             self._writer_db.execute("ROLLBACK")
 
-    def _apply(self, event: BusEvent) -> None:
+    def _apply(self, event: BusEvent) -> int | None:
+        """Write one event; the `events.id` of its row, where it has one."""
         db = self._writer_db
         if isinstance(event, CallStarted):
             # A call id seen before (a second stream of one Twilio call, a client reusing its
@@ -660,9 +765,10 @@ class Store:
             )
         elif isinstance(event, DtmfPressed):
             payload = {"type": "dtmf", "digit": event.digit, "at": event.at_s}
-            db.execute(
+            return _row_id(
+                db,
                 "INSERT INTO events (call_id, leg, type, text, start_s, end_s, payload) "
-                "VALUES (?, ?, 'dtmf', ?, ?, ?, ?)",
+                "VALUES (?, ?, 'dtmf', ?, ?, ?, ?) RETURNING id",
                 (
                     event.call_id,
                     event.leg,
@@ -680,9 +786,10 @@ class Store:
             elif isinstance(inner, EndOfTurn):
                 start = end = inner.at_s
             payload = event_to_json(inner)
-            db.execute(
+            row = _row_id(
+                db,
                 "INSERT INTO events (call_id, leg, type, text, start_s, end_s, payload) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (event.call_id, event.leg, payload["type"], text, start, end, json.dumps(payload)),
             )
             if isinstance(inner, Segment):
@@ -690,6 +797,8 @@ class Store:
                 self._webhook(
                     "segment", {"call_id": event.call_id, "leg": event.leg, "segment": payload}
                 )
+            return row
+        return None
 
     def _merge_search_rows(self, call_id: str) -> None:
         """The ended call's search rows become one (api/search.py). Only an optimisation: if it
@@ -731,11 +840,27 @@ class Store:
         and tell every node. Returns those ends, for this node's own live view."""
         # A connection the server dropped (PostgreSQL restarted, a proxy cut it) is opened
         # again here: a node whose lease thread kept the dead one would be declared dead.
-        if self._lease_db is None or self._lease_db.broken:
-            self._lease_db = Database(self.location)
-        db = self._lease_db
+        try:
+            if self._lease_db is None or self._lease_db.broken:
+                self._lease_db = Database(self.location)
+            ended = self._renew_lease(self._lease_db, sweep)
+        except UNAVAILABLE as exc:
+            self._lease_ok_since = 0.0
+            self.lease_problem = str(exc)[:200] or type(exc).__name__
+            raise
+        self.lease_problem = ""
+        return ended
+
+    def _renew_lease(self, db: Database, sweep: bool) -> list[CallEnded]:
         now_sql = "EXTRACT(EPOCH FROM clock_timestamp())::float8"  # one clock: the database's
         ended: list[CallEnded] = []
+        # After a gap in this node's own renewals (the database was away), no other node is
+        # declared dead for one lease: they could not renew meanwhile either, and their calls
+        # are live. Only a lease that ran out while this node's renewed is evidence.
+        if not self._lease_ok_since:
+            self._lease_ok_since = time.monotonic()
+        if time.monotonic() - self._lease_ok_since < self.lease_s:
+            sweep = False
         with db.transaction():
             db.execute(
                 f"INSERT INTO nodes (id, heartbeat_at, lease_s) VALUES (?, {now_sql}, ?) "
@@ -781,14 +906,39 @@ class Store:
 
     def live_calls_elsewhere(self) -> list[CallRecord]:
         """Live calls other nodes took (PostgreSQL): the cluster's `/v1/events` snapshot."""
-        with self._read_lock:
-            rows = self._reader_db.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 f"SELECT {CALL_COLUMNS} FROM calls WHERE status = 'live' AND node <> ?",
                 (self.node_id,),
             ).fetchall()
         return [_call_record(r) for r in rows]
 
+    def calls_elsewhere_since(self, since: float) -> list[CallRecord]:
+        """Other nodes' calls live now or ended since `since`: what a relay that lost its
+        channel at `since` may have missed (api/cluster.py)."""
+        with self._reading() as db:
+            rows = db.execute(
+                f"SELECT {CALL_COLUMNS} FROM calls WHERE node <> ? AND "
+                "(status = 'live' OR ended_at >= ?) ORDER BY started_at, id",
+                (self.node_id, since),
+            ).fetchall()
+        return [_call_record(r) for r in rows]
+
+    def rows_after(self, call_id: str, after: int) -> list[tuple[int, str, dict[str, Any]]]:
+        """A call's stored events past `events.id` `after`, in the order written: (id, leg,
+        payload)."""
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT id, leg, payload FROM events WHERE call_id = ? AND id > ? ORDER BY id",
+                (call_id, after),
+            ).fetchall()
+        return [(int(r[0]), r[1], json.loads(r[2])) for r in rows]
+
     # -- reading (event loop, via run_in_executor) --
+
+    def _reading(self) -> contextlib.AbstractContextManager[Database]:
+        """A reader connection of the pool, never the writer's."""
+        return self._readers.connection()
 
     @staticmethod
     def _call(db: Database, call_id: str) -> CallRecord | None:
@@ -806,12 +956,12 @@ class Store:
         return [StoredEvent(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
 
     def get_call(self, call_id: str) -> CallRecord | None:
-        with self._read_lock:
-            return self._call(self._reader_db, call_id)
+        with self._reading() as db:
+            return self._call(db, call_id)
 
     def get_events(self, call_id: str, types: Sequence[str]) -> list[StoredEvent]:
-        with self._read_lock:
-            return self._events(self._reader_db, call_id, types)
+        with self._reading() as db:
+            return self._events(db, call_id, types)
 
     def list_calls(
         self,
@@ -824,11 +974,9 @@ class Store:
     ) -> tuple[list[CallRecord], int]:
         where, args = _call_filters(front_end, status, since, until)
         sql_where = f"WHERE {' AND '.join(where)}" if where else ""
-        with self._read_lock:
-            total = self._reader_db.execute(
-                f"SELECT COUNT(*) FROM calls {sql_where}", args
-            ).fetchone()[0]
-            rows = self._reader_db.execute(
+        with self._reading() as db:
+            total = db.execute(f"SELECT COUNT(*) FROM calls {sql_where}", args).fetchone()[0]
+            rows = db.execute(
                 f"SELECT {CALL_COLUMNS} "
                 f"FROM calls {sql_where} ORDER BY started_at DESC, id LIMIT ? OFFSET ?",
                 (*args, limit, offset),
@@ -848,8 +996,7 @@ class Store:
         """Calls whose transcript holds every term (api/search.py), with the filters of
         `list_calls`, newest first, each with a snippet of its best-matching segment."""
         where, args = _call_filters(front_end, status, since, until)
-        with self._read_lock:
-            db = self._reader_db
+        with self._reading() as db:
             join, hits, hit_args = search.matching_calls(db, terms)
             sql_from = f"FROM calls {join} WHERE {' AND '.join([hits, *where])}"
             # Two queries, not a window count: a page of ids sorts top-N, not every hit.
@@ -864,8 +1011,7 @@ class Store:
 
     def delete_call(self, call_id: str) -> str:
         """ "deleted", "missing", or "live" (a live call is not deleted: its words still come)."""
-        with self._read_lock:
-            db = self._reader_db
+        with self._reading() as db:
             row = db.execute("SELECT status FROM calls WHERE id = ?", (call_id,)).fetchone()
             if row is None:
                 return "missing"
@@ -897,12 +1043,8 @@ class Store:
         sender (another node) takes them meanwhile; a sender that dies leaves them due again
         then. Rows another node is claiming are skipped, not waited for."""
         skip = " FOR UPDATE SKIP LOCKED" if self.postgres else ""
-        with self._read_lock:
-            # The sender asks every `poll_s`, so here a connection PostgreSQL dropped (a restart,
-            # a failover) is opened again, for the outbox and for every reader of the API.
-            if self._reader_db.broken:
-                self._reader_db = Database(self.location)
-            rows = self._reader_db.execute(
+        with self._reading() as db:  # a connection PostgreSQL dropped is opened again there
+            rows = db.execute(
                 "UPDATE outbox SET next_at = ? WHERE id IN (SELECT id FROM outbox "
                 f"WHERE {WEBHOOK_STATUS_SQL['pending']} AND next_at <= ? "
                 f"ORDER BY id LIMIT ?{skip}) "
@@ -912,16 +1054,16 @@ class Store:
         return sorted((int(r[0]), r[1], r[2], int(r[3])) for r in rows)
 
     def webhook_done(self, row_id: int, now: float) -> None:
-        with self._read_lock:
-            self._reader_db.execute(
+        with self._reading() as db:
+            db.execute(
                 "UPDATE outbox SET delivered_at = ?, attempts = attempts + 1, delivered_by = ? "
                 "WHERE id = ?",
                 (now, self.node_id, row_id),
             )
 
     def webhook_failed(self, row_id: int, next_at: float, error: str) -> None:
-        with self._read_lock:
-            self._reader_db.execute(
+        with self._reading() as db:
+            db.execute(
                 "UPDATE outbox SET attempts = attempts + 1, next_at = ?, last_error = ? "
                 "WHERE id = ?",
                 (next_at, error[:500], row_id),
@@ -929,8 +1071,8 @@ class Store:
 
     def webhook_dead(self, row_id: int, now: float, error: str) -> None:
         """Its last attempt failed too: dead-lettered, not sent again until retried by hand."""
-        with self._read_lock:
-            self._reader_db.execute(
+        with self._reading() as db:
+            db.execute(
                 "UPDATE outbox SET attempts = attempts + 1, failed_at = ?, last_error = ? "
                 "WHERE id = ?",
                 (now, error[:500], row_id),
@@ -940,8 +1082,8 @@ class Store:
         return self.count_webhooks("pending")
 
     def count_webhooks(self, status: str) -> int:
-        with self._read_lock:
-            row = self._reader_db.execute(
+        with self._reading() as db:
+            row = db.execute(
                 f"SELECT COUNT(*) FROM outbox WHERE {WEBHOOK_STATUS_SQL[status]}"
             ).fetchone()
         return int(row[0])
@@ -951,17 +1093,17 @@ class Store:
     ) -> tuple[list[WebhookRecord], int]:
         """Newest first; `status` one of `WEBHOOK_STATUS_SQL` (None: every row)."""
         where = f"WHERE {WEBHOOK_STATUS_SQL[status]}" if status else ""
-        with self._read_lock:
-            total = self._reader_db.execute(f"SELECT COUNT(*) FROM outbox {where}").fetchone()[0]
-            rows = self._reader_db.execute(
+        with self._reading() as db:
+            total = db.execute(f"SELECT COUNT(*) FROM outbox {where}").fetchone()[0]
+            rows = db.execute(
                 f"SELECT {WEBHOOK_COLUMNS} FROM outbox {where} ORDER BY id DESC LIMIT ? OFFSET ?",
                 (limit, offset),
             ).fetchall()
         return [_webhook_record(r) for r in rows], int(total)
 
     def get_webhook(self, row_id: int) -> WebhookRecord | None:
-        with self._read_lock:
-            row = self._reader_db.execute(
+        with self._reading() as db:
+            row = db.execute(
                 f"SELECT {WEBHOOK_COLUMNS} FROM outbox WHERE id = ?", (row_id,)
             ).fetchone()
         return _webhook_record(row) if row else None
@@ -969,8 +1111,8 @@ class Store:
     def retry_webhook(self, row_id: int, now: float) -> bool:
         """A dead letter is pending again, due now, with every attempt ahead of it. Only a
         failed row: a pending one may be in flight on some node, and must not go out twice."""
-        with self._read_lock:
-            rows = self._reader_db.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 "UPDATE outbox SET failed_at = NULL, attempts = 0, next_at = ? "
                 f"WHERE id = ? AND {WEBHOOK_STATUS_SQL['failed']} RETURNING id",
                 (now, row_id),
@@ -980,12 +1122,18 @@ class Store:
     def retry_failed_webhooks(self, now: float, url: str | None = None) -> int:
         """Every dead letter (or those for one receiver `url`) pending again, due now."""
         where = WEBHOOK_STATUS_SQL["failed"] + (" AND url = ?" if url is not None else "")
-        with self._read_lock:
-            cursor = self._reader_db.execute(
+        with self._reading() as db:
+            cursor = db.execute(
                 f"UPDATE outbox SET failed_at = NULL, attempts = 0, next_at = ? WHERE {where}",
                 (now, url) if url is not None else (now,),
             )
         return cursor.rowcount
+
+
+def _row_id(db: Database, sql: str, args: Sequence[Any]) -> int:
+    """The id an `INSERT ... RETURNING id` gave its row."""
+    row = db.execute(sql, args).fetchone()
+    return int(row[0])
 
 
 def _webhook_record(row: Sequence[Any]) -> WebhookRecord:

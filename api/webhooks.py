@@ -27,7 +27,7 @@ import logging
 import time
 import urllib.parse
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 
@@ -40,6 +40,7 @@ SIGNATURE_HEADER: Final = "X-STT-Bridge-Signature"
 MAX_BACKOFF_S: Final = 300.0
 MAX_ATTEMPTS: Final = 20  # 1 + 2 + ... + 256 s, then 300 s apart: about an hour
 STORE_RETRY_S: Final = 5.0  # the outbox's database took no writes: look again after this
+SETTLE_RETRY_S: Final = 0.2  # a delivery's outcome not written (database away): try again
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -125,7 +126,6 @@ class WebhookSender:
     async def _deliver(
         self, http: aiohttp.ClientSession, row_id: int, url: str, body: str, attempts: int
     ) -> None:
-        loop = asyncio.get_running_loop()
         data = body.encode()
         headers = {"Content-Type": "application/json"}
         if self._secret:
@@ -142,19 +142,33 @@ class WebhookSender:
             ok, error = False, f"{type(exc).__name__}: {exc}"
         result = "delivered" if ok else "failed"
         if ok:
-            await loop.run_in_executor(None, self._store.webhook_done, row_id, time.time())
+            await self._settle(self._store.webhook_done, row_id, time.time())
         elif self._max_attempts and attempts + 1 >= self._max_attempts:
             result = "dead_lettered"
-            await loop.run_in_executor(None, self._store.webhook_dead, row_id, time.time(), error)
+            await self._settle(self._store.webhook_dead, row_id, time.time(), error)
         else:
             delay = backoff_s(attempts, self._first_backoff_s, self._max_backoff_s)
-            await loop.run_in_executor(
-                None, self._store.webhook_failed, row_id, time.time() + delay, error
-            )
+            await self._settle(self._store.webhook_failed, row_id, time.time() + delay, error)
         if not ok:
             self._log_failure(url, attempts + 1, error, result == "dead_lettered")
         if self._on_result is not None:
             self._on_result(result)
+
+    async def _settle(self, outcome: Callable[..., None], row_id: int, *args: Any) -> None:
+        """Write a delivery's outcome, trying again while the database is away (PostgreSQL
+        restarting): a delivered webhook left claimed would be sent again once its claim ran
+        out. Given up on only when the claim has run out (another sender may have it now)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._claim_s
+        while True:
+            try:
+                await loop.run_in_executor(None, outcome, row_id, *args)
+                return
+            except DB_ERRORS as exc:
+                if loop.time() > deadline:
+                    log.error("webhook outcome not written: %s", type(exc).__name__)
+                    raise
+                await asyncio.sleep(SETTLE_RETRY_S)
 
     def _log_failure(self, url: str, attempt: int, error: str, dead: bool) -> None:
         """Each failed attempt is a WARNING; a webhook given up on is an ERROR at most once a

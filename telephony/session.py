@@ -461,6 +461,10 @@ class CallHub:
         self._ended = asyncio.Event()
         # Told of every refused call (front end, reason): metrics count them.
         self.on_reject: Callable[[str, str], None] | None = None
+        # Why proxies should send this node no new calls though it would take them ("": no
+        # reason), set by the api layer: its store is away, so events only wait in memory.
+        # SIP OPTIONS answers 503 meanwhile; calls are still admitted and live ones go on.
+        self.unavailable: Callable[[], str] = lambda: ""
 
     def open_call(
         self,

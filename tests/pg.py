@@ -5,6 +5,11 @@ unix-socket directory, with trust authentication (loopback only). PostgreSQL ref
 root: when the tests do, the server runs as the `postgres` user the package creates (or
 `nobody`). It is stopped by its own PID (SIGINT: fast shutdown) at the end of the session.
 Each test gets a database of its own (`fresh_database`).
+
+A test may take the server away under live calls and bring it back on the same data and port:
+`shut_down()` (`pg_ctl stop -m fast`: clients are told and disconnected, then a clean
+shutdown), `kill()` (SIGKILL to the postmaster it started: crash recovery on the next start),
+then `restart()`.
 """
 
 from __future__ import annotations
@@ -68,14 +73,21 @@ class Postgres:
     def url(self, database: str) -> str:
         return f"postgresql://bridge@127.0.0.1:{self.port}/{database}"
 
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "LC_ALL": "C.UTF-8", "TZ": "UTC"}
+
     def start(self) -> Postgres:
         as_user = _server_user()
         (self.root / "sockets").mkdir()
         if as_user:
             for path in (self.root, self.root / "sockets"):
                 os.chown(path, as_user["user"], as_user["group"])
-        data = self.root / "data"
-        env = {**os.environ, "LC_ALL": "C.UTF-8", "TZ": "UTC"}
+        data = self.data
+        env = self._env()
         subprocess.run(
             [
                 str(pg_bin() / "initdb"),
@@ -94,6 +106,13 @@ class Postgres:
             cwd=self.root,
             **as_user,
         )
+        return self._launch()
+
+    def _launch(self) -> Postgres:
+        """The postmaster on the initialised data directory; returns once it takes connections."""
+        as_user = _server_user()
+        data = self.data
+        env = self._env()
         settings = {
             "listen_addresses": "127.0.0.1",
             "port": str(self.port),
@@ -116,9 +135,11 @@ class Postgres:
         )
         log.close()
         deadline = time.monotonic() + 60
+        self.accepting_again_s = 0.0
         while True:
             try:
                 psycopg.connect(self.admin_url, connect_timeout=2).close()
+                self.accepting_again_s = 60 - (deadline - time.monotonic())
                 return self
             except psycopg.OperationalError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
@@ -126,6 +147,32 @@ class Postgres:
                         "PostgreSQL did not start: " + (self.root / "server.log").read_text()
                     ) from None
                 time.sleep(0.1)
+
+    def shut_down(self) -> None:
+        """`pg_ctl stop -m fast`: every session is ended, then the server stops cleanly."""
+        assert self.process is not None
+        pg_ctl = [str(pg_bin() / "pg_ctl"), "stop", "-D", str(self.data), "-m", "fast", "-w"]
+        subprocess.run(pg_ctl, check=True, capture_output=True, env=self._env(), **_server_user())
+        self.process.wait(timeout=30)
+
+    def kill(self) -> None:
+        """SIGKILL to the postmaster this object started: a crash. Its backends see their
+        postmaster gone and exit; the next start recovers from the WAL."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def restart(self) -> Postgres:
+        """The server again on the same data and port. After a kill, the old backends may still
+        hold the shared memory for a moment: the start is tried again until they are gone."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return self._launch()
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def fresh_database(self) -> str:
         """A new empty database; its URL."""

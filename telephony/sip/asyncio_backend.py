@@ -549,8 +549,14 @@ class AsyncioBackend:
 
     def _on_options(self, uas: SipUAS, request: SipRequest) -> None:
         """A proxy's probe (Kamailio ds_ping): 200 while a call would be taken, 503 when the
-        engine is full or the node is leaving, so the proxy skips it before callers get 486."""
-        full = self.hub.leaving or self.hub.draining or self.hub.engine.free_slots <= 0
+        engine is full, the node is leaving or its store is away (`CallHub.unavailable`), so
+        the proxy skips it before callers get 486."""
+        full = (
+            self.hub.leaving
+            or self.hub.draining
+            or self.hub.engine.free_slots <= 0
+            or bool(self.hub.unavailable())
+        )
         response = SipResponse(
             status_code=503 if full else 200,
             reason_phrase="Service Unavailable" if full else "OK",

@@ -48,6 +48,7 @@ from telephony import (
     names,
     twilio,
     websocket,
+    ws_front,
 )
 from telephony.carriers import handler as carriers
 from telephony.limits import LIMITS, ConnectionGate
@@ -115,7 +116,7 @@ def build_audio_app(bridge: Bridge) -> web.Application:
     )
     app[LIMITS] = limits
     app[BRIDGE] = bridge
-    app[websocket.HUB] = bridge.hub
+    app[ws_front.HUB] = bridge.hub
     calls.add_routes(app, bridge.store, bridge.hub)
     webhook_routes.add_routes(app, bridge.store)
     if bridge.cluster is not None:

@@ -522,11 +522,13 @@ async def supervise(config: Config) -> int:
         return 1
     ports = supervisor.ports
     from api.app import urls_to_open
+    from api.auth import twilio_note
 
+    note = twilio_note(config.api.keys, config.twilio.auth_token)  # a road refused: say why
     print(
         f"stt-bridge {__version__}: {supervisor.describe()}; "
         f"audio+API :{ports['audio']}, health :{ports['health']}, web client :{ports['web']}; "
-        f"{urls_to_open(config, ports)}",
+        f"{urls_to_open(config, ports)}{f'; {note}' if note else ''}",
         flush=True,
     )
     await stop.wait()

@@ -209,7 +209,11 @@ async def test_twilio_with_a_token_is_checked_by_its_signature_not_a_key(
 def test_the_start_up_line_says_why_twilio_is_refused(tmp_path: Path) -> None:
     env = {"STT_BRIDGE_ENGINE_NAME": "sink", "STT_BRIDGE_API_KEYS": f"{ADMIN}:admin,{INGEST}"}
     banners: list[str] = []
-    for extra in ({}, {"STT_BRIDGE_TWILIO_AUTH_TOKEN": "tok-1"}):
+    for extra in (
+        {},
+        {"STT_BRIDGE_SERVER_WORKERS": "2"},  # the supervisor's line says it too
+        {"STT_BRIDGE_TWILIO_AUTH_TOKEN": "tok-1"},
+    ):
         server = ServerProcess(tmp_path / f"data{len(banners)}", **env, **extra)
         server.log_to = tmp_path / "server.log"
         try:
@@ -218,8 +222,10 @@ def test_the_start_up_line_says_why_twilio_is_refused(tmp_path: Path) -> None:
             assert server.terminate() == 0
         finally:
             server.cleanup()
-    assert "Twilio refused" in banners[0] and "twilio.auth_token" in banners[0], banners[0]
-    assert "Twilio refused" not in banners[1], banners[1]
+    for banner in banners[:2]:
+        assert "Twilio refused" in banner and "twilio.auth_token" in banner, banner
+    assert "worker" in banners[1], banners[1]  # the supervisor printed it
+    assert "Twilio refused" not in banners[2], banners[2]
     assert ADMIN not in "".join(banners) and INGEST not in "".join(banners)
 
 

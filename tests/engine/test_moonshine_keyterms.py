@@ -6,12 +6,13 @@ word the model already knew; bench/keyterms.py measures the same things on more 
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 
 import numpy as np
 import pytest
 
-from engine.base import EngineEvent, Segment, Word
+from engine.base import EngineEvent, Partial, Segment, Word
 from engine.moonshine import MoonshineEngine
 from telephony.audio import PcmArray, resample_whole, ulaw_decode, ulaw_encode
 from tests.conftest import MODEL_CACHE
@@ -114,6 +115,35 @@ async def test_boosted_terms_are_not_put_where_they_were_not_said(
         boosted = text_of(await transcribe(engine, phone_pcm(text), TERMS))
         assert not [t for t in TERMS if says(boosted, t)], boosted
         assert normalize(boosted) == normalize(plain), boosted
+
+
+async def partials_of(pcm: PcmArray, keyterms: tuple[str, ...]) -> list[str]:
+    """The partials of `pcm` spoken in real time (20 ms frames), as a caller's."""
+    engine = MoonshineEngine(cache_dir=MODEL_CACHE, capacity=1, partial_interval_s=0.5)
+    await engine.start()
+    try:
+        stream = engine.open("partials", keyterms=keyterms)
+        for frame in np.split(pcm, range(320, len(pcm), 320)):
+            stream.push(frame)
+            await asyncio.sleep(0.02)
+        stream.close()
+        return [e.text async for e in stream.events() if isinstance(e, Partial)]
+    finally:
+        await engine.stop()
+
+
+async def test_partials_use_the_keyterms_too() -> None:
+    # The rare word, then more speech without a pause: the partials decoded after it hold it
+    # in the middle of an utterance still going on.
+    speech = [
+        resample_whole(ulaw_decode(phone_bytes(text)), 8000, RATE)
+        for text in (RARE[2][0], SENTENCES[1])
+    ]
+    pcm = np.concatenate([np.zeros(RATE // 2, dtype=np.int16), *speech])
+    without = await partials_of(pcm, ())
+    with_term = await partials_of(pcm, TERMS)
+    assert len(without) >= 2 and not [p for p in without if says(p, "Brilinta")], without
+    assert [p for p in with_term if says(p, "Brilinta")], with_term
 
 
 async def test_wrong_words_have_lower_confidence_than_right_ones(

@@ -178,7 +178,21 @@ def matching_calls(db: Db, terms: Sequence[str]) -> tuple[str, str, list[Any]]:
                         ).fetchall()
                     ]
                 return "", "calls.id = ANY(?)", [ids]
-        return "", f"calls.id IN ({hits})", queries
+        if len(queries) == 1:
+            return "", f"calls.id IN ({hits})", queries
+        # Only common words. An ended call is one row: one AND query finds it. The words of a
+        # call with a row per segment (live) may be spread over its rows: intersected per call,
+        # among those calls alone (an INTERSECT over every row took 3 s at 100k calls).
+        spread = "SELECT DISTINCT call_id FROM transcript_index WHERE leg <> ''"
+        per_call = (
+            f"SELECT call_id FROM transcript_index WHERE call_id IN ({spread}) "
+            "AND words @@ to_tsquery('simple', ?)"
+        )
+        either = (
+            "SELECT call_id FROM transcript_index WHERE words @@ to_tsquery('simple', ?) "
+            f"UNION ({' INTERSECT '.join([per_call] * len(queries))})"
+        )
+        return "", f"calls.id IN ({either})", [" & ".join(queries), *queries]
     # From each call's number to the call: one integer lookup per hit, before its text key.
     one = "SELECT rowid >> 20 FROM transcript_index WHERE transcript_index MATCH ?"
     docs = " INTERSECT ".join([one] * len(terms))

@@ -236,9 +236,25 @@ def test_a_live_call_is_found_as_it_speaks_and_after_it_ends(
         assert store.flush()
         found, _ = store.search_calls(["boiler", "leak"])
         assert [(c.id, c.status) for c, _ in found] == [("live", "ended")]
+        with monkeypatch.context() as many:
+            many.setattr(index, "FEW", 1)
+            assert store.search_calls(["boiler", "leak"])[1] == 1
+            assert store.search_calls(["boiler", "zebra"]) == ([], 0)
         snippet = found[0][1]
         assert snippet is not None and snippet.leg == "caller"
         assert snippet.text == "the <mark>boiler</mark> in the loft"
+        # The same call id live again (a second stream of one Twilio call): a word said now
+        # and one said before, in its merged row, find it together.
+        store.record(CallStarted("live", "sip", ("caller", "agent"), {}, T0))
+        say(store, "live", "caller", "and the gutter too", 12.0)
+        assert store.flush()
+        for few in (index.FEW, 1):
+            with monkeypatch.context() as forms:
+                forms.setattr(index, "FEW", few)
+                assert store.search_calls(["gutter", "leak"])[1] == 1, few
+        store.record(CallEnded("live", "sip", "hangup", T0 + 20, {"caller": 20.0}))
+        assert store.flush()
+        assert store.search_calls(["gutter", "leak", "boiler"])[1] == 1
         assert store.delete_call("live") == "deleted"
         assert store.search_calls(["boiler"]) == ([], 0)
     finally:

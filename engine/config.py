@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from engine import config_checks as check
+from engine.keyterms import InvalidKeyterms, check_keyterms
 
 # The engines `name` picks; `cpu` is Moonshine's alias (the CPU engine's name before it).
 ENGINE_NAMES: Final = ("auto", "moonshine", "cpu", "kyutai", "remote", "sink")
@@ -77,3 +78,7 @@ class EngineConfig:
             check.positive(f"engine.{name}", getattr(self, name))
         if self.name == "remote" and not self.urls:
             raise check.fail("engine.urls", self.urls, "the remote engine needs at least one node")
+        try:
+            check_keyterms(self.keyterms)
+        except InvalidKeyterms as exc:  # the config loader names the setting and its source
+            raise ValueError(f"engine.keyterms: {exc}") from None

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from engine.base import Segment, Word, event_to_json
+from engine.config import EngineConfig
 from engine.keyterm_bias import BiasSettings, KeytermBias, KeytermIndex
 from engine.keyterms import (
     MAX_KEYTERM_CHARS,
@@ -16,6 +17,9 @@ from engine.keyterms import (
     merge_keyterms,
     parse_keywords,
 )
+from engine.kyutai import KyutaiEngine
+from engine.moonshine import MoonshineEngine
+from engine.registry import build_engine
 
 
 def test_terms_are_cleaned_and_repeats_dropped_in_order() -> None:
@@ -140,3 +144,23 @@ def test_padding_between_the_words_of_a_term_keeps_it_going() -> None:
     for row in (logits(10), logits(PAD, i=1.0), logits(PAD, _N=9.0)):
         without.choose(row)
     assert without.choose(logits(PAD, _N=7.0)) == PAD
+
+
+def test_server_wide_keyterms_are_checked_when_the_engine_is_built() -> None:
+    too_long = "x" * (MAX_KEYTERM_CHARS + 1)
+    with pytest.raises(ValueError, match=f"engine.keyterms: .*at most {MAX_KEYTERM_CHARS}"):
+        EngineConfig(name="moonshine", keyterms=(too_long,))
+    for engine_type in (MoonshineEngine, KyutaiEngine):  # built directly, not from a config
+        with pytest.raises(InvalidKeyterms, match=f"at most {MAX_KEYTERM_CHARS}"):
+            engine_type(keyterms=(too_long,))
+    engine, _ = build_engine(EngineConfig(name="moonshine", keyterms=(" Xarelto ", "xarelto")))
+    assert isinstance(engine, MoonshineEngine) and engine.keyterms == ("Xarelto",)
+
+
+def test_a_bad_server_wide_keyterm_is_a_config_error_naming_its_setting() -> None:
+    from api.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"engine\.keyterms: .*at most 60.*KEYTERMS"):
+        load_config(environ={"STT_BRIDGE_ENGINE_KEYTERMS": "Xarelto," + "x" * 61})
+    config = load_config(environ={"STT_BRIDGE_ENGINE_KEYTERMS": "Xarelto, Siobhan Nguyen"})
+    assert config.engine.keyterms == ("Xarelto", "Siobhan Nguyen")

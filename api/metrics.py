@@ -120,6 +120,11 @@ class _Queues(Collector):
             value=self._store.queue_depth,
         )
         yield GaugeMetricFamily(
+            "stt_bridge_store_unwritten_events",
+            "Events recorded and not yet written: the queue and the batch the writer retries",
+            value=self._store.unwritten,
+        )
+        yield GaugeMetricFamily(
             "stt_bridge_store_available",
             "1 while the store takes writes, 0 while its disk is full or read-only or it is away",
             value=0 if self._store.problem else 1,

@@ -27,6 +27,7 @@ from engine.base import Segment, Word
 from telephony.session import CallEnded, CallStarted, LegEvent
 from tests.api.test_calls_api import get
 from tests.api.test_cluster import Hooks, node_config
+from tests.api.test_fanout import metric
 from tests.conftest import ServiceFactory
 from tests.e2e.frontends import EventLog, watch_events
 from tests.e2e.sip_peers import sip_config
@@ -109,6 +110,12 @@ async def ready(service: Service) -> tuple[int, dict[str, Any]]:
             return r.status, await r.json()
 
 
+async def metrics(service: Service) -> str:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{service.ports['health']}/metrics") as r:
+            return await r.text()
+
+
 def stored_words(url: str) -> dict[str, list[str]]:
     with psycopg.connect(url) as db:
         rows = db.execute("SELECT call_id, text FROM events WHERE type = 'word' ORDER BY id")
@@ -116,6 +123,11 @@ def stored_words(url: str) -> dict[str, list[str]]:
         for call_id, text in rows:
             out.setdefault(call_id, []).append(text)
         return out
+
+
+def caught_up(service: Service) -> int:
+    assert service.bridge.cluster is not None
+    return service.bridge.cluster.caught_up
 
 
 def view_words(view: EventLog, call_id: str) -> list[str]:
@@ -153,7 +165,12 @@ async def outage(
     async with asyncio.timeout(40):
         while time.monotonic() < down_at + 3.0 or not any(at > down_at for at in heard_at):
             await asyncio.sleep(0.1)
-    held = a.bridge.store.unwritten + b.bridge.store.unwritten
+    held = 0
+    for service in (a, b):  # what waits in memory, as /metrics shows it
+        text = await metrics(service)
+        assert metric(text, "stt_bridge_store_available") == 0
+        assert metric(text, "stt_bridge_store_events_dropped_total") == 0
+        held += int(metric(text, "stt_bridge_store_unwritten_events"))
     assert held > 0  # their events wait in memory
     await loop.run_in_executor(None, pg.restart)
     back_at = time.monotonic()
@@ -202,7 +219,9 @@ async def test_postgres_stopped_and_killed_under_twenty_calls_on_two_nodes(
                 f"\n{'kill -9' if kill else 'clean stop'}: {spoken} words spoken, {written} "
                 f"written; {result['down']} of them spoken while PostgreSQL was down; "
                 f"{result['held']} events held in memory at the restart; caught up "
-                f"{result['caught_up_s']:.2f} s after PostgreSQL took connections again"
+                f"{result['caught_up_s']:.2f} s after PostgreSQL took connections again; "
+                f"events the relays read back from the store so far: a {caught_up(a)}, "
+                f"b {caught_up(b)}"
             )
         await view_a.wait_ended(40, timeout=30)
         await view_b.wait_ended(40, timeout=30)

@@ -159,13 +159,15 @@ def matching_calls(db: Db, terms: Sequence[str]) -> tuple[str, str, list[Any]]:
         # are asked for first, up to FEW: with a rare word among them, its calls are narrowed
         # by the other words and looked up by id; with none, the index answers as a whole.
         for n, query in enumerate(queries):
+            # Rows, not distinct calls: LIMIT then stops the scan early (a common word's DISTINCT
+            # read all its rows first); fewer rows than FEW is fewer calls than FEW too.
             rows = db.execute(
-                "SELECT DISTINCT call_id FROM transcript_index "
-                "WHERE words @@ to_tsquery('simple', ?) LIMIT ?",
+                "SELECT call_id FROM transcript_index WHERE words @@ to_tsquery('simple', ?) "
+                "LIMIT ?",
                 (query, FEW),
             ).fetchall()
             if len(rows) < FEW:
-                ids = [r[0] for r in rows]
+                ids = list(dict.fromkeys(r[0] for r in rows))
                 for other in queries[:n] + queries[n + 1 :]:
                     if not ids:
                         break

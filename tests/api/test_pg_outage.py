@@ -397,7 +397,7 @@ async def test_a_slow_reader_stalls_neither_writes_nor_reads_nor_webhooks(
                         "AND query LIKE 'DELETE FROM calls%'"
                     ).fetchall():
                         await asyncio.sleep(0.05)
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(15):  # without the pool: never, while the lock is held
                 await talk(service, "new", silence)
                 assert await loop.run_in_executor(None, service.bridge.store.flush)
                 status, call = await get(service, "/v1/calls/new")

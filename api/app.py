@@ -23,7 +23,7 @@ from typing import Final
 
 from aiohttp import web
 
-from api import __version__, guard, health
+from api import __version__, console_origin, guard, health
 from api.auth import ApiKeys, twilio_note
 from api.bridge import BRIDGE, Bridge
 from api.cluster import Cluster
@@ -111,7 +111,11 @@ def build_audio_app(bridge: Bridge) -> web.Application:
         log.warning(note)
     limits = bridge.config.limits
     app = web.Application(
-        middlewares=[guard.request_timeout(limits), *([keys.middleware] if keys.enabled else [])],
+        middlewares=[
+            guard.request_timeout(limits),
+            console_origin.middleware,  # the page on the web port reads /v1/calls (CORS)
+            *([keys.middleware] if keys.enabled else []),
+        ],
         client_max_size=limits.http_max_body_bytes,
     )
     app[LIMITS] = limits

@@ -2,7 +2,10 @@
 // Protocol: binary frames of raw int16 LE 24 kHz mono to "/"; JSON text frames back
 // (partial, word, segment, end_of_turn, error, closed). A partial is the hypothesis of the
 // utterance still being spoken: shown greyed, replaced by the next one or by its segment.
-// Stop sends {"type":"stop"} and waits for "closed".
+// Stop sends {"type":"stop"} and waits for "closed". The header's status line is this view's:
+// it sits in the microphone view, so the console never shows "Disconnected" while it watches.
+
+import { withKey } from "./key.js";
 
 const SAMPLE_RATE = 24000;
 const BATCH_SAMPLES = 1920; // 80 ms
@@ -35,13 +38,7 @@ async function socketUrl() {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     url = `${scheme}://${location.hostname}:${config.port}/`;
   }
-  const token = new URLSearchParams(location.search).get("token");
-  if (token) {
-    const withToken = new URL(url);
-    withToken.searchParams.set("token", token);
-    url = withToken.toString();
-  }
-  return url;
+  return withKey(url); // the API key (?key= in the page's URL, or typed in the console)
 }
 
 function clock(seconds) {

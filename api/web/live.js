@@ -37,6 +37,7 @@ class KeyNeeded extends Error {}
 let base = null; // { ws, http }
 let feed = null; // the /v1/events socket
 let retryMs = 500;
+let feedOpened = false; // the feed has been open before: a later open is a reconnection
 const rows = new Map(); // call id → <li>, reused while the call is on screen
 const query = { q: "", offset: 0 };
 const page = { offset: 0, total: 0 }; // as last listed
@@ -303,6 +304,9 @@ async function watch() {
   socket.onopen = () => {
     retryMs = 500;
     setStatus("watching", "Watching every call");
+    // Back after a break: calls may have ended unseen meanwhile; the store knows.
+    if (feedOpened) reload(false);
+    feedOpened = true;
   };
   socket.onmessage = (event) => onFeed(JSON.parse(event.data));
   socket.onclose = (event) => {

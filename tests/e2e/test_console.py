@@ -1,12 +1,13 @@
 """The console on the web page (#live), in headless Chromium, as a person uses it.
 
 API keys are on: calls come in through `/v1/stream` with an `ingest` key and real speech (one
-with `redact=pci` and a card number read out); the page, opened on the web port, asks for a key,
-which is typed once (a `read` key). Then: search, press Enter, see the right call with the match
-highlighted, open it and read words equal to the stored transcript's, see the card as a styled
-placeholder, download a transcript, open a live call and see its earlier words and then the new
-ones, without duplicates; and a key given in the page's URL. Screenshots of each view are saved
-under the test's tmp_path (the path is printed).
+with `redact=pci` and a card number read out); the page, opened on the web port, asks for a
+key, which is typed once (an `ingest` key first, refused, then a `read` key). Then: search,
+press Enter, see the right call with the match highlighted, open it and read words equal to
+the stored transcript's, see the card as a styled placeholder, download a transcript, open a
+live call and see its earlier words and then the new ones, without duplicates; and a key
+given in the page's URL. Screenshots of each view are saved under the test's tmp_path (the
+path is printed).
 """
 
 from __future__ import annotations
@@ -200,6 +201,11 @@ async def test_console_search_read_redacted_live_and_keys(
     key_box = browser.find_element(By.ID, "key-input")
     assert key_box.accessible_name == "API key"
     shot(browser, tmp_path, "1-key-asked")
+    # A key that may only send audio is refused by the API (403), and the page says so.
+    await on_page(key_box.send_keys, INGEST, Keys.ENTER)
+    await wait_for(browser, lambda d: "may not read calls" in d.find_element(By.ID, "key-why").text)
+    assert not rows(browser)
+    key_box = browser.find_element(By.ID, "key-input")
     await on_page(key_box.send_keys, READ, Keys.ENTER)
     await wait_for(browser, lambda d: {"order-call", "card-call", "noisy-call"} <= set(rows(d)))
     await wait_for(

@@ -14,7 +14,6 @@ The wire carries no rate or channel count, so they come from the metadata (`rate
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Mapping
@@ -23,12 +22,23 @@ from typing import Any, Final
 
 from aiohttp import WSMessage, WSMsgType, web
 
-from engine.base import BridgeError, EngineEvent, event_to_json
-from telephony.audio import PcmArray, ResampleStream, deinterleave, pcm16_decode
-from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
+from engine.base import BridgeError, Closed, EngineEvent, event_to_json
+from telephony.audio import Encoding, PcmArray, deinterleave, pcm16_decode
+from telephony.errors import ProtocolError
 from telephony.limits import parse_json
 from telephony.session import AudioDropped, Call, CallHub, bus_event_to_json
-from telephony.ws_front import HUB, messages, open_websocket
+from telephony.ws_front import (
+    HUB,
+    AudioFormat,
+    FrontEvent,
+    Media,
+    OpenCall,
+    Received,
+    Skipped,
+    Stopped,
+    WsCodec,
+    run_stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,95 +130,62 @@ class AudioForkCodec:
         return json.dumps(body, separators=(",", ":"))
 
 
-def send_soon(ws: web.WebSocketResponse, text: str) -> None:
-    """Send from synchronous code (a push in the parser's callback); order is kept by the
-    socket's writer, and a closing socket is no error."""
-    if ws.closed:
-        return
-    task = asyncio.ensure_future(ws.send_str(text))
-    task.add_done_callback(_quiet)
+class AudioForkFront(WsCodec):
+    """mod_audio_fork for the WebSocket adapter (telephony/ws_front.py): the metadata frame (or,
+    when it was lost, the first audio) opens the call; a phone call, pushed in real time."""
 
+    front_end = FRONT_END
+    protocols = (SUBPROTOCOL,)
+    closed_reason = "closed by FreeSWITCH"
 
-def _quiet(task: asyncio.Future[None]) -> None:
-    if not task.cancelled():
-        task.exception()  # the socket closed under it: nothing to tell
+    def __init__(self, path_id: str | None, query: Mapping[str, str]) -> None:
+        self.path_id = path_id
+        self.query = query
+        self.opened = False
+
+    def _open(self, metadata_text: str | None) -> OpenCall:
+        fmt = stream_format(metadata_text, self.query)
+        labels = {"mix": fmt.mix, "rate": str(fmt.rate)}
+        labels.update({str(k): str(v) for k, v in fmt.metadata.items() if k not in ("mix", "rate")})
+        call_id = self.path_id or str(fmt.metadata.get("uuid") or fmt.metadata.get("callId") or "")
+        self.opened = True
+        return OpenCall(
+            fmt.legs, AudioFormat(Encoding.PCM16, fmt.rate, fmt.channels), call_id or None, labels
+        )
+
+    def receive(self, msg: WSMessage) -> Received:
+        if msg.type == WSMsgType.BINARY:
+            audio: FrontEvent = Media(None, msg.data) if msg.data else Stopped("graceful shutdown")
+            if not self.opened:  # the metadata frame was lost (it happens under load)
+                return self._open(None), audio
+            return audio
+        if msg.type != WSMsgType.TEXT:
+            return None
+        if not self.opened:
+            return self._open(msg.data)
+        return Skipped("a text frame after the metadata")
+
+    def may_be_media(self, msg: WSMessage) -> bool:
+        return msg.type == WSMsgType.BINARY and bool(msg.data)
+
+    def encode_event(self, call: Call, leg: str, event: EngineEvent) -> str | None:
+        if isinstance(event, Closed):
+            return None
+        return AudioForkCodec.encode_transcription(call.id, leg, event)
+
+    def encode_rejection(self, exc: BridgeError) -> str:
+        return AudioForkCodec.encode_error(str(exc))
+
+    def encode_dropped(self, notice: AudioDropped) -> str:
+        return AudioForkCodec.encode_dropped(notice)
 
 
 # --- aiohttp adapter --------------------------------------------------------------------------
 
 
 async def handle_fork(request: web.Request) -> web.StreamResponse:
-    ws = open_websocket(request, protocols=(SUBPROTOCOL,), read_by_messages=True)
-    await ws.prepare(request)
-    hub = request.app[HUB]
-    path_id = request.match_info.get("call_id")
-    call: Call | None = None
-    codec: AudioForkCodec | None = None
-    resamplers: dict[str, ResampleStream] = {}
-    reason = "closed by FreeSWITCH"
-
-    async def reply(leg: str, event: EngineEvent) -> None:
-        if call is not None and not ws.closed and event_to_json(event)["type"] != "closed":
-            await ws.send_str(AudioForkCodec.encode_transcription(call.id, leg, event))
-
-    def open_call(metadata_text: str | None) -> tuple[Call, AudioForkCodec]:
-        fmt = stream_format(metadata_text, request.query)
-        labels = {"mix": fmt.mix, "rate": str(fmt.rate)}
-        labels.update({str(k): str(v) for k, v in fmt.metadata.items() if k not in ("mix", "rate")})
-        call_id = (
-            path_id or str(fmt.metadata.get("uuid") or fmt.metadata.get("callId") or "") or None
-        )
-        opened = hub.open_call(
-            FRONT_END, legs=fmt.legs, call_id=call_id, labels=labels, reply=reply
-        )
-        for leg in fmt.legs:
-            resamplers[leg] = ResampleStream(fmt.rate, opened.sample_rate)
-        # The engine fell behind and dropped audio: FreeSWITCH fires it as an event.
-        opened.on_audio_dropped = lambda n: send_soon(ws, AudioForkCodec.encode_dropped(n))
-        return opened, AudioForkCodec(fmt)
-
-    def push(data: bytes) -> None:
-        assert call is not None and codec is not None
-        for leg, pcm in zip(codec.format.legs, codec.receive_audio(data), strict=True):
-            call.leg(leg).push(resamplers[leg].process(pcm))
-
-    def push_direct(msg: WSMessage) -> bool:  # the loop's BINARY branch, once the call is open
-        if msg.type != WSMsgType.BINARY or not msg.data or call is None or call.ended:
-            return False
-        push(msg.data)
-        return True
-
-    try:
-        async for msg in messages(ws, request, direct=push_direct):
-            if msg.type == WSMsgType.TEXT:
-                if call is None:
-                    call, codec = open_call(msg.data)
-                else:
-                    log.info(
-                        "freeswitch text frame", extra={"call_id": call.id, "front_end": FRONT_END}
-                    )
-            elif msg.type == WSMsgType.BINARY:
-                if call is None:  # the metadata frame was lost (it happens under load)
-                    call, codec = open_call(None)
-                if not msg.data:
-                    reason = "graceful shutdown"
-                    break
-                push(msg.data)
-                if call.ended:  # by the engine (a lost engine node)
-                    break
-    except BridgeError as exc:
-        log.warning("freeswitch fork refused: %s", exc, extra={"front_end": FRONT_END})
-        reason = f"rejected: {exc}"
-        if not ws.closed:
-            await ws.send_str(AudioForkCodec.encode_error(str(exc)))
-            await ws.close(code=rejection_for(exc).ws_close, message=str(exc).encode()[:120])
-    finally:
-        if call is not None:
-            await call.end_flushing(resamplers, reason)
-        if not ws.closed:
-            code, message = ws_close_at_end(call)
-            await ws.close(code=code, message=message)
-    return ws
+    front = AudioForkFront(request.match_info.get("call_id"), request.query)
+    return await run_stream(request, front)
 
 
 def add_routes(app: web.Application, hub: CallHub) -> None:

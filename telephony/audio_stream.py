@@ -30,7 +30,7 @@ from telephony.audio import PcmArray, ResampleStream, deinterleave, pcm16_decode
 from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
 from telephony.limits import clean_labels, limits_of, parse_json
 from telephony.session import AudioDropped, Call, CallHub, bus_event_to_json
-from telephony.ws_front import HUB, heartbeat_for, messages
+from telephony.ws_front import HUB, heartbeat_for, messages, send_soon
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +161,7 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
         for leg in fmt.legs:
             resamplers[leg] = ResampleStream(fmt.rate, opened.sample_rate)
         # The engine fell behind and dropped audio: FreeSWITCH fires it as an event.
-        opened.on_audio_dropped = lambda n: audio_fork.send_soon(
-            ws, AudioStreamCodec.encode_dropped(n)
-        )
+        opened.on_audio_dropped = lambda n: send_soon(ws, AudioStreamCodec.encode_dropped(n))
         return opened, AudioStreamCodec(fmt)
 
     def push(data: bytes) -> None:

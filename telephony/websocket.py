@@ -15,13 +15,12 @@ is accepted and needs no answer; `{"type":"Finalize"}` ends the utterance in pro
 answered with `{"type":"finalized","at":S}` once every word of the audio so far is out.
 Malformed text frames get an `error` message and the stream goes on.
 
-`ListenCodec` is the protocol without I/O; `handle_*` are the aiohttp adapters.
+`ListenCodec` is the protocol without I/O, `ListenFront` its codec for the WebSocket adapter
+(telephony/ws_front.py); `handle_*` check the query and hand the stream over.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -30,13 +29,24 @@ from typing import Final
 from aiohttp import WSMessage, WSMsgType, web
 from multidict import MultiMapping
 
-from engine.base import BridgeError, Closed, EngineEvent, event_to_json
+from engine.base import BridgeError, EngineEvent, event_to_json
 from telephony.audio import SUPPORTED_RATES, AudioDecoder, Encoding, PcmArray
-from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
+from telephony.errors import ProtocolError, rejection_for
 from telephony.limits import parse_json
-from telephony.session import Session
+from telephony.session import Call
 from telephony.transcript import NO_OPTIONS, TranscriptOptions, transcript_options
-from telephony.ws_front import HUB, messages, open_websocket
+from telephony.ws_front import (
+    HUB,
+    AudioFormat,
+    Media,
+    OpenCall,
+    Received,
+    Reply,
+    Stopped,
+    WsCodec,
+    run_stream,
+)
+from telephony.ws_front import Finalize as FrontFinalize
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +98,6 @@ _CONTROL: Final[dict[str, ControlMessage]] = {
     "KeepAlive": KeepAlive(),
     "Finalize": Finalize(),
 }
-FINALIZE_WAIT_S: Final = 5.0
 
 _CALL_ID_MAX: Final = 128
 PROTOCOL_PARAMETERS: Final = frozenset({"encoding", "sample_rate", "call_id", "redact", "keyterm"})
@@ -209,86 +218,61 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
     return await _serve(request, params)
 
 
-async def _serve(request: web.Request, params: ListenParams) -> web.StreamResponse:
-    hub = request.app[HUB]
-    codec = ListenCodec(params, hub.engine.sample_rate)
-    ws = open_websocket(request, read_by_messages=True)
-    await ws.prepare(request)
+class ListenFront(WsCodec):
+    """`/` and `/v1/stream` for the WebSocket adapter (telephony/ws_front.py): the call opens
+    at the upgrade, from the URL; the sender can wait (an app or a file), so it is slowed while
+    the engine is behind, never dropped."""
 
-    async def reply(leg: str, event: EngineEvent) -> None:
-        await ws.send_str(codec.encode_event(event))
-        if isinstance(event, Closed) and call.engine_reason:
-            # The engine ended the call (a lost node): say so now, not at the client's next
-            # frame (a client waiting for words may send none).
-            code, message = ws_close_at_end(call)
-            await ws.close(code=code, message=message)
+    front_end = FRONT_END
+    can_wait = True
+    closed_reason = "client closed"
 
-    labels = {
-        **params.labels,
-        "encoding": params.encoding.value,
-        "sample_rate": str(params.sample_rate),
-    }
-    if request.remote:
-        labels["remote"] = request.remote
-    try:
-        call = hub.open_call(
-            FRONT_END,
+    def __init__(self, params: ListenParams, engine_rate: int, remote: str | None) -> None:
+        self.params = params
+        self.codec = ListenCodec(params, engine_rate)
+        self.remote = remote
+
+    def open_at_connect(self) -> OpenCall:
+        params = self.params
+        labels = {
+            **params.labels,
+            "encoding": params.encoding.value,
+            "sample_rate": str(params.sample_rate),
+        }
+        if self.remote:
+            labels["remote"] = self.remote
+        return OpenCall(
+            legs=("caller",),
+            audio=AudioFormat(params.encoding, params.sample_rate),
             call_id=params.call_id,
             labels=labels,
-            reply=reply,
             options=params.options,
         )
-    except BridgeError as exc:
-        log.warning("stream rejected: %s", exc, extra={"front_end": FRONT_END})
-        await ws.close(code=rejection_for(exc).ws_close, message=str(exc).encode()[:120])
-        return ws
 
-    leg = call.leg("caller")
-    reason = "client closed"
+    def receive(self, msg: WSMessage) -> Received:
+        if msg.type == WSMsgType.BINARY:
+            return Media("caller", msg.data)
+        if msg.type != WSMsgType.TEXT:
+            return None
+        control = self.codec.receive_text(msg.data)
+        if isinstance(control, Stop):
+            return Stopped("client stop")
+        if isinstance(control, Finalize):
+            return FrontFinalize()
+        if isinstance(control, BadMessage):
+            return Reply(self.codec.encode_error(control.reason))
+        return None  # KeepAlive: nothing to answer
 
-    def push(msg: WSMessage) -> bool:  # the loop's BINARY branch, as frames are parsed
-        if msg.type != WSMsgType.BINARY or call.ended or not leg.has_room:
-            return False  # the engine is behind: the loop waits for room (below)
-        leg.push(codec.receive_bytes(msg.data))
-        return True
+    def may_be_media(self, msg: WSMessage) -> bool:
+        return msg.type == WSMsgType.BINARY
 
-    try:
-        async for msg in messages(ws, request, direct=push):
-            if msg.type == WSMsgType.BINARY:
-                # Backpressure, never loss: while the engine is behind, this waits; frames
-                # queue in aiohttp's reader, which stops reading the socket once it holds
-                # 128 KiB, and TCP slows a client sending faster than real time.
-                await leg.write(codec.receive_bytes(msg.data))
-                if call.ended:  # by the engine (a lost engine node): its `closed` went out
-                    break
-            elif msg.type == WSMsgType.TEXT:
-                control = codec.receive_text(msg.data)
-                if isinstance(control, Stop):
-                    reason = "client stop"
-                    break
-                if isinstance(control, Finalize):
-                    await ws.send_str(codec.encode_finalized(await _finalize(leg)))
-                elif isinstance(control, BadMessage):
-                    await ws.send_str(codec.encode_error(control.reason))
-            elif msg.type == WSMsgType.ERROR:
-                reason = f"connection error: {ws.exception()}"
-                break
-    finally:
-        leg.push(codec.end_of_audio())
-        # Shielded: a cancelled handler (server shutdown) must still flush the transcript.
-        await asyncio.shield(call.end(reason))
-        if not ws.closed:
-            code, message = ws_close_at_end(call)
-            await ws.close(code=code, message=message)
-    return ws
+    def encode_event(self, call: Call, leg: str, event: EngineEvent) -> str:
+        return self.codec.encode_event(event)
+
+    def encode_finalized(self, at_s: float) -> str:
+        return self.codec.encode_finalized(at_s)
 
 
-async def _finalize(leg: Session) -> float:
-    """Cut the utterance in progress; wait (bounded) until every word so far is out.
-
-    Returns the seconds of this leg's audio that are settled (all their words sent)."""
-    stream = leg.stream
-    stream.finalize()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(leg.wait_settled(stream.stats.samples_in), FINALIZE_WAIT_S)
-    return stream.settled_samples / stream.sample_rate
+async def _serve(request: web.Request, params: ListenParams) -> web.StreamResponse:
+    engine_rate = request.app[HUB].engine.sample_rate
+    return await run_stream(request, ListenFront(params, engine_rate, request.remote))

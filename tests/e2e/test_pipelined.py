@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from telephony import direct_ws, limits
+from telephony import direct_ws, ws_front
 from telephony.audio import PcmArray, pcm16_to_float
 from tests.conftest import ServiceFactory
 from tests.e2e.frontends import offline_words, watch_events
@@ -249,7 +249,7 @@ async def test_upgrade_audio_and_end_in_one_write(
     if not direct:
         if not direct_ws.DIRECT_SUPPORTED:
             pytest.fail("the direct path is the one this aiohttp takes: nothing to compare")
-        monkeypatch.setattr(limits, "DIRECT_SUPPORTED", False)  # aiohttp's own reader
+        monkeypatch.setattr(ws_front, "DIRECT_SUPPORTED", False)  # aiohttp's own reader
     service = await start_service()
     port = service.ports["audio"]
     spec = route(name)

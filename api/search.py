@@ -183,18 +183,27 @@ def matching_calls(db: Db, terms: Sequence[str]) -> tuple[str, str, list[Any]]:
         if len(queries) == 1:
             return "", f"calls.id IN ({hits})", queries
         # Only common words. An ended call is one row: one AND query finds it. The words of a
-        # call with a row per segment (live) may be spread over its rows: intersected per call,
-        # among those calls alone (an INTERSECT over every row took 3 s at 100k calls).
-        spread = "SELECT DISTINCT call_id FROM transcript_index WHERE leg <> ''"
+        # call with a row per segment (live, or live again) may be spread over its rows: they
+        # are intersected per call, among those calls alone, named here (so PostgreSQL looks
+        # them up by id rather than reading every row of each word: 4.7 s at 100k calls).
+        together = "SELECT call_id FROM transcript_index WHERE words @@ to_tsquery('simple', ?)"
+        spread = [
+            r[0]
+            for r in db.execute(
+                "SELECT DISTINCT call_id FROM transcript_index WHERE leg <> ''"
+            ).fetchall()
+        ]
+        if not spread:
+            return "", f"calls.id IN ({together})", [" & ".join(queries)]
         per_call = (
-            f"SELECT call_id FROM transcript_index WHERE call_id IN ({spread}) "
-            "AND words @@ to_tsquery('simple', ?)"
+            "SELECT call_id FROM transcript_index "
+            "WHERE call_id = ANY(?) AND words @@ to_tsquery('simple', ?)"
         )
-        either = (
-            "SELECT call_id FROM transcript_index WHERE words @@ to_tsquery('simple', ?) "
-            f"UNION ({' INTERSECT '.join([per_call] * len(queries))})"
-        )
-        return "", f"calls.id IN ({either})", [" & ".join(queries), *queries]
+        either = f"{together} UNION ({' INTERSECT '.join([per_call] * len(queries))})"
+        args: list[Any] = [" & ".join(queries)]
+        for query in queries:
+            args += [spread, query]
+        return "", f"calls.id IN ({either})", args
     # From each call's number to the call: one integer lookup per hit, before its text key.
     one = "SELECT rowid >> 20 FROM transcript_index WHERE transcript_index MATCH ?"
     docs = " INTERSECT ".join([one] * len(terms))

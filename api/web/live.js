@@ -136,7 +136,6 @@ function row(callId) {
   li.dataset.status = "live";
   li.tabIndex = 0;
   li.setAttribute("role", "button");
-  li.setAttribute("aria-selected", "false");
   for (const name of ["id", "front-end", "state", "duration", "labels", "snippet", "last"]) {
     li.append(el("span", name));
   }
@@ -147,6 +146,14 @@ function row(callId) {
   });
   rows.set(callId, li);
   return li;
+}
+
+// The row of the call whose page is open: aria-current (a row is a button, not an option).
+function markOpen(callId = follow && follow.callId) {
+  for (const li of rows.values()) {
+    if (li.dataset.callId === callId) li.setAttribute("aria-current", "true");
+    else li.removeAttribute("aria-current");
+  }
 }
 
 function fillRow(li, call) {
@@ -219,7 +226,7 @@ async function loadList() {
   ui.summary.textContent = query.q
     ? `${body.total} call${body.total === 1 ? "" : "s"} with “${query.q}”`
     : "";
-  for (const li of rows.values()) li.setAttribute("aria-selected", String(!!follow && li.dataset.callId === follow.callId));
+  markOpen();
   updateCount();
 }
 
@@ -493,7 +500,7 @@ async function openCall(callId) {
   if (follow && follow.callId === callId) return;
   if (follow) follow.socket.close(1000);
   if (decodeURIComponent(location.hash.slice(6)) !== callId) history.pushState(null, "", `#live/${encodeURIComponent(callId)}`);
-  for (const li of rows.values()) li.setAttribute("aria-selected", String(li.dataset.callId === callId));
+  markOpen(callId);
   ui.transcript.replaceChildren();
   ui.meta.textContent = "";
   ui.detail.dataset.state = "connecting";

@@ -54,7 +54,7 @@ def noisy(text: str) -> bytes:
     speech = np.frombuffer(phone_bytes(text, "pcm16", RATE), "<i2").astype(np.float64)
     noise = np.random.default_rng(7).standard_normal(len(speech))
     mixed = speech + noise * np.sqrt(np.mean(speech**2) / 10 ** (NOISE_SNR_DB / 10))
-    return np.clip(mixed, -32768, 32767).astype("<i2").tobytes() + SILENCE
+    return bytes(np.clip(mixed, -32768, 32767).astype("<i2").tobytes()) + SILENCE
 
 
 @pytest.fixture
@@ -262,6 +262,7 @@ async def test_console_search_read_redacted_live_and_keys(
     assert [(t, c) for t, c, _ in confidences] == stored_words
     assert all(low == (c < 0.5) for _, c, low in confidences)
     assert "#live/order-call" in browser.current_url
+    assert rows(browser)["order-call"].get_attribute("aria-current") == "true"
     shot(browser, tmp_path, "4-call")
     await on_page(browser.find_element(By.ID, "layout-toggle").click)
     transcript = browser.find_element(By.ID, "detail-transcript")

@@ -12,7 +12,6 @@ rule that Asterisk drops a partial frame of ours never applies. See
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Mapping
@@ -24,10 +23,21 @@ from aiohttp import WSMessage, WSMsgType, web
 
 from engine.base import BridgeError, EngineFull
 from telephony.audio import AudioDecoder, Encoding, PcmArray
-from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
+from telephony.errors import ProtocolError, rejection_for
 from telephony.limits import CALL_ID_MAX_CHARS, clean_labels, parse_json
-from telephony.session import Call, CallHub, Draining
-from telephony.ws_front import HUB, messages, open_websocket
+from telephony.session import CallHub, Draining
+from telephony.ws_front import (
+    HUB,
+    AudioFormat,
+    Dtmf,
+    Media,
+    OpenCall,
+    Received,
+    Reply,
+    Skipped,
+    WsCodec,
+    run_stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +233,45 @@ class AsteriskMediaCodec:
         return clean_labels(labels)
 
 
+class AsteriskFront(WsCodec):
+    """chan_websocket for the WebSocket adapter (telephony/ws_front.py): MEDIA_START opens the
+    call and is answered with ANSWER; a refusal is a HANGUP in the call's control format
+    (Asterisk ends the channel and closes with 1000), then our close with the reason."""
+
+    front_end = FRONT_END
+    protocols = (SUBPROTOCOL,)
+    closed_reason = "closed by Asterisk"
+
+    def __init__(self, engine_rate: int, query: Mapping[str, str]) -> None:
+        self.codec = AsteriskMediaCodec(engine_rate)
+        self.query = query
+
+    def receive(self, msg: WSMessage) -> Received:
+        codec = self.codec
+        if msg.type == WSMsgType.BINARY:
+            if codec.start is None:
+                raise AsteriskMediaError("audio before MEDIA_START")
+            return Media("caller", msg.data)
+        if msg.type != WSMsgType.TEXT:
+            return None
+        event = codec.receive_text(msg.data)
+        if isinstance(event, MediaStart):
+            audio = AudioFormat(event.encoding, event.sample_rate)
+            call = OpenCall(("caller",), audio, event.channel_id, codec.labels(self.query))
+            return call, Reply(codec.encode_command("ANSWER"))
+        if isinstance(event, DtmfEnd):
+            return Dtmf(event.digit)
+        if event.name == "ERROR":
+            return Skipped(f"asterisk reports: {event.fields.get('error_text', '')}")
+        return None
+
+    def may_be_media(self, msg: WSMessage) -> bool:
+        return msg.type == WSMsgType.BINARY
+
+    def encode_rejection(self, exc: BridgeError) -> str:
+        return self.codec.encode_command("HANGUP")
+
+
 # --- aiohttp adapter --------------------------------------------------------------------------
 
 
@@ -241,61 +290,7 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
         status = rejection_for(refusal).http_status
         return web.json_response({"error": "unavailable", "reason": reason}, status=status)
 
-    # Asterisk offers no extension
-    ws = open_websocket(request, protocols=(SUBPROTOCOL,), read_by_messages=True)
-    await ws.prepare(request)
-    codec = AsteriskMediaCodec(hub.engine.sample_rate)
-    call: Call | None = None
-    reason = "closed by Asterisk"
-
-    def push(msg: WSMessage) -> bool:  # the loop's BINARY branch, once the call is open
-        if msg.type != WSMsgType.BINARY or call is None or call.ended:
-            return False
-        call.leg("caller").push(codec.receive_audio(msg.data))
-        return True
-
-    try:
-        async for msg in messages(ws, request, direct=push):
-            if msg.type == WSMsgType.TEXT:
-                event = codec.receive_text(msg.data)
-                if isinstance(event, MediaStart):
-                    call = hub.open_call(
-                        FRONT_END, call_id=event.channel_id, labels=codec.labels(request.query)
-                    )
-                    await ws.send_str(codec.encode_command("ANSWER"))
-                elif call is not None and isinstance(event, DtmfEnd):
-                    call.leg("caller").dtmf(event.digit)
-                elif isinstance(event, Notice) and event.name == "ERROR":
-                    log.warning(
-                        "asterisk reports: %s",
-                        event.fields.get("error_text", ""),
-                        extra={"call_id": call.id if call else None, "front_end": FRONT_END},
-                    )
-            elif msg.type == WSMsgType.BINARY:
-                pcm = codec.receive_audio(msg.data)
-                if call is not None:
-                    call.leg("caller").push(pcm)
-                    if call.ended:  # by the engine (a lost engine node)
-                        break
-            elif msg.type == WSMsgType.ERROR:
-                reason = f"connection error: {ws.exception()}"
-                break
-    except BridgeError as exc:
-        # One place for every refusal: HANGUP in the call's own control format (Asterisk
-        # ends the channel and closes with 1000), then our close with the reason.
-        reason = f"rejected: {exc}"
-        log.warning("asterisk media refused: %s", exc, extra={"front_end": FRONT_END})
-        if not ws.closed:
-            await ws.send_str(codec.encode_command("HANGUP"))
-            await ws.close(code=rejection_for(exc).ws_close, message=str(exc).encode()[:120])
-    finally:
-        if call is not None:
-            call.leg("caller").push(codec.end_of_audio())
-            await asyncio.shield(call.end(reason))
-        if not ws.closed:
-            code, message = ws_close_at_end(call)
-            await ws.close(code=code, message=message)
-    return ws
+    return await run_stream(request, AsteriskFront(hub.engine.sample_rate, request.query))
 
 
 def add_routes(app: web.Application, hub: CallHub) -> None:

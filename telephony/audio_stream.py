@@ -15,9 +15,9 @@ sends each connection to the module it came from.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -26,11 +26,21 @@ from aiohttp import WSMessage, WSMsgType, web
 
 from engine.base import BridgeError, Closed, EngineEvent, event_to_json
 from telephony import audio_fork
-from telephony.audio import PcmArray, ResampleStream, deinterleave, pcm16_decode
-from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
-from telephony.limits import clean_labels, limits_of, parse_json
+from telephony.audio import Encoding, PcmArray, deinterleave, pcm16_decode
+from telephony.errors import ProtocolError
+from telephony.limits import parse_json
 from telephony.session import AudioDropped, Call, CallHub, bus_event_to_json
-from telephony.ws_front import HUB, heartbeat_for, messages, send_soon
+from telephony.ws_front import (
+    HUB,
+    AudioFormat,
+    FrontEvent,
+    Media,
+    OpenCall,
+    Received,
+    Skipped,
+    WsCodec,
+    run_stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,109 +135,82 @@ class AudioStreamCodec:
 # --- aiohttp adapter --------------------------------------------------------------------------
 
 
-async def handle_stream(request: web.Request) -> web.StreamResponse:
-    hub = request.app[HUB]
-    # libwsc offers permessage-deflate; declining it is allowed and keeps frames plain.
-    size = limits_of(request).websocket_max_message_bytes
-    ws = web.WebSocketResponse(
-        heartbeat=heartbeat_for(request, True), compress=False, max_msg_size=size
-    )
-    await ws.prepare(request)
-    path_id = request.match_info.get("call_id")
-    loop = asyncio.get_running_loop()
-    call: Call | None = None
-    codec: AudioStreamCodec | None = None
-    resamplers: dict[str, ResampleStream] = {}
-    metadata: dict[str, Any] | None = None
-    held: list[bytes] = []  # audio before the metadata, for at most METADATA_WAIT_S
-    held_since = 0.0
-    reason = "closed by FreeSWITCH"
+class AudioStreamFront(WsCodec):
+    """mod_audio_stream for the WebSocket adapter (telephony/ws_front.py). The metadata labels
+    the call, and may come after the first audio: that audio is held for up to
+    `METADATA_WAIT_S`, then the call opens from the URL alone. A phone call, pushed."""
 
-    async def reply(leg: str, event: EngineEvent) -> None:
-        if call is not None and not ws.closed and not isinstance(event, Closed):
-            await ws.send_str(AudioStreamCodec.encode_event(call.id, leg, event))
+    front_end = FRONT_END
+    compress = False  # libwsc offers permessage-deflate; declining it keeps frames plain
+    closed_reason = "closed by FreeSWITCH"
 
-    def open_call() -> tuple[Call, AudioStreamCodec]:
-        meta = metadata or {}
-        fmt = stream_format(request.query, meta)
+    def __init__(self, path_id: str | None, query: Mapping[str, str]) -> None:
+        self.path_id = path_id
+        self.query = query
+        self.metadata: dict[str, Any] | None = None
+        self.opened = False
+        self._held: list[bytes] = []  # audio before the metadata
+        self._held_since = 0.0
+
+    def _open(self) -> tuple[FrontEvent, ...]:
+        """The call, then the audio held for it."""
+        meta = self.metadata or {}
+        fmt = stream_format(self.query, meta)
         labels = {"mix": fmt.mix, "rate": str(fmt.rate)}
-        for source in (meta, request.query):
+        for source in (meta, self.query):
             for key, value in source.items():
                 labels.setdefault(str(key), str(value))
-        call_id = path_id or str(meta.get("uuid") or meta.get("callId") or "") or None
-        opened = hub.open_call(
-            FRONT_END, legs=fmt.legs, call_id=call_id, labels=clean_labels(labels), reply=reply
-        )
-        for leg in fmt.legs:
-            resamplers[leg] = ResampleStream(fmt.rate, opened.sample_rate)
-        # The engine fell behind and dropped audio: FreeSWITCH fires it as an event.
-        opened.on_audio_dropped = lambda n: send_soon(ws, AudioStreamCodec.encode_dropped(n))
-        return opened, AudioStreamCodec(fmt)
+        call_id = self.path_id or str(meta.get("uuid") or meta.get("callId") or "") or None
+        self.opened = True
+        audio = AudioFormat(Encoding.PCM16, fmt.rate, fmt.channels)
+        held, self._held = self._held, []
+        return (OpenCall(fmt.legs, audio, call_id, labels), *(Media(None, d) for d in held))
 
-    def push(data: bytes) -> None:
-        assert call is not None and codec is not None
-        for leg, pcm in zip(codec.format.legs, codec.receive_audio(data), strict=True):
-            call.leg(leg).push(resamplers[leg].process(pcm))
+    def receive(self, msg: WSMessage) -> Received:
+        if msg.type == WSMsgType.BINARY:
+            if self.opened:
+                return Media(None, msg.data)
+            now = time.monotonic()
+            if not self._held:
+                self._held_since = now
+            self._held.append(msg.data)
+            if now - self._held_since < METADATA_WAIT_S:
+                return None
+            return self._open()  # no metadata yet: the URL alone says it all
+        if msg.type != WSMsgType.TEXT:
+            return None
+        if self.metadata is None:
+            self.metadata = parse_metadata(msg.data[:TEXT_MAX])
+            if not self.opened:
+                return self._open()
+            return Skipped("metadata after the audio: the call is labelled already")
+        return Skipped("a text frame (send_text / stop <text>): nothing to act on")
 
-    def push_direct(msg: WSMessage) -> bool:  # the loop's BINARY branch, once the call is open
-        if msg.type != WSMsgType.BINARY or call is None or call.ended:
-            return False
-        push(msg.data)
-        return True
+    def at_close(self) -> Received:
+        if not self.opened and self._held:  # a stream shorter than the wait, then hangup
+            return self._open()
+        return None
 
-    try:
-        async for msg in messages(ws, request, direct=push_direct):
-            if msg.type == WSMsgType.TEXT:
-                if metadata is None and call is None:
-                    metadata = parse_metadata(msg.data[:TEXT_MAX])
-                    call, codec = open_call()
-                    for data in held:
-                        push(data)
-                    held.clear()
-                elif metadata is None:  # late metadata: the call is labelled already
-                    metadata = parse_metadata(msg.data[:TEXT_MAX])
-                    log.info(
-                        "metadata after the audio", extra={"call_id": call.id if call else None}
-                    )
-                else:  # send_text / stop <text>: nothing for us to act on
-                    log.info("freeswitch text frame", extra={"call_id": call.id if call else None})
-            elif msg.type == WSMsgType.BINARY:
-                if call is None:
-                    if not held:
-                        held_since = loop.time()
-                    held.append(msg.data)
-                    if loop.time() - held_since < METADATA_WAIT_S:
-                        continue
-                    call, codec = open_call()  # no metadata yet: the URL alone says it all
-                    for data in held:
-                        push(data)
-                    held.clear()
-                else:
-                    push(msg.data)
-                if call.ended:  # by the engine (a lost engine node)
-                    break
-            elif msg.type == WSMsgType.ERROR:
-                reason = f"connection error: {ws.exception()}"
-                break
-        if call is None and held:  # a stream shorter than the wait, then hangup
-            call, codec = open_call()
-            for data in held:
-                push(data)
-    except BridgeError as exc:
-        # One place for every refusal: an error text (a `::json` event), then a close whose
-        # code and reason FreeSWITCH reports in `mod_audio_stream::disconnect`.
-        log.warning("mod_audio_stream refused: %s", exc, extra={"front_end": FRONT_END})
-        reason = f"rejected: {exc}"
-        if not ws.closed:
-            await ws.send_str(AudioStreamCodec.encode_error(str(exc)))
-            await ws.close(code=rejection_for(exc).ws_close, message=str(exc).encode()[:120])
-    finally:
-        if call is not None:
-            await call.end_flushing(resamplers, reason)
-        if not ws.closed:
-            code, message = ws_close_at_end(call)
-            await ws.close(code=code, message=message)
-    return ws
+    def may_be_media(self, msg: WSMessage) -> bool:
+        return msg.type == WSMsgType.BINARY
+
+    def encode_event(self, call: Call, leg: str, event: EngineEvent) -> str | None:
+        if isinstance(event, Closed):
+            return None
+        return AudioStreamCodec.encode_event(call.id, leg, event)
+
+    def encode_rejection(self, exc: BridgeError) -> str:
+        # An error text (a `::json` event), then a close whose code and reason FreeSWITCH
+        # reports in `mod_audio_stream::disconnect`.
+        return AudioStreamCodec.encode_error(str(exc))
+
+    def encode_dropped(self, notice: AudioDropped) -> str:
+        return AudioStreamCodec.encode_dropped(notice)
+
+
+async def handle_stream(request: web.Request) -> web.StreamResponse:
+    front = AudioStreamFront(request.match_info.get("call_id"), request.query)
+    return await run_stream(request, front)
 
 
 async def handle_freeswitch(request: web.Request) -> web.StreamResponse:

@@ -41,7 +41,8 @@ the stream (call, decoders, media clocks, end reason) lives in one `FrontStream`
 python-websockets keeps a connection's state in its `Protocol`: a codec keeps only its
 protocol's own state. Override the class attributes and `encode_*` methods a protocol needs:
 `front_end` (the name in labels, logs and metrics), `protocols`, `can_wait`, `closed_reason`
-(the end reason of a close without stop), `open_at_connect`, `may_be_media` (a cheap test that
+(the end reason of a close without stop), `compress`, `open_at_connect`, `at_close` (what a
+codec still holds when the peer closes), `may_be_media` (a cheap test that
 lets the direct path leave other messages to the loop unparsed), `encode_event` (engine events
 back to the peer), `encode_rejection`, `encode_dropped`, `encode_finalized`.
 """
@@ -60,6 +61,7 @@ from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from engine.base import BridgeError, Closed, EngineEvent
 from telephony.audio import (
+    WIRE_RATES,
     AudioDecoder,
     Encoding,
     PcmArray,
@@ -69,7 +71,7 @@ from telephony.audio import (
     ulaw_encode,
 )
 from telephony.direct_ws import DIRECT_SUPPORTED, DirectHandler, DirectWebSocket
-from telephony.errors import rejection_for, ws_close_at_end
+from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
 from telephony.limits import limits_of
 from telephony.session import AudioDropped, Call, CallHub, Session
 from telephony.transcript import NO_OPTIONS, TranscriptOptions
@@ -162,6 +164,7 @@ class WsCodec:
 
     front_end: str = "websocket"
     protocols: tuple[str, ...] = ()
+    compress: bool = True  # permessage-deflate when the peer offers it
     # True: the sender can wait (slowed while the engine is behind, nothing lost); False: a
     # phone leg, pushed in real time, dropped beyond the engine's buffer.
     can_wait: ClassVar[bool] = False
@@ -169,6 +172,10 @@ class WsCodec:
 
     def receive(self, msg: WSMessage) -> Received:
         raise NotImplementedError
+
+    def at_close(self) -> Received:
+        """Events once the peer has closed (audio a codec still holds); None: nothing."""
+        return None
 
     def open_at_connect(self) -> OpenCall | None:
         """The call to open at the upgrade (a protocol whose URL says it all), else None."""
@@ -216,6 +223,7 @@ def open_websocket(
     protocols: tuple[str, ...] = (),
     max_msg_size: int | None = None,
     read_by_messages: bool = False,
+    compress: bool = True,
 ) -> web.WebSocketResponse:
     """A WebSocketResponse with the configured message size (over it: close 1009).
     `read_by_messages`: the handler reads it through `messages` (see `heartbeat_for`), which
@@ -224,7 +232,7 @@ def open_websocket(
     size = limits.websocket_max_message_bytes if max_msg_size is None else max_msg_size
     heartbeat = heartbeat_for(request, read_by_messages)
     kind = DirectWebSocket if read_by_messages and DIRECT_SUPPORTED else web.WebSocketResponse
-    return kind(protocols=protocols, heartbeat=heartbeat, max_msg_size=size)
+    return kind(protocols=protocols, heartbeat=heartbeat, max_msg_size=size, compress=compress)
 
 
 async def messages(
@@ -350,6 +358,8 @@ class FrontStream:
     def open(self, spec: OpenCall) -> Call:
         if self.call is not None:
             raise BridgeError("a second call on one stream")  # codecs refuse a second start
+        if spec.audio.rate not in WIRE_RATES:  # no decoder takes it: refused as bad input
+            raise ProtocolError(f"unsupported sample rate {spec.audio.rate}")
         codec = self.codec
         reply = self._reply if type(codec).encode_event is not WsCodec.encode_event else None
         call = self.request.app[HUB].open_call(
@@ -485,7 +495,9 @@ class FrontStream:
 
 async def run_stream(request: web.Request, codec: WsCodec) -> web.WebSocketResponse:
     """Serve one WebSocket stream of `codec`'s protocol; see the module's docstring."""
-    ws = open_websocket(request, protocols=codec.protocols, read_by_messages=True)
+    ws = open_websocket(
+        request, protocols=codec.protocols, read_by_messages=True, compress=codec.compress
+    )
     await ws.prepare(request)
     stream = FrontStream(request, codec, ws)
     front_end = codec.front_end
@@ -518,6 +530,10 @@ async def run_stream(request: web.Request, codec: WsCodec) -> web.WebSocketRespo
             events = received if isinstance(received, tuple) else (received,)
             if await _handle(stream, events):
                 break
+        else:
+            last = codec.at_close()
+            if last is not None:
+                await _handle(stream, last if isinstance(last, tuple) else (last,))
     except BridgeError as exc:
         log.warning("%s stream closed: %s", front_end, exc, extra={"front_end": front_end})
         stream.reason = f"rejected: {exc}"

@@ -5,9 +5,9 @@ with `redact=pci` and a card number read out); the page, opened on the web port,
 key, which is typed once (an `ingest` key first, refused, then a `read` key). Then: search,
 press Enter, see the right call with the match highlighted, open it and read words equal to
 the stored transcript's, see the card as a styled placeholder, download a transcript, open a
-live call and see its earlier words and then the new ones, without duplicates; and a key
-given in the page's URL. Screenshots of each view are saved under the test's tmp_path (the
-path is printed).
+live call and see its earlier words and then the new ones, without duplicates; a key given
+in the page's URL; paging and the filters. Screenshots of each view are saved under the
+test's tmp_path (the path is printed).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from api.app import Service
 from api.config import ApiConfig
@@ -377,6 +377,46 @@ async def test_console_search_read_redacted_live_and_keys(
     await on_page(browser.refresh)
     await wait_for(browser, lambda d: "live-call" in rows(d))
     shot(browser, tmp_path, "9-key-in-url")
+
+    # Paging and filters: 18 short calls more make 22, two pages of 20.
+    for n in range(18):
+        await speak(service, f"quiet-{n:02}", [SILENCE[: RATE // 5 * 2]])
+    await wait_for(browser, lambda d: "quiet-17" in rows(d))  # the feed brings new calls
+    await on_page(browser.find_element(By.ID, "filter-clear").click)
+    await wait_for(browser, lambda d: d.find_element(By.ID, "page-info").text == "1–20 of 22")
+    assert len(rows(browser)) == 20 and "quiet-17" in rows(browser)
+    await on_page(browser.find_element(By.ID, "page-next").click)
+    await wait_for(browser, lambda d: d.find_element(By.ID, "page-info").text == "21–22 of 22")
+    assert set(rows(browser)) < {"order-call", "card-call", "noisy-call"}  # the oldest
+    assert not browser.find_element(By.ID, "page-next").is_enabled()
+    shot(browser, tmp_path, "10-page-2")
+    await on_page(browser.find_element(By.ID, "page-prev").click)
+    await wait_for(browser, lambda d: d.find_element(By.ID, "page-info").text == "1–20 of 22")
+
+    async def choose(control: str, value: str) -> None:
+        await on_page(Select(browser.find_element(By.ID, control)).select_by_visible_text, value)
+
+    await choose("filter-front-end", "sip")
+    await wait_for(browser, lambda d: d.find_element(By.ID, "page-info").text == "0–0 of 0")
+    await choose("filter-front-end", "websocket")
+    await choose("filter-status", "live")
+    await wait_for(browser, lambda d: d.find_element(By.ID, "page-info").text == "0–0 of 0")
+    await choose("filter-status", "ended")
+    await wait_for(browser, lambda d: d.find_element(By.ID, "page-info").text == "1–20 of 22")
+    assert browser.find_element(By.ID, "filter-front-end").accessible_name == "Front end"
+    since = browser.find_element(By.ID, "filter-since")
+    assert since.accessible_name == "From date"
+    for day, listed in (("2099-01-01", "0–0 of 0"), ("2000-01-01", "1–20 of 22")):
+        await on_page(
+            browser.execute_script,
+            "arguments[0].value = arguments[1];arguments[0].dispatchEvent(new Event('change'));",
+            since,
+            day,
+        )
+        await wait_for(
+            browser, lambda d, listed=listed: d.find_element(By.ID, "page-info").text == listed
+        )
+    shot(browser, tmp_path, "11-filtered")
 
 
 async def test_only_the_page_origin_may_read_calls_across_ports(

@@ -3,6 +3,7 @@
     python bench/cpu_engine.py wer        # WER on 8 kHz μ-law phone speech, PocketSphinx beside
     python bench/cpu_engine.py rtf        # real-time factor per core, with and without partials
     python bench/cpu_engine.py realtime --streams 4 8 12 16   # concurrent real-time callers
+    python bench/cpu_engine.py realtime --streams 24 --talk 0.5 --partials 1   # callers who pause
     python bench/cpu_engine.py memory     # resident size with 1 and with 8 streams
 
 Speech: 16 call-centre sentences by hibari-tts (its one voice, plus two pitch-shifted
@@ -144,14 +145,16 @@ async def wer(args: argparse.Namespace) -> None:
         print(f"| {cell:<24} | {row[0]:>9} | {row[1]:>12} |")
 
 
-def call_audio(first: int = 0) -> tuple[PcmArray, int]:
+def call_audio(first: int = 0, talk: float = 0.0) -> tuple[PcmArray, int]:
     """A caller: eight sentences, 1.2 s apart, starting at sentence `first` (so that callers
-    do not all pause at once); and how many utterances that is."""
-    gap = np.zeros(int(1.2 * RATE), dtype=np.int16)
-    parts: list[PcmArray] = [gap]
+    do not all pause at once); and how many utterances that is. `talk` (0 < talk < 1): the
+    pause after each sentence makes the caller speak that share of the time instead."""
+    parts: list[PcmArray] = [np.zeros(int(1.2 * RATE), dtype=np.int16)]
     for k in range(8):
         n = (first + k) % 8
-        parts += [phone_audio(CALL_CENTRE[n], "hibari", "1.0x", False, seed=n), gap]
+        speech = phone_audio(CALL_CENTRE[n], "hibari", "1.0x", False, seed=n)
+        pause = len(speech) * (1 - talk) / talk if talk else 1.2 * RATE
+        parts += [speech, np.zeros(int(pause), dtype=np.int16)]
     return np.concatenate(parts), 8
 
 
@@ -183,27 +186,32 @@ async def rtf(args: argparse.Namespace) -> None:
 
 
 async def realtime(args: argparse.Namespace) -> None:
-    pcm, utterances = call_audio()
+    pcm, _ = call_audio(talk=args.talk)
     print(
         f"concurrent callers in real time (20 ms frames), {len(pcm) / RATE:.0f} s each, "
-        f"{os.cpu_count()} cores; latency: end of the last word (its time) → the segment\n"
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; "
+        "latency: end of the last word (its time) → the segment; partials per 2 s of speech "
+        "(mean over callers, and the fewest any caller got); CPU: this process\n"
     )
     print(
-        f"| {'streams':>7} | {'partials':<8} | {'final p50':>9} | {'final p99':>9} "
-        f"| {'> 1 s':>6} | {'partials/utt':>12} | {'CPU %':>6} |"
+        f"| {'streams':>7} | {'partials':<8} | {'final p50':>9} | {'final p95':>9} "
+        f"| {'final p99':>9} | {'> 1 s':>6} | {'part./2 s':>9} | {'fewest':>6} | {'CPU %':>6} |"
     )
-    print(f"|{'-' * 9}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 8}|{'-' * 14}|{'-' * 8}|")
-    for interval in (0.0, 1.0):
+    print("|" + "|".join("-" * n for n in (9, 10, 11, 11, 11, 8, 11, 8, 8)) + "|")
+    intervals = {"both": (0.0, 1.0), "0": (0.0,), "1": (1.0,)}[args.partials]
+    for interval in intervals:
         for count in args.streams:
             engine = await start(partial_interval_s=interval, capacity=count)
-            latencies, partials = await _callers(engine, count)
+            latencies, partials, speech_s = await _callers(engine, count, args.talk)
             await engine.stop()
             cpu = _cpu_share()
             late = sum(x > 1.0 for x in latencies) / max(1, len(latencies))
-            p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (float("nan"),) * 2
+            nan = float("nan")
+            p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) if latencies else (nan,) * 3
+            rates = [2 * n / speech_s for n in partials]
             print(
-                f"| {count:>7} | {'1 s' if interval else 'off':<8} | {p50:>8.2f}s | {p99:>8.2f}s "
-                f"| {late:>6.1%} | {partials / max(1, count * utterances):>12.1f} "
+                f"| {count:>7} | {'1 s' if interval else 'off':<8} | {p50:>8.2f}s | {p95:>8.2f}s "
+                f"| {p99:>8.2f}s | {late:>6.1%} | {np.mean(rates):>9.2f} | {min(rates):>6.2f} "
                 f"| {cpu:>5.0f}% |"
             )
 
@@ -218,27 +226,34 @@ def _cpu_share() -> float:
     return share
 
 
-async def _callers(engine: MoonshineEngine, count: int) -> tuple[list[float], int]:
+async def _callers(
+    engine: MoonshineEngine, count: int, talk: float = 0.0
+) -> tuple[list[float], list[int], float]:
     """`count` callers, each a 20 ms frame every 20 ms from one timer (as a phone system's
-    media server would send them), starting 20 ms / count apart."""
+    media server would send them), starting 20 ms / count apart: the finals' latencies, each
+    caller's partials, and the seconds of speech per caller."""
     frame = RATE // 50
-    began = time.perf_counter() + 0.2
     latencies: list[float] = []
-    partials = 0
-    _cpu_share()
+    partials = [0] * count
     streams = [engine.open(f"caller-{n}") for n in range(count)]
-    audio = [call_audio(first=n)[0] for n in range(count)]  # each from another sentence on
+    audio = [call_audio(first=n, talk=talk)[0] for n in range(count)]  # each from another sentence
+    speech_s = (
+        sum(len(phone_audio(CALL_CENTRE[n], "hibari", "1.0x", False, seed=n)) for n in range(8))
+        / RATE
+    )
+    length = min(len(a) for a in audio)
+    began = time.perf_counter() + 0.2
+    _cpu_share()
 
-    async def read(stream: MoonshineStream) -> None:
-        nonlocal partials
+    async def read(n: int, stream: MoonshineStream) -> None:
         async for event in stream.events():
             if isinstance(event, Segment):  # its last word's end: where the speech stopped
                 latencies.append(time.perf_counter() - (began + event.end_s))
             elif isinstance(event, Partial):
-                partials += 1
+                partials[n] += 1
 
-    readers = [asyncio.create_task(read(stream)) for stream in streams]
-    for i, at in enumerate(range(0, len(audio[0]), frame)):
+    readers = [asyncio.create_task(read(n, stream)) for n, stream in enumerate(streams)]
+    for i, at in enumerate(range(0, length, frame)):
         delay = began + (i + 1) * 0.02 - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -247,7 +262,7 @@ async def _callers(engine: MoonshineEngine, count: int) -> tuple[list[float], in
     for stream in streams:
         stream.close()
     await asyncio.gather(*readers)
-    return latencies, partials
+    return latencies, partials, speech_s
 
 
 async def memory(args: argparse.Namespace) -> None:
@@ -289,6 +304,10 @@ def main() -> None:
     sub.add_parser("rtf")
     rt = sub.add_parser("realtime")
     rt.add_argument("--streams", type=int, nargs="+", default=[4, 8, 12])
+    rt.add_argument(
+        "--talk", type=float, default=0.0, help="share of time spoken (0: 1.2 s pauses)"
+    )
+    rt.add_argument("--partials", choices=("both", "0", "1"), default="both")
     sub.add_parser("memory")
     args = parser.parse_args()
     run = {"wer": wer, "rtf": rtf, "realtime": realtime, "memory": memory}[args.command]

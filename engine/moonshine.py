@@ -43,7 +43,7 @@ from engine.config import user_dir
 from engine.decode_pool import FINAL, PARTIAL, DecodePool
 from engine.endpointing import Cut, EndpointConfig, OpenUtterance, Utterances
 from engine.keyterms import check_keyterms, merge_keyterms
-from engine.moonshine_model import SAMPLE_RATE, MoonshineModel, Transcript, load
+from engine.moonshine_model import SAMPLE_RATE, FloatAudio, MoonshineModel, Transcript, load
 from engine.vad import SileroVad
 from engine.vad import load as load_vad
 from engine.word_timing import word_times
@@ -187,6 +187,9 @@ class MoonshineStream(EngineStream):
         self._utterances.on_pause = self._speculate
         # A final decoded ahead, while a pause is confirmed: (start, length, its text to come).
         self._ahead: tuple[int, int, Future[Transcript]] | None = None
+        # The latest decode of the open utterance: (its start sample, its tokens), the draft
+        # the next decode of it reads in one pass (MoonshineModel.decode).
+        self._last_decode: tuple[int, tuple[int, ...]] = (-1, ())
         self._partial_every = int(engine.partial_interval_s * SAMPLE_RATE)
         self._partial_at = (0, 0)  # (utterance number, its length) at the last partial
         self._partial_running = False
@@ -247,7 +250,9 @@ class MoonshineStream(EngineStream):
 
     async def _decode(self, cuts: list[Cut]) -> None:
         for cut in cuts:
-            await asyncio.wrap_future(self._pool.submit(FINAL, partial(self._decode_final, cut)))
+            # Among finals, the shortest first: it is done soonest, so fewer wait on it.
+            job = partial(self._decode_final, cut)
+            await asyncio.wrap_future(self._pool.submit(FINAL, job, cost=len(cut.audio)))
         self._settle(self._utterances.settled)
 
     # -- on a pool thread --
@@ -259,8 +264,18 @@ class MoonshineStream(EngineStream):
         audio = utterance.audio
         if self._ahead is not None:
             self._ahead[2].cancel()  # an earlier pause that did not end the utterance
-        future = self._pool.submit(PARTIAL, partial(self._model.decode, audio, self._keyterms))
+        future = self._pool.submit(PARTIAL, partial(self._redecode, utterance.start, audio))
         self._ahead = (utterance.start, len(audio), future)
+
+    def _redecode(self, start: int, audio: FloatAudio) -> Transcript:
+        """Decode the utterance that starts at sample `start`, from its last decode's tokens
+        (the same tokens as a decode from scratch, for the cost of what is new)."""
+        last_start, tokens = self._last_decode
+        transcript = self._model.decode(
+            audio, self._keyterms, tokens if last_start == start else ()
+        )
+        self._last_decode = (start, transcript.tokens)
+        return transcript
 
     def _final_text(self, cut: Cut) -> Transcript:
         ahead, self._ahead = self._ahead, None
@@ -270,7 +285,7 @@ class MoonshineStream(EngineStream):
                 return future.result()
         elif ahead is not None:
             ahead[2].cancel()  # speech went on: that guess is void
-        return self._model.decode(cut.audio, self._keyterms)
+        return self._redecode(cut.start, cut.audio)
 
     def _decode_final(self, cut: Cut) -> None:
         transcript = self._final_text(cut)
@@ -314,7 +329,7 @@ class MoonshineStream(EngineStream):
 
         def decode() -> None:
             try:
-                text = self._model.decode(utterance.audio, self._keyterms).text
+                text = self._redecode(utterance.start, utterance.audio).text
                 with self._emitting:  # the final of this utterance has not come out yet:
                     state = self._utterances
                     if text and state.in_speech and state.number == utterance.number:

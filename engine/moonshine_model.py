@@ -21,6 +21,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -56,6 +57,9 @@ class Transcript:
     text: str
     pieces: tuple[str, ...]  # "".join(pieces).strip() == text
     probabilities: tuple[float, ...]
+    # Every token the decoder wrote (before the end token): the draft of the next decode of
+    # the same utterance once it has grown (`MoonshineModel.decode`).
+    tokens: tuple[int, ...] = ()
 
     def word_confidences(self) -> list[float]:
         """One per word of `text.split()` (engine/confidence.py)."""
@@ -236,17 +240,58 @@ class MoonshineModel:
         """Text of 16 kHz float audio in [-1, 1] (at most `MAX_AUDIO_S`); "" for no speech."""
         return self.decode(audio).text
 
-    def decode(self, audio: FloatAudio, keyterms: KeytermIndex | None = None) -> Transcript:
+    def decode(
+        self,
+        audio: FloatAudio,
+        keyterms: KeytermIndex | None = None,
+        draft: Sequence[int] = (),
+    ) -> Transcript:
         """`transcribe` with each token's probability and, given `keyterms`, biased towards
-        them (engine/keyterm_bias.py)."""
+        them (engine/keyterm_bias.py).
+
+        `draft`: tokens this audio probably starts with (the last decode of the same utterance,
+        shorter then). The decoder reads them all in one pass and keeps them for as long as
+        each is the token it would have chosen there itself, then goes on one token at a time
+        from the first it would not: the same tokens as without a draft, while a partial or
+        final that repeats the words before it costs one pass instead of a step per token.
+        """
         if len(audio) < SAMPLE_RATE // 10:
             audio = np.pad(audio, (0, SAMPLE_RATE // 10 - len(audio)))
         bias = KeytermBias(keyterms) if keyterms else None
         feeds = self._encode(audio)
         tokens: list[int] = []
         probabilities: list[float] = []
+        limit = int(len(audio) / SAMPLE_RATE * TOKENS_PER_S) + 10
         last = START_TOKEN
-        for step in range(int(len(audio) / SAMPLE_RATE * TOKENS_PER_S) + 10):
+        step = 0
+        ended = False
+        draft = list(draft[: limit - 1])
+        if draft:
+            feeds["input_ids"] = np.array([[START_TOKEN, *draft]], dtype=np.int64)
+            logits, *present = self._decoder.run(None, feeds)
+            # Row i is what the decoder says after START and draft[:i]: the row a step-by-step
+            # decode would see at step i as long as draft[:i] are the tokens it chose.
+            for i in range(len(draft) + 1):
+                row = logits[0, i]
+                last = bias.choose(row) if bias is not None else int(np.argmax(row))
+                if last == END_TOKEN:
+                    ended = True
+                    break
+                probabilities.append(token_probability(row, last))
+                tokens.append(last)
+                if i == len(draft) or last != draft[i]:
+                    break
+            if not ended:
+                # The cache holds START and the draft tokens kept (the inputs of rows 0..i).
+                step = len(tokens)
+                for name, value in zip(self._present_names, present, strict=True):
+                    past = name.replace("present.", "past_key_values.")
+                    # The cross-attention cache is whole; the self-attention one is cut to
+                    # the positions kept (the rest read draft tokens that were not chosen).
+                    keep = ".encoder." in past
+                    feeds[past] = value if keep else np.ascontiguousarray(value[:, :, :step])
+                feeds["use_cache_branch"] = np.array([True])
+        while not ended and step < limit:
             feeds["input_ids"] = np.array([[last]], dtype=np.int64)
             logits, *present = self._decoder.run(None, feeds)
             row = logits[0, -1]
@@ -258,9 +303,10 @@ class MoonshineModel:
             tokens.append(last)
             self._keep(feeds, present, step)
             feeds["use_cache_branch"] = np.array([True])
+            step += 1
         kept = [(t, p) for t, p in zip(tokens, probabilities, strict=True) if self._is_text(t)]
         pieces = tuple(self._tokens[t] for t, _ in kept)
-        return Transcript("".join(pieces).strip(), pieces, tuple(p for _, p in kept))
+        return Transcript("".join(pieces).strip(), pieces, tuple(p for _, p in kept), tuple(tokens))
 
     @property
     def vocabulary(self) -> list[str]:

@@ -28,6 +28,7 @@ from aiohttp import web
 from engine.base import BridgeError
 from telephony.audio import AudioDecoder, Encoding, PcmArray, batch_phase
 from telephony.config import LimitsConfig
+from telephony.dtmf import DTMF_DIGITS
 from telephony.errors import ProtocolError
 from telephony.limits import ConnectionGate, SourceLog
 from telephony.session import Call, CallHub
@@ -54,7 +55,6 @@ AUDIO_KINDS: Final = {
 HEADER: Final = struct.Struct(">BH")
 # 20 ms at 192 kHz is 7680 bytes; a frame far beyond any ptime is a broken peer, not audio.
 MAX_PAYLOAD: Final = 32768
-DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 ALLOW_ALL: Final = ("0.0.0.0/0", "::/0")
 
 

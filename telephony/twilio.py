@@ -27,6 +27,7 @@ from twilio.twiml.voice_response import Start, VoiceResponse
 
 from telephony.audio import Encoding
 from telephony.config import TwilioConfig
+from telephony.dtmf import DTMF_DIGITS
 from telephony.errors import ProtocolError
 from telephony.limits import parse_json
 from telephony.session import CallHub
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 FRONT_END: Final = "twilio"
 LEG_OF_TRACK: Final = {"inbound": "caller", "outbound": "agent"}
 RATE: Final = 8000
-DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 
 
 class TwilioStreamError(ProtocolError):
@@ -274,7 +274,7 @@ class TwilioFront(WsCodec):
         if msg.type != WSMsgType.TEXT:
             return None
         event = self.codec.receive(msg.data)
-        if isinstance(event, Media):
+        if type(event) is Media:  # the per-frame case first
             return FrontMedia(LEG_OF_TRACK[event.track], event.payload, event.timestamp_ms)
         if isinstance(event, StreamStarted):
             return OpenCall(

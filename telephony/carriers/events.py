@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from telephony.audio import WIRE_RATES
+from telephony.dtmf import DTMF_DIGITS
 from telephony.errors import ProtocolError
-from telephony.twilio import DTMF_DIGITS
 from telephony.ws_front import AudioFormat as WireFormat
 
 # The adapter's own events, as the carriers' codecs yield them.

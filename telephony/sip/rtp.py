@@ -17,11 +17,11 @@ from typing import Final
 import numpy as np
 
 from telephony.audio import Encoding, PcmArray, alaw_decode, ulaw_decode
+from telephony.dtmf import DTMF_KEYS
 from telephony.errors import ProtocolError
 
 RTP_RATE: Final = 8000  # PCMU, PCMA and telephone-event all clock at 8 kHz
 STATIC_PAYLOADS: Final = {0: Encoding.MULAW, 8: Encoding.ALAW}
-DTMF_KEYS: Final = "0123456789*#ABCD"
 
 
 class RtpError(ProtocolError):

@@ -61,7 +61,7 @@ def port_free_everywhere(kind: int) -> int:
 
 
 class Cluster:
-    def __init__(self, root: Path, url: str, hook: str) -> None:
+    def __init__(self, root: Path, url: str, hook: str, **settings: str) -> None:
         self.root = root
         self.url = url
         self.ports = {
@@ -94,6 +94,7 @@ class Cluster:
                 "STT_BRIDGE_DATA_LEASE_S": str(LEASE_S),
                 "STT_BRIDGE_WEBHOOK_URL": hook,
                 "STT_BRIDGE_WEBHOOK_TIMEOUT_S": "2",
+                **settings,
             }
             node = ServerProcess(root / name, **env)
             node.log_to = root / f"{name}.log"
@@ -179,6 +180,19 @@ class Cluster:
             return db.execute(
                 "SELECT id, front_end, node, status FROM calls ORDER BY started_at"
             ).fetchall()
+
+    def marked_up(self, node: str) -> int:
+        """How many times Kamailio's probe has put `node` back in rotation so far."""
+        lines = self.kamailio_log.read_text(errors="replace").splitlines()
+        mark = f"stt-bridge node up: OPTIONS sip:{NODES[node]}:"
+        return sum(mark in line for line in lines)
+
+    def haproxy_up(self, node: str) -> int:
+        """How many times HAProxy's /ready check has put `node` back in rotation so far (it
+        starts with every server up, so only a return is counted: each is logged twice)."""
+        number = list(NODES).index(node) + 1
+        text = (self.root / "haproxy.log").read_text(errors="replace")
+        return text.count(f"stt_bridge_nodes/node{number} is UP")
 
     def marked_down(self, node: str) -> int:
         """How many times Kamailio's probe has taken `node` out of rotation so far."""
@@ -329,7 +343,7 @@ async def test_a_cluster_survives_a_node_killed_mid_call(
         if node == VICTIM and status == "live"
     }
     with psycopg.connect(cluster.url) as db:
-        said_before_kill = dict(
+        said_before_kill: dict[str, int] = dict(
             db.execute(
                 "SELECT call_id, COUNT(*) FROM events WHERE type = 'word' "
                 "AND call_id = ANY(%s) GROUP BY call_id",
@@ -427,4 +441,133 @@ async def test_a_cluster_survives_a_node_killed_mid_call(
         f"\nnode death → Kamailio probe marks it down: {probe_saw - killed_at:.2f} s "
         f"(ds_ping_interval {PROBE_S} s); → first new call placed on a live node: "
         f"{first_new - killed_at:.2f} s; SIP calls {4 + 3 + 3 + 3}, WebSocket calls 10"
+    )
+
+
+DRAIN_NOTICE_S = 4.0  # above HAProxy's `fall 2` × 1 s check and Kamailio's 1 s probe
+RATE = 0.3  # calls a second on each road: two or three live at once, two cores for three nodes
+SIP_BATCH = 3
+
+
+@pytest.fixture
+def rolling_cluster(tmp_path: Path, postgres: Postgres, hooks: Hooks) -> Iterator[Cluster]:
+    """Nodes set as README "Upgrading" says: a drain notice, a drain deadline above a call."""
+    running = Cluster(
+        tmp_path,
+        postgres.fresh_database(),
+        hooks.url,
+        STT_BRIDGE_SERVER_DRAIN_NOTICE_S=str(DRAIN_NOTICE_S),
+        STT_BRIDGE_SERVER_DRAIN_TIMEOUT_S="30",
+    )
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.mark.timeout(480)  # a node loads its model again: slow when the machine is loaded
+async def test_a_rolling_upgrade_loses_no_call_and_no_word(
+    rolling_cluster: Cluster, reference: Service, tmp_path: Path
+) -> None:
+    """Every node in turn gets SIGTERM (drain notice, drain, exit 0) and is started again on
+    the code on disk, while SIP calls (through Kamailio) and WebSocket calls (through HAProxy)
+    keep coming: no call is refused, every call ends, and every transcript is the offline one."""
+    cluster = rolling_cluster
+    (tmp_path / "sipp").mkdir()
+    cwd = sipp_dir(tmp_path / "sipp")
+    (cwd / "uac_cluster.xml").write_text((SCENARIOS / "uac_cluster.xml").read_text())
+    wire = b"\xff" * 800 + phone_bytes(SENTENCE, "mulaw", 8000)
+    write_rtp_pcap(cwd / "pcap" / "speech.pcap", wire, 0)
+    speech_ms = len(wire) // 8
+    pcm24, _ = read_pcm(speech_wav(SENTENCE))
+    pcm = np.asarray(pcm24, dtype="<i2").tobytes()
+    sip_words = [w["text"] for w in await offline_words(reference, ulaw_decode(wire), 8000)]
+    ws_words = [w["text"] for w in await offline_words(reference, pcm24, 24000)]
+    assert sip_words and ws_words
+    await asyncio.sleep(PROBE_S * 2)  # Kamailio has probed every node once
+
+    # A steady stream: a SIP call (sipp, in batches) and a WebSocket call every 1 / RATE s,
+    # each one sentence long, for as long as the upgrade takes.
+    upgrading = True
+    sip_batches: list[Any] = []
+    ws_calls: list[asyncio.Task[list[str]]] = []
+
+    async def sip_stream() -> None:
+        while upgrading:
+            batch = await sip_calls(cluster, cwd, SIP_BATCH, speech_ms + 300, rate_per_s=RATE)
+            sip_batches.append(batch)
+
+    async def ws_caller(call_id: str) -> list[str]:
+        """A refused upgrade (HAProxy or the node said 503) is a call with no words."""
+        try:
+            return await ws_call(cluster, call_id, pcm)
+        except aiohttp.WSServerHandshakeError:
+            return []
+
+    async def ws_stream() -> None:
+        while upgrading:
+            call = ws_caller(f"ws-up{len(ws_calls)}")
+            ws_calls.append(asyncio.create_task(call))
+            await asyncio.sleep(1 / RATE)
+
+    streams = [asyncio.create_task(sip_stream()), asyncio.create_task(ws_stream())]
+    await asyncio.sleep(5)  # calls live on every node before the first one goes
+
+    def taken_by(node: str) -> int:
+        return sum(n == node for _, _, n, _ in cluster.calls())
+
+    timings: list[str] = []
+    for name, node in cluster.nodes.items():
+        assert node.process is not None
+        old_pid = node.process.pid
+        ups, haproxy_ups = cluster.marked_up(name), cluster.haproxy_up(name)
+        began = time.monotonic()
+        assert await asyncio.to_thread(node.terminate) == 0  # drained cleanly
+        exited = time.monotonic()
+        await asyncio.to_thread(node.start)  # the code on disk now: the upgrade
+        assert node.process.pid != old_pid
+        serving = time.monotonic()
+        await wait_until(
+            lambda: cluster.marked_up(name) > ups and cluster.haproxy_up(name) > haproxy_ups,  # noqa: B023
+            60,
+            0.2,
+        )
+        back = time.monotonic()
+        before = taken_by(name)
+        await wait_until(lambda: taken_by(name) > before, 30, 0.2)  # noqa: B023  # takes calls
+        timings.append(
+            f"{name}: SIGTERM → exit {exited - began:.1f} s, → serving again "
+            f"{serving - exited:.1f} s, → back in both balancers {back - serving:.1f} s"
+        )
+
+    upgrading = False
+    await asyncio.gather(*streams)
+    ws_results = await asyncio.gather(*ws_calls)
+
+    # No call refused or cut short: sipp saw every call through, every WebSocket got every word.
+    for batch in sip_batches:
+        assert batch.returncode == 0, batch.errors + batch.stdout
+    refused = [n for n, words in enumerate(ws_results) if not words]
+    assert not refused, refused
+    for n, words in enumerate(ws_results):
+        assert words == ws_words, n
+    # Every call placed is stored, ended (none `interrupted` or flushed at a deadline), and
+    # its stored transcript is the offline one. (A node's store writer is a batch behind its
+    # calls: the last call's end may still be on its way.)
+    await wait_until(lambda: all(c[3] != "live" for c in cluster.calls()), 10, 0.2)
+    calls = cluster.calls()
+    sip_placed = SIP_BATCH * len(sip_batches)
+    assert sum(front_end == "sip" for _, front_end, _, _ in calls) == sip_placed
+    assert sum(front_end != "sip" for _, front_end, _, _ in calls) == len(ws_results)
+    lost_words = 0
+    for call_id, front_end, _, status in calls:
+        assert status == "ended", (call_id, status)
+        got = [w["text"] for w in (await transcript(cluster, "n1", call_id))["words"]]
+        expected = sip_words if front_end == "sip" else ws_words
+        lost_words += max(0, len(expected) - len(got))
+        assert got == expected, call_id
+    print(
+        f"\nrolling upgrade: {sip_placed} SIP + {len(ws_results)} WebSocket calls placed, "
+        f"{len(refused)} refused, {lost_words} words lost; " + "; ".join(timings)
     )

@@ -146,8 +146,11 @@ def parse_event(text: str) -> tuple[str, dict[str, Any], bool]:
 class AsteriskMediaCodec:
     """Text and binary messages in, events and audio at the engine's rate out; commands out."""
 
-    def __init__(self, engine_rate: int) -> None:
+    def __init__(self, engine_rate: int, decode: bool = True) -> None:
+        """`decode=False`: the audio is decoded elsewhere (the WebSocket adapter's legs), so
+        no decoder of its own is built at MEDIA_START."""
         self.engine_rate = engine_rate
+        self.decode = decode
         self.start: MediaStart | None = None
         self.json_format = False  # the call's control format, as its first event showed it
         self._decoder: AudioDecoder | None = None
@@ -160,9 +163,10 @@ class AsteriskMediaCodec:
             if self.start is not None:
                 raise AsteriskMediaError("a second MEDIA_START")
             self.start = self._media_start(fields, is_json)
-            self._decoder = AudioDecoder(
-                self.start.encoding, self.start.sample_rate, self.engine_rate
-            )
+            if self.decode:
+                self._decoder = AudioDecoder(
+                    self.start.encoding, self.start.sample_rate, self.engine_rate
+                )
             return self.start
         if self.start is None:
             raise AsteriskMediaError(f"{name} before MEDIA_START")
@@ -243,7 +247,7 @@ class AsteriskFront(WsCodec):
     closed_reason = "closed by Asterisk"
 
     def __init__(self, engine_rate: int, query: Mapping[str, str]) -> None:
-        self.codec = AsteriskMediaCodec(engine_rate)
+        self.codec = AsteriskMediaCodec(engine_rate, decode=False)
         self.query = query
 
     def receive(self, msg: WSMessage) -> Received:

@@ -154,7 +154,8 @@ class ListenCodec:
     def receive_bytes(self, data: bytes) -> PcmArray:
         return self._decoder.feed(data)
 
-    def receive_text(self, text: str) -> ControlMessage:
+    @staticmethod
+    def receive_text(text: str) -> ControlMessage:
         try:
             message = parse_json(text)
         except ValueError:
@@ -227,9 +228,8 @@ class ListenFront(WsCodec):
     can_wait = True
     closed_reason = "client closed"
 
-    def __init__(self, params: ListenParams, engine_rate: int, remote: str | None) -> None:
+    def __init__(self, params: ListenParams, remote: str | None) -> None:
         self.params = params
-        self.codec = ListenCodec(params, engine_rate)
         self.remote = remote
 
     def open_at_connect(self) -> OpenCall:
@@ -254,25 +254,24 @@ class ListenFront(WsCodec):
             return Media("caller", msg.data)
         if msg.type != WSMsgType.TEXT:
             return None
-        control = self.codec.receive_text(msg.data)
+        control = ListenCodec.receive_text(msg.data)
         if isinstance(control, Stop):
             return Stopped("client stop")
         if isinstance(control, Finalize):
             return FrontFinalize()
         if isinstance(control, BadMessage):
-            return Reply(self.codec.encode_error(control.reason))
+            return Reply(ListenCodec.encode_error(control.reason))
         return None  # KeepAlive: nothing to answer
 
     def may_be_media(self, msg: WSMessage) -> bool:
         return msg.type == WSMsgType.BINARY
 
     def encode_event(self, call: Call, leg: str, event: EngineEvent) -> str:
-        return self.codec.encode_event(event)
+        return ListenCodec.encode_event(event)
 
     def encode_finalized(self, at_s: float) -> str:
-        return self.codec.encode_finalized(at_s)
+        return ListenCodec.encode_finalized(at_s)
 
 
 async def _serve(request: web.Request, params: ListenParams) -> web.StreamResponse:
-    engine_rate = request.app[HUB].engine.sample_rate
-    return await run_stream(request, ListenFront(params, engine_rate, request.remote))
+    return await run_stream(request, ListenFront(params, request.remote))

@@ -352,6 +352,12 @@ class FrontStream:
         self._origin: dict[str, int] = {}  # each leg's first timestamp, ms
         self._samples: dict[str, int] = {}  # wire samples taken per leg
         self._carry = b""  # part of an interleaved frame, for the next message
+        self._sessions: dict[str, Session] = {}
+        self._first = ""  # the leg of audio that names none
+        self._width = 2  # bytes per sample
+        self._channels = 1
+        self._rate = 8000
+        self._tolerance = GAP_TOLERANCE_S * 8000
 
     # -- opening
 
@@ -379,6 +385,12 @@ class FrontStream:
             for leg in call.legs
         }
         self._samples = dict.fromkeys(call.legs, 0)
+        self._sessions = dict(call.legs)
+        self._first = spec.legs[0]
+        self._width = spec.audio.encoding.bytes_per_sample
+        self._channels = spec.audio.channels
+        self._rate = spec.audio.rate
+        self._tolerance = GAP_TOLERANCE_S * spec.audio.rate
         if type(codec).encode_dropped is not WsCodec.encode_dropped:
             call.on_audio_dropped = self._dropped
         return call
@@ -404,50 +416,63 @@ class FrontStream:
 
     def decode(self, event: Media) -> list[tuple[Session, PcmArray]]:
         """Wire audio of one message as each leg's samples at the engine's rate."""
-        call = self.call
-        assert call is not None
-        out: list[tuple[Session, PcmArray]] = []
-        if event.leg is None and self._audio.channels > 1:  # interleaved, one channel per leg
-            width = self._audio.encoding.bytes_per_sample * self._audio.channels
-            data = self._carry + event.payload if self._carry else event.payload
-            usable = len(data) - len(data) % width
-            self._carry = data[usable:]
-            decoders = self._decoders
-            first = next(iter(decoders.values()))
-            channels = deinterleave(first.decode(data[:usable]), self._audio.channels)
-            for (name, channel), samples in zip(decoders.items(), channels, strict=False):
-                self._samples[name] += len(samples)
-                pcm = channel.feed_samples(samples)
-                if len(pcm):
-                    out.append((call.legs[name], pcm))
-            return out
-        leg = event.leg if event.leg is not None else next(iter(self._decoders))
+        if event.leg is None and self._channels > 1:
+            return self._interleaved(event.payload)
+        one = self._mono(event)
+        return [] if one is None else [one]
+
+    def _mono(self, event: Media) -> tuple[Session, PcmArray] | None:
+        """One leg's audio (the per-frame path of most front ends: kept short)."""
+        leg = event.leg if event.leg is not None else self._first
         decoder = self._decoders.get(leg)
         if decoder is None:
-            return out  # a track the stream was not set up for
+            return None  # a track the stream was not set up for
         payload = event.payload
-        if event.timestamp_ms is not None:
-            payload = self._fill_gap(leg, event.timestamp_ms, payload)
-        self._samples[leg] += len(payload) // self._audio.encoding.bytes_per_sample
+        at_ms = event.timestamp_ms
+        if at_ms is not None:
+            origin = 0 if self._clock_from_zero else self._origin.setdefault(leg, at_ms)
+            gap = (at_ms - origin) * self._rate // 1000 - self._samples[leg]
+            if gap > self._tolerance:
+                payload = self._fill_gap(leg, gap, payload)
+        self._samples[leg] += len(payload) // self._width
         pcm = decoder.feed(payload)
-        if len(pcm):
-            out.append((call.legs[leg], pcm))
+        return (self._sessions[leg], pcm) if len(pcm) else None
+
+    def _interleaved(self, payload: bytes) -> list[tuple[Session, PcmArray]]:
+        """Interleaved channels, one per leg in order; a frame cut between two messages is
+        carried over."""
+        out: list[tuple[Session, PcmArray]] = []
+        frame = self._width * self._channels
+        data = self._carry + payload if self._carry else payload
+        usable = len(data) - len(data) % frame
+        self._carry = data[usable:]
+        decoders = self._decoders
+        first = decoders[self._first]
+        channels = deinterleave(first.decode(data[:usable]), self._channels)
+        for (name, decoder), samples in zip(decoders.items(), channels, strict=False):
+            self._samples[name] += len(samples)
+            pcm = decoder.feed_samples(samples)
+            if len(pcm):
+                out.append((self._sessions[name], pcm))
         return out
 
-    def _fill_gap(self, leg: str, timestamp_ms: int, payload: bytes) -> bytes:
-        origin = 0 if self._clock_from_zero else self._origin.setdefault(leg, timestamp_ms)
-        rate = self._audio.rate
-        gap = (timestamp_ms - origin) * rate // 1000 - self._samples[leg]
-        if gap > MAX_GAP_S * rate:
-            self._samples[leg] += gap  # a clock jump: resynchronise, allocate nothing
-        elif gap > GAP_TOLERANCE_S * rate:
-            return SILENCE[self._audio.encoding] * gap + payload
-        return payload
+    def _fill_gap(self, leg: str, gap: int, payload: bytes) -> bytes:
+        """`gap` samples missing before `payload` on the media clock: silence in their place,
+        unless so many that the clock was reset (then it resynchronises, allocating nothing)."""
+        if gap > MAX_GAP_S * self._rate:
+            self._samples[leg] += gap
+            return payload
+        return SILENCE[self._audio.encoding] * gap + payload
 
     def push(self, event: Media) -> None:
         """A phone leg's audio: pushed now; beyond the engine's buffer it is dropped."""
-        for leg, pcm in self.decode(event):
-            leg.push(pcm)
+        if event.leg is None and self._channels > 1:
+            for leg, pcm in self._interleaved(event.payload):
+                leg.push(pcm)
+            return
+        one = self._mono(event)
+        if one is not None:
+            one[0].push(one[1])
 
     async def write(self, event: Media) -> None:
         """Audio of a sender that can wait: slowed while the engine is behind, never lost.
@@ -502,13 +527,16 @@ async def run_stream(request: web.Request, codec: WsCodec) -> web.WebSocketRespo
     stream = FrontStream(request, codec, ws)
     front_end = codec.front_end
     wait = codec.can_wait
+    # Only a codec's own test is called per frame (the default says True to all).
+    overridden = type(codec).may_be_media is not WsCodec.may_be_media
+    media_test = codec.may_be_media if overridden else None
 
     def direct(msg: WSMessage) -> bool:
         """The loop's media branch, as frames are parsed. Anything else is parsed again in
         the loop, which is harmless: only a start changes a codec, and this takes none before
         the call is open (a second one raises here as there)."""
         call = stream.call
-        if call is None or call.ended or not codec.may_be_media(msg):
+        if call is None or call.ended or (media_test is not None and not media_test(msg)):
             return False
         if wait and not stream.has_room():
             return False  # the engine is behind: the loop waits for room

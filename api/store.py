@@ -86,6 +86,7 @@ RETRY_MIN_S: Final = 0.2
 # (a try is one connection attempt, or one batch on SQLite: cheap).
 RETRY_MAX_S: Final = 1.0
 READ_POOL: Final = 4  # API readers' connections at most (and the webhook sender's)
+INSERT_ROWS: Final = 500  # events in one multi-row INSERT (SQLite allows 32766 parameters)
 MARKS_KEEP_S: Final = 86400.0  # a writer's last batch mark is kept a day after its last batch
 
 
@@ -706,7 +707,17 @@ class Store:
 
     def _write(self, batch: list[BusEvent]) -> None:
         self._writer_db.execute("BEGIN")
-        rows = [self._apply(event) for event in batch]
+        rows: list[int | None] = []
+        said: list[LegEvent] = []  # a run of words, segments, turns: one INSERT for them all
+        for event in batch:
+            if _stored_leg_event(event):
+                assert isinstance(event, LegEvent)
+                said.append(event)
+                continue
+            rows += self._insert_said(said)
+            said = []
+            rows.append(self._apply(event))
+        rows += self._insert_said(said)
         self._writer_db.execute(
             "INSERT INTO writer_marks (writer, batch, at) VALUES (?, ?, ?) ON CONFLICT (writer) "
             "DO UPDATE SET batch = excluded.batch, at = excluded.at",
@@ -715,6 +726,42 @@ class Store:
         if self.postgres:  # other nodes show these live; NOTIFY is delivered at COMMIT
             self._writer_db.notify(self._payloads(zip(batch, rows, strict=True)))
         self._writer_db.execute("COMMIT")
+
+    def _insert_said(self, said: Sequence[LegEvent]) -> list[int | None]:
+        """Words, segments and turns of a batch in multi-row INSERTs (one statement per
+        `INSERT_ROWS`, not per event: PostgreSQL's round trip per statement was the writer's
+        limit); their `events.id`s in order; then each segment's index row and webhook."""
+        db = self._writer_db
+        rows: list[int | None] = []
+        payloads = [event_to_json(e.event) for e in said]
+        for first in range(0, len(said), INSERT_ROWS):
+            part = range(first, min(first + INSERT_ROWS, len(said)))
+            values: list[Any] = []
+            for n in part:
+                event, payload = said[n], payloads[n]
+                inner = event.event
+                text, start, end = None, None, None
+                if isinstance(inner, Word | Segment):
+                    text, start, end = inner.text, inner.start_s, inner.end_s
+                elif isinstance(inner, EndOfTurn):
+                    start = end = inner.at_s
+                values += [event.call_id, event.leg, payload["type"], text, start, end]
+                values.append(json.dumps(payload))
+            cursor = db.execute(
+                "INSERT INTO events (call_id, leg, type, text, start_s, end_s, payload) VALUES "
+                + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(part))
+                + " RETURNING id",
+                values,
+            )
+            # Ids are taken in the order the rows are inserted: sorted, they are the VALUES'.
+            rows += sorted(int(row[0]) for row in cursor.fetchall())
+        for event, payload in zip(said, payloads, strict=True):
+            if isinstance(event.event, Segment):
+                search.index_segment(db, event.call_id, event.leg, event.event.text)
+                self._webhook(
+                    "segment", {"call_id": event.call_id, "leg": event.leg, "segment": payload}
+                )
+        return rows
 
     def _payloads(self, events: Iterable[tuple[BusEvent, int | None]]) -> Iterator[str]:
         for event, row in events:
@@ -778,26 +825,9 @@ class Store:
                     json.dumps(payload),
                 ),
             )
-        elif isinstance(event, LegEvent) and not isinstance(event.event, Closed | Partial):
-            inner = event.event
-            text, start, end = None, None, None
-            if isinstance(inner, Word | Segment):
-                text, start, end = inner.text, inner.start_s, inner.end_s
-            elif isinstance(inner, EndOfTurn):
-                start = end = inner.at_s
-            payload = event_to_json(inner)
-            row = _row_id(
-                db,
-                "INSERT INTO events (call_id, leg, type, text, start_s, end_s, payload) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (event.call_id, event.leg, payload["type"], text, start, end, json.dumps(payload)),
-            )
-            if isinstance(inner, Segment):
-                search.index_segment(db, event.call_id, event.leg, inner.text)
-                self._webhook(
-                    "segment", {"call_id": event.call_id, "leg": event.leg, "segment": payload}
-                )
-            return row
+        elif _stored_leg_event(event):
+            assert isinstance(event, LegEvent)
+            return self._insert_said([event])[0]
         return None
 
     def _merge_search_rows(self, call_id: str) -> None:
@@ -1128,6 +1158,12 @@ class Store:
                 (now, url) if url is not None else (now,),
             )
         return cursor.rowcount
+
+
+def _stored_leg_event(event: BusEvent) -> bool:
+    """What the events table keeps of a leg: words, segments, turns (not partials, not the
+    stream's end)."""
+    return isinstance(event, LegEvent) and not isinstance(event.event, Closed | Partial)
 
 
 def _row_id(db: Database, sql: str, args: Sequence[Any]) -> int:

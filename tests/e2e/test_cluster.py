@@ -447,6 +447,7 @@ async def test_a_cluster_survives_a_node_killed_mid_call(
 DRAIN_NOTICE_S = 4.0  # above HAProxy's `fall 2` × 1 s check and Kamailio's 1 s probe
 RATE = 0.3  # calls a second on each road: two or three live at once, two cores for three nodes
 SIP_BATCH = 3
+BURST = 6  # WebSocket calls placed in the first 1.5 s of each node's drain
 
 
 @pytest.fixture
@@ -523,7 +524,13 @@ async def test_a_rolling_upgrade_loses_no_call_and_no_word(
         old_pid = node.process.pid
         ups, haproxy_ups = cluster.marked_up(name), cluster.haproxy_up(name)
         began = time.monotonic()
-        assert await asyncio.to_thread(node.terminate) == 0  # drained cleanly
+        stopping = asyncio.create_task(asyncio.to_thread(node.terminate))
+        # A burst of calls as the drain begins: HAProxy still sends this node its share until
+        # its checks fail; the notice is what lets the node take them, not refuse them.
+        for _ in range(BURST):
+            ws_calls.append(asyncio.create_task(ws_caller(f"ws-up{len(ws_calls)}")))
+            await asyncio.sleep(0.25)
+        assert await stopping == 0  # drained cleanly
         exited = time.monotonic()
         await asyncio.to_thread(node.start)  # the code on disk now: the upgrade
         assert node.process.pid != old_pid

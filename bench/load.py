@@ -530,7 +530,13 @@ class Call:
 
 
 async def open_call(
-    fe: FrontEnd, name: str, server: Server, results: Results, frames: int, n: int
+    fe: FrontEnd,
+    name: str,
+    server: Server,
+    results: Results,
+    frames: int,
+    n: int,
+    mass_start: bool = False,
 ) -> Call | None:
     loop = asyncio.get_running_loop()
     port = server.ports[fe.port]
@@ -552,10 +558,12 @@ async def open_call(
     # calls' instead of every call's falling in the same 20 ms (at 625 calls, 30 ms of work
     # every 80 ms in one 20 ms window: late frames at 60 % of a core); and it pings after frame
     # n // SLOTS of every PING_EVERY, not all calls in the same 20 ms of each second.
+    # --mass-start: every call's first frame in the same 20 ms (a mass reconnect after a
+    # network blip), so only the bridge's own batch phase (telephony/audio.py batch_phase)
+    # keeps their 80 ms batches apart.
     phase = n // SLOTS
-    return Call(
-        connection, n % SLOTS, frames, ping_phase=phase % PING_EVERY, wait=phase % BATCH_FRAMES
-    )
+    wait = 0 if mass_start else phase % BATCH_FRAMES
+    return Call(connection, n % SLOTS, frames, ping_phase=phase % PING_EVERY, wait=wait)
 
 
 async def ticker(calls: list[Call], fe: FrontEnd, results: Results) -> None:
@@ -666,6 +674,7 @@ async def run(
     cores: str | None,
     workers: int = 1,
     profile: Path | None = None,
+    mass_start: bool = False,
 ) -> dict[str, float | None]:
     server = Server(engine, cores, calls, workers)
     fe = front_end(name)
@@ -679,7 +688,7 @@ async def run(
         extra = int(END_SPREAD_S / FRAME_S)
         opened = await asyncio.gather(
             *(
-                open_call(fe, name, server, results, frames + n * extra // calls, n)
+                open_call(fe, name, server, results, frames + n * extra // calls, n, mass_start)
                 for n in range(calls)
             )
         )
@@ -801,6 +810,11 @@ def main() -> None:
     )
     parser.add_argument("--step", type=int, default=25, help="--find-max resolution (calls)")
     parser.add_argument(
+        "--mass-start",
+        action="store_true",
+        help="every call starts in the same 20 ms (a mass reconnect), not 0-3 frames apart",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         help="py-spy the server during each run into this file (collapsed stacks) and print "
@@ -826,7 +840,16 @@ def main() -> None:
 
     def measure(calls: int) -> dict[str, float | None]:
         r = asyncio.run(
-            run(args.front_end, calls, args.seconds, args.engine, core, args.workers, args.profile)
+            run(
+                args.front_end,
+                calls,
+                args.seconds,
+                args.engine,
+                core,
+                args.workers,
+                args.profile,
+                args.mass_start,
+            )
         )
         cells = ["-" if r[key] is None else fmt.format(r[key]) for key, _, fmt in COLUMNS]
         print("| " + " | ".join(cells) + " |", flush=True)

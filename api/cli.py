@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"stt-bridge: config: {problem}", file=sys.stderr)
             return EXIT_USAGE
         if workers.supervised(config):  # workers, or several engine.devices
-            return run_loop(workers.supervise(config))  # worker and engine processes (README)
+            return run_loop(workers.supervise(config))  # workers, engines (docs/deployment.md)
         from api.app import run
 
         # 70: the engine failed, restart the service

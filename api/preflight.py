@@ -4,8 +4,8 @@ second instead of a model load (minutes for Kyutai) followed by a traceback.
 
 The three HTTP ports (server.port, health_port, web_port) are the service: one taken stops it
 (exit 2). AudioSocket and SIP are front ends with an `enabled` switch: a taken port turns that
-front end off with one log line where it starts, and /info and /ready say so (README,
-"Configuration").
+front end off with one log line where it starts, and /info and /ready say so
+(docs/configuration.md).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 A decoder gives each token it chose the probability its softmax gave that token (before any
 keyterm bias: a boosted token keeps the model's own, lower, belief). A word's confidence comes
 from the tokens that spell it, a segment's from its words. bench/keyterms.py measured which
-way of combining a word's tokens best separates right from wrong words (README: Confidence).
+way of combining a word's tokens best separates right from wrong words (docs/engines.md,
+Confidence).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ are shared out among the islands so that each island's share of the spoken lengt
 from the words' letters, digits read out) matches its share of the voiced time, by dynamic
 programming; an island may take no word (a breath, a click). Within an island, words follow
 one another in proportion to their length. Where a speaker pauses between words the times are
-close to exact; within a fluent run they are interpolated. README's Accuracy section has the
-measured error.
+close to exact; within a fluent run they are interpolated. docs/engines.md's Accuracy section
+has the measured error.
 """
 
 from __future__ import annotations

@@ -81,8 +81,8 @@ IGNORED_PARAMS: Final = (
     "version",
     "no_delay",
 )
-"""Accepted and not acted on (README lists them); `model`, `language`, `tag`, `extra` label the
-call. Any other unknown parameter is ignored too, as Deepgram does."""
+"""Accepted and not acted on (docs/deepgram.md lists them); `model`, `language`, `tag`, `extra`
+label the call. Any other unknown parameter is ignored too, as Deepgram does."""
 
 
 class DeepgramError(ProtocolError):

@@ -1,8 +1,8 @@
 """`[carriers]`: the carriers' own credentials for their media streams.
 
 Each is optional. Unset, a carrier's route is an audio route like any other: it needs an
-`[api] keys` key when keys are set, which each carrier can send (see README). Set, the carrier's
-own credential is checked on the upgrade instead of a key, as Twilio's signature is.
+`[api] keys` key when keys are set, which each carrier can send (see docs/carriers.md). Set,
+the carrier's own credential is checked on the upgrade instead of a key, as Twilio's signature is.
 """
 
 from __future__ import annotations

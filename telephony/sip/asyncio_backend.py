@@ -7,8 +7,8 @@ address or codec change), RTP ports released on every end path, a 400 for reques
 would silently drop, and digest challenges for INVITEs. RTP is received by plain datagram
 sockets feeding `SipCall` (reorder window drained at BYE, so the last words stay).
 
-No dialog can be left live by a caller that goes away (README "SIP", "When a caller goes
-away"): our 200 is resent on T1 doubling (UDP) and a 200 never ACKed ends the call after
+No dialog can be left live by a caller that goes away (docs/sip.md, "When a caller
+goes away"): our 200 is resent on T1 doubling (UDP) and a 200 never ACKed ends the call after
 64*T1 (Timer H, UDP and TCP: aiosipua's own resending, UDP only and 32 s fixed, is off); a TCP
 connection that closes before the caller's ACK ends its call at once; a CANCEL that crosses our 200
 gets its 200 and leaves the call to the caller's ACK and BYE (RFC 3261 §9.2); after the ACK,

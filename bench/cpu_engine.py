@@ -5,6 +5,7 @@
     python bench/cpu_engine.py realtime --streams 4 8 12 16   # concurrent real-time callers
     python bench/cpu_engine.py realtime --streams 24 --talk 0.5 --partials 1   # callers who pause
     python bench/cpu_engine.py memory     # resident size with 1 and with 8 streams
+    python bench/cpu_engine.py cost       # CPU per talking caller, decodes from scratch vs. reused
 
 Speech: 16 call-centre sentences by hibari-tts (its one voice, plus two pitch-shifted
 "voices" made with sox), at three speeds, through 8 kHz μ-law, clean and with a 300-3400 Hz
@@ -265,6 +266,46 @@ async def _callers(
     return latencies, partials, speech_s
 
 
+async def cost(args: argparse.Namespace) -> None:
+    """The decodes of a caller who talks without stopping, as the engine schedules them (a
+    partial every second of each sentence, then its final), timed in CPU seconds of this
+    process: each decode from scratch, and each reading the last one's tokens (the engine's
+    way now). CPU time, not wall time, so a machine shared with other work measures the same."""
+    from engine.moonshine_model import load
+
+    model = load("", MODEL_CACHE)
+    sentences = [
+        (phone_audio(CALL_CENTRE[n], "hibari", "1.0x", False, seed=n) / 32768).astype(np.float32)
+        for n in range(len(CALL_CENTRE))
+    ]
+    pause = np.zeros(RATE // 5, dtype=np.float32)  # the 0.2 s an utterance starts before speech
+    call_s = sum(len(x) / RATE + 1.2 for x in sentences)  # 1.2 s between sentences
+    model.decode(sentences[0])  # warm up
+    print(
+        f"CPU per second of a talking caller ({len(sentences)} sentences, 1.2 s apart, "
+        f"{call_s:.0f} s), partials every {args.every:.1f} s of speech; load average "
+        f"{os.getloadavg()[0]:.1f}\n"
+    )
+    print(f"| {'decodes':<22} | {'CPU s / call s':>14} | {'streams on 2 cores at 70 %':>26} |")
+    print(f"|{'-' * 24}|{'-' * 16}|{'-' * 28}|")
+    finals: dict[bool, list[tuple[int, ...]]] = {}
+    for reuse in (False, True, False, True):
+        finals[reuse] = []
+        cpu = time.process_time()
+        for speech in sentences:
+            audio = np.concatenate([pause, speech, pause])
+            draft: tuple[int, ...] = ()
+            step = int(args.every * RATE)
+            for end in range(step, len(audio), step) if step else ():
+                draft = model.decode(audio[:end], draft=draft if reuse else ()).tokens
+            finals[reuse].append(model.decode(audio, draft=draft if reuse else ()).tokens)
+        share = (time.process_time() - cpu) / call_s
+        label = "from the last's tokens" if reuse else "each from scratch"
+        print(f"| {label:<22} | {share:>14.3f} | {2 * 0.7 / share:>26.1f} |")
+    same = sum(a == b for a, b in zip(finals[False], finals[True], strict=True))
+    print(f"\nfinals with the same tokens both ways: {same} of {len(sentences)}")
+
+
 async def memory(args: argparse.Namespace) -> None:
     pcm, _ = call_audio()
     base = _rss_mb()
@@ -309,8 +350,11 @@ def main() -> None:
     )
     rt.add_argument("--partials", choices=("both", "0", "1"), default="both")
     sub.add_parser("memory")
+    co = sub.add_parser("cost")
+    co.add_argument("--every", type=float, default=1.0, help="partials every ... s (0: none)")
     args = parser.parse_args()
-    run = {"wer": wer, "rtf": rtf, "realtime": realtime, "memory": memory}[args.command]
+    commands = {"wer": wer, "rtf": rtf, "realtime": realtime, "memory": memory, "cost": cost}
+    run = commands[args.command]
     asyncio.run(run(args))
 
 

@@ -324,13 +324,22 @@ class MoonshineModel:
                 self._indexes[terms] = index
             return index
 
-    def cost_probe(self, seconds: float, tokens: int) -> None:
-        """Encode `seconds` of audio and run `tokens` decoder steps: the work of a typical
-        utterance of that length, whatever the audio says (for measuring speed)."""
+    def cost_probe(self, seconds: float, tokens: int, drafted: int = 0) -> None:
+        """Encode `seconds` of audio and decode `tokens` tokens, the first `drafted` of them
+        read as a draft in one pass (`decode`), the rest one step each: the work of a decode
+        of that length, whatever the audio says (for measuring speed)."""
         rng = np.random.default_rng(0)
         audio = (rng.standard_normal(int(seconds * SAMPLE_RATE)) * 0.05).astype(np.float32)
         feeds = self._encode(audio)
-        for step in range(tokens):
+        first = 0
+        if drafted:
+            ids = [START_TOKEN, *range(START_TOKEN + 10, START_TOKEN + 10 + drafted)]
+            feeds["input_ids"] = np.array([ids], dtype=np.int64)
+            _, *present = self._decoder.run(None, feeds)
+            self._keep(feeds, present, 0)
+            feeds["use_cache_branch"] = np.array([True])
+            first = drafted + 1
+        for step in range(first, tokens):
             feeds["input_ids"] = np.array([[START_TOKEN + 10 + step]], dtype=np.int64)
             _, *present = self._decoder.run(None, feeds)
             self._keep(feeds, present, step)

@@ -8,7 +8,7 @@ against timing probes). Then one call per session, its id the session id: mono i
 for its channel (`external`, the customer), stereo two (`external`, `internal`: the agent).
 The Transcription Connector sends each leg's phrases back as final `transcript` events.
 
-Written in the style of telephony/twilio.py's handler: telephony/ws_front.py had not landed.
+`AudioHookFront` is the session for the WebSocket adapter (telephony/ws_front.py).
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, Final
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from engine.base import BridgeError, EngineEvent, Segment
-from telephony.audio import AudioDecoder, Encoding
+from telephony.audio import Encoding
 from telephony.audiohook import (
     RATE,
-    Audio,
     AudioHookCodec,
     AudioHookConfig,
     AudioHookError,
@@ -45,7 +44,19 @@ from telephony.audiohook import (
 from telephony.audiohook_signature import SignatureCheck, verify_request
 from telephony.session import Call, CallHub
 from telephony.transcript import InvalidOptions, TranscriptOptions, transcript_options
-from telephony.ws_front import HUB, messages, open_websocket
+from telephony.ws_front import (
+    HUB,
+    AudioFormat,
+    FrontEvent,
+    Media,
+    OpenCall,
+    Received,
+    Reply,
+    Skipped,
+    Stopped,
+    WsCodec,
+    run_stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,64 +115,53 @@ async def handle(request: web.Request) -> web.StreamResponse:
             {"error": "unauthorized", "reason": f"signature verification failed: {check.code}"},
             status=401,
         )
-    ws = open_websocket(request, read_by_messages=True)
-    await ws.prepare(request)
-    await AudioHookStream(request, ws, session_id).run()
-    return ws
+    return await run_stream(request, AudioHookFront(request, session_id))
 
 
-class AudioHookStream:
-    """One session's state: the codec, its call, each leg's decoder and phrase cutter."""
+class AudioHookFront(WsCodec):
+    """A session for the WebSocket adapter (telephony/ws_front.py): the codec, its open, each
+    leg's phrase cutter. AudioHook answers errors in-band: a `disconnect` (once), after which
+    the client sends `close` and gets `closed`; the socket itself is never refused."""
 
-    def __init__(self, request: web.Request, ws: web.WebSocketResponse, session_id: str) -> None:
-        self.request = request
-        self.ws = ws
+    front_end = FRONT_END
+    closed_reason = "socket closed without close"
+
+    def __init__(self, request: web.Request, session_id: str) -> None:
         self.codec = AudioHookCodec(session_id)
+        self.headers = request.headers
         self.organization_id = request.headers.get("Audiohook-Organization-Id", "")
-        self.call: Call | None = None
-        self.decoders: dict[str, AudioDecoder] = {}
+        self.languages = request.app[CONFIG].languages
         self.cutters: dict[str, PhraseCutter] = {}
-        self.reason = "socket closed without close"
-        self._sending = asyncio.Lock()  # seq numbers go out in the order they were given
+        self._open: Open | None = None
+        self._closing = False  # the client's `close` came: `closed` follows the call's end
 
-    async def run(self) -> None:
-        try:
-            async for msg in messages(self.ws, self.request):
-                if msg.type == WSMsgType.TEXT:
-                    if await self.text(msg.data):
-                        break
-                elif msg.type == WSMsgType.BINARY:
-                    await self.audio(msg.data)
-        finally:
-            await self.end()
-            if not self.ws.closed:
-                await self.ws.close()
-
-    async def send(self, build: Any, *args: Any) -> None:
-        async with self._sending:
-            await self.ws.send_str(build(*args))
-
-    async def refuse(self, info: str) -> None:
+    def refuse(self, info: str) -> FrontEvent:
         """A client error: `disconnect(error)`; later errors are not signalled (upstream's
         SIGNALED-ERROR state), and the client's `close` still gets `closed`."""
         if self.codec.state in ("disconnected", "closing", "closed"):
-            log.info("audiohook: %s (not signalled again)", info, extra=self._extra())
-            return
+            return Skipped(f"{info} (not signalled again)")
         log.warning("audiohook: %s", info, extra=self._extra())
-        await self.send(self.codec.disconnect, "error", info)
+        return Reply(self.codec.disconnect("error", info))
 
-    async def text(self, text: str) -> bool:
-        """One text message; True once the session is over (`closed` sent)."""
+    def receive(self, msg: WSMessage) -> Received:
+        if msg.type == WSMsgType.BINARY:
+            try:
+                frame = self.codec.receive_audio(msg.data)
+            except AudioHookError as exc:
+                return self.refuse(f"Client Error: {exc}")
+            media = tuple(Media(leg, payload) for leg, payload in frame.channels.items())
+            return media[0] if len(media) == 1 else media
+        if msg.type != WSMsgType.TEXT:
+            return None
         try:
-            event = self.codec.receive_text(text)
+            event = self.codec.receive_text(msg.data)
         except AudioHookError as exc:
-            await self.refuse(f"Client Error: {exc}")
-            return False
+            return self.refuse(f"Client Error: {exc}")
         if isinstance(event, Open):
-            await self.open(event)
-        elif isinstance(event, Ping):
-            await self.send(self.codec.pong)
-        elif isinstance(event, Paused | Update):
+            return self.open(event)
+        if isinstance(event, Ping):
+            return Reply(self.codec.pong())
+        if isinstance(event, Paused | Update):
             # The open phrase ends here: words after it go in a new event.
             for cutter in self.cutters.values():
                 cutter.cut_at(event.position / RATE)
@@ -173,10 +173,8 @@ class AudioHookStream:
                     event.received / RATE,
                     extra=self._extra(),
                 )
-            self.reason = "close" + (f": {event.reason}" if event.reason else "")
-            await self.end()
-            await self.send(self.codec.closed)
-            return True
+            self._closing = True
+            return Stopped("close" + (f": {event.reason}" if event.reason else ""))
         elif isinstance(event, ClientError):
             log.warning(
                 "audiohook: client error %d: %s",
@@ -186,82 +184,59 @@ class AudioHookStream:
             )
         elif isinstance(event, Ignored | Discarded | Resumed):
             log.debug("audiohook: %s", event, extra=self._extra())
-        return False
+        return None
 
-    async def open(self, event: Open) -> None:
+    def open(self, event: Open) -> FrontEvent:
         if event.organization_id != self.organization_id.strip():
             log.warning("audiohook: organization id mismatch", extra=self._extra())
-            await self.send(
-                self.codec.disconnect,
-                "unauthorized",
-                'Mismatch between "organizationId" open parameter and '
-                '"audiohook-organization-id" header field',
+            return Reply(
+                self.codec.disconnect(
+                    "unauthorized",
+                    'Mismatch between "organizationId" open parameter and '
+                    '"audiohook-organization-id" header field',
+                )
             )
-            return
         media = event.media
         if media is None:
-            await self.refuse("No offered media format is supported (PCMU or L16 at 8000 Hz)")
-            return
+            return self.refuse("No offered media format is supported (PCMU or L16 at 8000 Hz)")
         try:
-            call = self.request.app[HUB].open_call(
-                FRONT_END,
-                legs=media.channels,
-                call_id=self.codec.id,
-                labels=self._labels(event),
-                reply=self.reply,
-                options=_options(event.custom_config),
-            )
-        except (BridgeError, InvalidOptions) as exc:
-            await self.refuse(str(exc))
-            return
-        self.call = call
-        for index, leg in enumerate(media.channels):
-            self.decoders[leg] = AudioDecoder(ENCODINGS[media.format], RATE, call.sample_rate)
+            options = _options(event.custom_config)
+        except InvalidOptions as exc:
+            return self.refuse(str(exc))
+        self._open = event
+        audio = AudioFormat(ENCODINGS[media.format], RATE)
+        return OpenCall(media.channels, audio, self.codec.id, self._labels(event), options)
+
+    def call_opened(self, call: Call) -> Received:
+        event = self._open
+        assert event is not None and event.media is not None
+        for index, leg in enumerate(event.media.channels):
             self.cutters[leg] = PhraseCutter(index)
-        config = self.request.app[CONFIG]
-        await self.send(
-            self.codec.opened, media, config.languages if event.wants_languages else None
-        )
+        languages = self.languages if event.wants_languages else None
+        return Reply(self.codec.opened(event.media, languages))
 
-    async def audio(self, data: bytes) -> None:
-        try:
-            frame = self.codec.receive_audio(data)
-        except AudioHookError as exc:
-            await self.refuse(f"Client Error: {exc}")
-            return
-        self.push(frame)
-        if self.call is not None and self.call.ended:  # by the engine (a lost engine node)
-            await self.refuse(f"Server error: transcription ended ({self.call.engine_reason})")
+    def refused(self, exc: BridgeError) -> Received:
+        return self.refuse(str(exc))
 
-    def push(self, frame: Audio) -> None:
-        call = self.call
-        if call is None or call.ended:
-            return
-        for leg, payload in frame.channels.items():
-            pcm = self.decoders[leg].feed(payload)
-            if len(pcm):
-                call.leg(leg).push(pcm)
+    def engine_ended(self, call: Call) -> Received:
+        return self.refuse(f"Server error: transcription ended ({call.engine_reason})")
 
-    async def reply(self, leg: str, event: EngineEvent) -> None:
+    def may_be_media(self, msg: WSMessage) -> bool:
+        return msg.type == WSMsgType.BINARY
+
+    def encode_event(self, call: Call, leg: str, event: EngineEvent) -> list[str] | None:
         """The Transcription Connector: a final event per phrase of each engine segment."""
         if not isinstance(event, Segment) or not event.words or leg not in self.cutters:
-            return
+            return None
+        texts = []
         for phrase in self.cutters[leg].phrases(event.words):
-            if not self.codec.can_send_events or self.ws.closed:
-                return
-            entity = transcript_entity(phrase, self.codec.language)
-            await self.send(self.codec.event, [entity])
+            if not self.codec.can_send_events:
+                break
+            texts.append(self.codec.event([transcript_entity(phrase, self.codec.language)]))
+        return texts
 
-    async def end(self) -> None:
-        """Flush every leg and end the call: its last phrases go out before `closed`."""
-        call = self.call
-        if call is None or call.ended:
-            if call is not None:
-                await asyncio.shield(call.end(self.reason))  # returns once announced
-            return
-        for leg, decoder in self.decoders.items():
-            call.leg(leg).push(decoder.flush())
-        await asyncio.shield(call.end(self.reason))
+    def encode_farewell(self) -> str | None:
+        return self.codec.closed() if self._closing else None
 
     def _labels(self, event: Open) -> dict[str, str]:
         labels: dict[str, str] = {}
@@ -274,7 +249,7 @@ class AudioHookStream:
                 "conversation_id": event.conversation_id,
                 "participant_id": event.participant.id,
                 "session_id": self.codec.id,
-                "correlation_id": self.request.headers.get("Audiohook-Correlation-Id", ""),
+                "correlation_id": self.headers.get("Audiohook-Correlation-Id", ""),
                 "ani": event.participant.ani,
                 "dnis": event.participant.dnis,
             }

@@ -54,7 +54,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Final
+from typing import ClassVar, Final, cast
 
 import numpy as np
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
@@ -186,8 +186,8 @@ class WsCodec:
         without parsing it twice."""
         return True
 
-    def encode_event(self, call: Call, leg: str, event: EngineEvent) -> str | None:
-        """An engine event as a text frame for the peer; None: not sent."""
+    def encode_event(self, call: Call, leg: str, event: EngineEvent) -> str | list[str] | None:
+        """An engine event as text frames for the peer; None: not sent."""
         return None
 
     def encode_rejection(self, exc: BridgeError) -> str | None:
@@ -199,6 +199,26 @@ class WsCodec:
         return None
 
     def encode_finalized(self, at_s: float) -> str | None:
+        return None
+
+    # Protocols that answer in-band instead of closing (AudioHook's `disconnect`):
+
+    def call_opened(self, call: Call) -> Received:
+        """Events once the call is admitted (a handshake's answer); None: nothing."""
+        return None
+
+    def refused(self, exc: BridgeError) -> Received:
+        """The protocol's own answer to a refused call (the stream goes on); None: the socket
+        closes with the rejection's code."""
+        return None
+
+    def engine_ended(self, call: Call) -> Received:
+        """The protocol's own answer when the engine ended the call (a lost node; the stream
+        goes on); None: the socket closes with the engine's end (`ws_close_at_end`)."""
+        return None
+
+    def encode_farewell(self) -> str | None:
+        """A text frame once the call has ended, before the close (AudioHook's `closed`)."""
         return None
 
 
@@ -352,6 +372,9 @@ class FrontStream:
         self._origin: dict[str, int] = {}  # each leg's first timestamp, ms
         self._samples: dict[str, int] = {}  # wire samples taken per leg
         self._carry = b""  # part of an interleaved frame, for the next message
+        self._engine_end_told = False
+        # What the direct path parsed of a message it left to the loop: not parsed again.
+        self.parsed: tuple[WSMessage, Received] | None = None
         self._sessions: dict[str, Session] = {}
         self._first = ""  # the leg of audio that names none
         self._width = 2  # bytes per sample
@@ -398,14 +421,29 @@ class FrontStream:
     async def _reply(self, leg: str, event: EngineEvent) -> None:
         call, ws = self.call, self.ws
         assert call is not None
-        text = self.codec.encode_event(call, leg, event)
-        if text is not None and not ws.closed:
-            await ws.send_str(text)
+        texts = self.codec.encode_event(call, leg, event)
+        for text in [texts] if isinstance(texts, str) else texts or ():
+            if not ws.closed:
+                await ws.send_str(text)
         if isinstance(event, Closed) and call.engine_reason and not ws.closed:
             # The engine ended the call (a lost node): say so now, not at the client's next
             # frame (a client waiting for words may send none).
+            await self.engine_ended()
+
+    async def engine_ended(self) -> bool:
+        """Tell the peer (once) that the engine ended the call; True when the socket closed."""
+        call, ws = self.call, self.ws
+        assert call is not None
+        if self._engine_end_told:
+            return False
+        self._engine_end_told = True
+        answer = self.codec.engine_ended(call)
+        if answer is None:
             code, message = ws_close_at_end(call)
             await ws.close(code=code, message=message)
+            return True
+        await _handle(self, answer if isinstance(answer, tuple) else (answer,))
+        return False
 
     def _dropped(self, notice: AudioDropped) -> None:
         text = self.codec.encode_dropped(notice)
@@ -532,19 +570,23 @@ async def run_stream(request: web.Request, codec: WsCodec) -> web.WebSocketRespo
     media_test = codec.may_be_media if overridden else None
 
     def direct(msg: WSMessage) -> bool:
-        """The loop's media branch, as frames are parsed. Anything else is parsed again in
-        the loop, which is harmless: only a start changes a codec, and this takes none before
-        the call is open (a second one raises here as there)."""
+        """The loop's media branch, as frames are parsed. What it parsed of anything else goes
+        to the loop with the message (next in order: this runs only when nothing is queued)."""
         call = stream.call
         if call is None or call.ended or (media_test is not None and not media_test(msg)):
             return False
         if wait and not stream.has_room():
             return False  # the engine is behind: the loop waits for room
         event = codec.receive(msg)
-        if type(event) is not Media:
-            return False
-        stream.push(event)
-        return True
+        if type(event) is Media:
+            stream.push(event)
+            return True
+        if type(event) is tuple and all(type(e) is Media for e in event):  # one per leg
+            for media in event:
+                stream.push(cast(Media, media))
+            return True
+        stream.parsed = (msg, event)
+        return False
 
     try:
         spec = codec.open_at_connect()
@@ -554,7 +596,8 @@ async def run_stream(request: web.Request, codec: WsCodec) -> web.WebSocketRespo
             if msg.type == WSMsgType.ERROR:
                 stream.reason = f"connection error: {ws.exception()}"
                 break
-            received = codec.receive(msg)
+            parsed, stream.parsed = stream.parsed, None
+            received = parsed[1] if parsed is not None and parsed[0] is msg else codec.receive(msg)
             events = received if isinstance(received, tuple) else (received,)
             if await _handle(stream, events):
                 break
@@ -576,6 +619,9 @@ async def run_stream(request: web.Request, codec: WsCodec) -> web.WebSocketRespo
             stream.flush()
             # Shielded: a cancelled handler (server shutdown) must still flush the transcript.
             await asyncio.shield(call.end(stream.reason))
+        farewell = codec.encode_farewell()
+        if farewell is not None and not ws.closed:
+            await ws.send_str(farewell)
         if not ws.closed:
             code, message = ws_close_at_end(call)
             await ws.close(code=code, message=message)
@@ -588,16 +634,26 @@ async def _handle(stream: FrontStream, events: tuple[FrontEvent | None, ...]) ->
     for event in events:
         if isinstance(event, Media):
             call = stream.call
-            if call is None:
-                continue  # media before the call: a codec that allows it drops it
+            if call is None or call.ended:
+                continue  # media before the call (a codec that allows it), or after its end
             if codec.can_wait:
                 await stream.write(event)
             else:
                 stream.push(event)
-            if call.ended:  # by the engine (a lost engine node): its `closed` went out
+            if call.ended and await stream.engine_ended():  # a lost engine node
                 return True
         elif isinstance(event, OpenCall):
-            stream.open(event)
+            try:
+                call = stream.open(event)
+            except BridgeError as exc:
+                answer = codec.refused(exc)
+                if answer is None:
+                    raise
+                await _handle(stream, answer if isinstance(answer, tuple) else (answer,))
+                return False  # the rest of this message was for the call
+            answer = codec.call_opened(call)
+            if answer is not None:
+                await _handle(stream, answer if isinstance(answer, tuple) else (answer,))
         elif isinstance(event, Dtmf):
             stream.dtmf(event.digit)
         elif isinstance(event, Stopped):

@@ -11,11 +11,11 @@ before the upgrade (a bad signature: 403; bad query parameters: 400), then
   `Draining`, `ProtocolError`, `InvalidOptions` and every other `BridgeError` close the socket
   with the protocol's own code (telephony/errors.py's table) after the codec's own last words
   (`encode_rejection`);
-- media: one branch (`FrontStream.media`) taken both on the direct path (as aiohttp parses a
-  frame, telephony/direct_ws.py) and in the loop: wire bytes decoded per leg at the engine's
-  rate with `phase=batch_phase(call.id)` (so calls that start together spread their 80 ms
-  batches), gaps in the codec's media clock filled with silence, interleaved channels split
-  into legs;
+- media: one branch (`FrontStream.push`/`write`) taken both on the direct path (as aiohttp
+  parses a frame, telephony/direct_ws.py) and in the loop: wire bytes decoded per leg at the
+  engine's rate with `phase=batch_phase(call.id)` (so calls that start together spread their
+  80 ms batches), gaps in the codec's media clock filled with silence, interleaved channels
+  split into legs; a message is parsed once, whichever path takes it;
 - backpressure, chosen per codec by `can_wait`: a sender that can wait (an app, a file) is
   slowed while the engine is behind (`Session.write`; its frames wait in aiohttp's reader and
   then in TCP), a phone leg that cannot is pushed and drops beyond the engine's buffer, with an
@@ -39,12 +39,16 @@ How a codec plugs in: subclass `WsCodec` and implement `receive(msg)` for a text
 Raise a `ProtocolError` (or another `BridgeError`) for input that ends the stream. The state of
 the stream (call, decoders, media clocks, end reason) lives in one `FrontStream`, as
 python-websockets keeps a connection's state in its `Protocol`: a codec keeps only its
-protocol's own state. Override the class attributes and `encode_*` methods a protocol needs:
+protocol's own state. Override the class attributes and methods a protocol needs:
 `front_end` (the name in labels, logs and metrics), `protocols`, `can_wait`, `closed_reason`
 (the end reason of a close without stop), `compress`, `open_at_connect`, `at_close` (what a
-codec still holds when the peer closes), `may_be_media` (a cheap test that
-lets the direct path leave other messages to the loop unparsed), `encode_event` (engine events
-back to the peer), `encode_rejection`, `encode_dropped`, `encode_finalized`.
+codec still holds when the peer closes), `may_be_media` (a cheap test that lets the direct
+path leave other messages to the loop unparsed), `encode_event` (engine events back to the
+peer: none, one or several frames), `encode_rejection`, `encode_dropped`, `encode_finalized`.
+A protocol that answers errors in-band and goes on (AudioHook's `disconnect`) also takes
+`call_opened` (its answer once the call is admitted), `refused` (its answer to a refused call
+instead of a close), `engine_ended` (the same when the engine ends the call) and
+`encode_farewell` (its last frame once the call has ended, before the close).
 """
 
 from __future__ import annotations

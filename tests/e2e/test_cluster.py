@@ -1,8 +1,9 @@
 """A cluster on loopback, as deploy/ ships it: three `stt-bridge serve` processes on 127.0.0.2-4
 (same ports, distinct addresses) sharing a PostgreSQL store, Kamailio (deploy/kamailio) in
 front of their SIP, HAProxy (deploy/haproxy) in front of their WebSockets; one node killed
-with kill -9 mid-call. Everything comes from Debian's packages and is started, and ended by
-its PID, here.
+with kill -9 mid-call; and a rolling upgrade, every node drained (SIGTERM) and started again in
+turn under calls. Everything comes from Debian's packages and is started, and ended by its PID,
+here.
 
 Sized for a small shared machine (two cores): calls of one short sentence, staggered, a few
 at a time (13 SIP calls through Kamailio, 10 WebSocket calls through HAProxy in all).
@@ -452,7 +453,8 @@ BURST = 6  # WebSocket calls placed in the first 1.5 s of each node's drain
 
 @pytest.fixture
 def rolling_cluster(tmp_path: Path, postgres: Postgres, hooks: Hooks) -> Iterator[Cluster]:
-    """Nodes set as README "Upgrading" says: a drain notice, a drain deadline above a call."""
+    """Nodes set as docs/deployment.md "Upgrading" says: a drain notice, a drain deadline
+    above a call."""
     running = Cluster(
         tmp_path,
         postgres.fresh_database(),

@@ -4,8 +4,6 @@ onnxruntime releases the GIL for each model run, so N threads decode N utterance
 cores with one copy of the model. Work is taken by priority, then in order of arrival: a
 stream's audio and its final decodes (`FINAL`) always go before anyone's partial hypothesis
 (`PARTIAL`), so under load partials come later or not at all, while finals keep their pace.
-Within a priority, the job of least `cost` (a final's audio length) goes first: a short final
-is out sooner and a long one waits a little less than all of the short ones together.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ PARTIAL: Final = 1
 
 class DecodePool:
     def __init__(self, threads: int, name: str = "decode") -> None:
-        self._queue: list[tuple[int, int, int, Future[Any], Callable[[], Any]]] = []
+        self._queue: list[tuple[int, int, Future[Any], Callable[[], Any]]] = []
         self._order = itertools.count()
         self._ready = threading.Condition()
         self._stopping = False
@@ -51,12 +49,12 @@ class DecodePool:
         with self._ready:
             return not self._queue and self.busy < len(self._threads)
 
-    def submit(self, priority: int, fn: Callable[[], T], cost: int = 0) -> Future[T]:
+    def submit(self, priority: int, fn: Callable[[], T]) -> Future[T]:
         future: Future[T] = Future()
         with self._ready:
             if self._stopping:
                 raise RuntimeError("the decode pool is shut down")
-            heapq.heappush(self._queue, (priority, cost, next(self._order), future, fn))
+            heapq.heappush(self._queue, (priority, next(self._order), future, fn))
             self._ready.notify()
         return future
 
@@ -75,7 +73,7 @@ class DecodePool:
                     self._ready.wait()
                 if not self._queue:
                     return
-                _, _, _, future, fn = heapq.heappop(self._queue)
+                _, _, future, fn = heapq.heappop(self._queue)
                 self.busy += 1
             try:
                 if future.set_running_or_notify_cancel():

@@ -263,9 +263,10 @@ class MoonshineStream(EngineStream):
 
     async def _decode(self, cuts: list[Cut]) -> None:
         for cut in cuts:
-            # Among finals, the shortest first: it is done soonest, so fewer wait on it.
+            # In order of arrival (measured: the shortest first kept long finals waiting, and
+            # the p95 of 6 callers on a loaded machine went from 3.7 s to 6-14 s).
             job = partial(self._decode_final, cut)
-            await asyncio.wrap_future(self._pool.submit(FINAL, job, cost=len(cut.audio)))
+            await asyncio.wrap_future(self._pool.submit(FINAL, job))
         self._settle(self._utterances.settled)
 
     # -- on a pool thread --

@@ -443,15 +443,15 @@ async def test_a_failing_decode_ends_each_call_it_hits_with_its_words_and_the_se
     engine = service.bridge.engine
     assert isinstance(engine, MoonshineEngine) and engine.model is not None
     model = engine.model
-    real = model.transcribe
+    real = model.decode  # what every final and partial calls (transcribe does too)
     broken = False
 
-    def transcribe(audio: Any) -> str:
+    def decode(*args: Any, **kwargs: Any) -> Any:
         if broken:
             raise RuntimeError("onnxruntime: Non-zero status code returned while running Add")
-        return real(audio)
+        return real(*args, **kwargs)
 
-    model.transcribe = transcribe  # type: ignore[method-assign]
+    model.decode = decode  # type: ignore[method-assign]
     pause = bytes(RATE * 2)  # 1 s of silence: the utterance before it ends and is decoded
     base = f"ws://127.0.0.1:{service.ports['audio']}"
     api = f"http://127.0.0.1:{service.ports['audio']}/v1/calls"

@@ -322,7 +322,10 @@ async def test_v1_stream_takes_keepalive_finalize_and_closestream(
 ) -> None:
     """Our own JSON protocol, moved to /v1/stream, takes Deepgram's three control messages."""
     service = await start_service()
-    wire = phone_bytes(SENTENCES[2], "mulaw", 8000)
+    # The sentence, then a second of line silence: its utterance ends by the pause, as the
+    # offline transcript's does, and Finalize finds nothing left to cut (a cut in mid-pause
+    # hands the model other trailing audio, which may write "4567" as "four, five, six, seven").
+    wire = phone_bytes(SENTENCES[2], "mulaw", 8000) + b"\xff" * 8000
     url = f"ws://127.0.0.1:{service.ports['audio']}/v1/stream?encoding=mulaw&sample_rate=8000"
     messages: list[dict[str, Any]] = []
     async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:

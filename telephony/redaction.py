@@ -68,8 +68,10 @@ def parse_kinds(values: Iterable[str]) -> frozenset[str]:
     return frozenset(kinds)
 
 
-def placeholder(label: str) -> str:
-    return f"[{label}]"
+def placeholder(label: str, last_word: str = "") -> str:
+    """`[LABEL]`, with the closing punctuation of the last word it replaces: "[CARD_NUMBER]."
+    ends the sentence its digits ended."""
+    return f"[{label}]" + last_word[len(last_word.rstrip(".,;:!?")) :]
 
 
 # --- spoken numbers ---------------------------------------------------------------------------
@@ -564,9 +566,7 @@ def apply_spans(words: Sequence[str], spans: Sequence[Span]) -> list[str]:
     i = 0
     for span in spans:
         out.extend(words[i : span.first])
-        last = words[span.last]
-        tail = last[len(last.rstrip(".,;:!?")) :]
-        out.append(placeholder(span.label) + tail)
+        out.append(placeholder(span.label, words[span.last]))
         i = span.last + 1
     out.extend(words[i:])
     return out

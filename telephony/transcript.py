@@ -164,8 +164,7 @@ class TranscriptStage:
                     out[i] = (out[i][0], ())
                     continue
                 last = words[i]
-                tail = last.text[len(last.text.rstrip(".,;:!?")) :]
-                text = placeholder(span.label) + tail
+                text = placeholder(span.label, last.text)
                 out[first] = (out[first][0], (replace(words[first], text=text, end_s=last.end_s),))
                 if i != first:
                     out[i] = (out[i][0], ())

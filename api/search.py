@@ -33,7 +33,9 @@ from typing import Any, Final, Protocol
 MAX_QUERY_CHARS: Final = 500
 MAX_TERMS: Final = 16
 SNIPPET_WORDS: Final = 16
-FEW: Final = 2000  # PostgreSQL: fewer hits than this are looked up by call id
+# Fewer index rows than this for a word: its calls are looked up by id and counted exactly;
+# a search of only commoner words counts to this many calls and then says "at least".
+EXACT_BELOW: Final = 1000
 MERGE_MAX_CHARS: Final = 100_000  # a longer call keeps its rows (a tsvector is at most 1 MB)
 DOC_SHIFT: Final = 20  # a call's segments: rowids doc << 20 | 1 .. 2**20 - 1
 SEGMENT_MASK: Final = (1 << DOC_SHIFT) - 1
@@ -147,68 +149,116 @@ def call_ended(db: Db, call_id: str) -> None:
     db.execute("INSERT INTO transcript_index (rowid, text, leg) VALUES (?, ?, '')", (low, text))
 
 
-def matching_calls(db: Db, terms: Sequence[str]) -> tuple[str, str, list[Any]]:
-    """What narrows `FROM calls` to the calls that hold every term: a join, a condition (each
-    to put in the caller's SQL) and the condition's arguments."""
+@dataclass(frozen=True)
+class Match:
+    """How `FROM calls` is narrowed to the calls that hold every term, as SQL for the store's
+    queries: `join` and `condition` page through them newest first; `count_join` and
+    `count_condition` count them (the store stops counting past `EXACT_BELOW`)."""
+
+    join: str
+    condition: str
+    args: tuple[Any, ...]
+    count_join: str
+    count_condition: str
+    count_args: tuple[Any, ...]
+
+
+def _same(join: str, condition: str, args: Sequence[Any]) -> Match:
+    return Match(join, condition, tuple(args), join, condition, tuple(args))
+
+
+def _rows_below(db: Db, sql: str, query: str) -> list[Any] | None:
+    """The index rows that hold `query` (`sql` selects them), if fewer than EXACT_BELOW."""
+    rows = db.execute(f"{sql} LIMIT ?", (query, EXACT_BELOW)).fetchall()
+    return [r[0] for r in rows] if len(rows) < EXACT_BELOW else None
+
+
+def matching_calls(db: Db, terms: Sequence[str]) -> Match:
+    """Each word's index rows are asked for first, up to EXACT_BELOW. With a rare word among
+    them its calls are few: they are narrowed by the other words and counted exactly. With only
+    common words, reading every call that holds them was most of a search's time (0.3-0.5 s for
+    a word in each of 100k calls): the page walks calls newest first and checks each against
+    the words (a few dozen checks when most calls match), and the count stops past
+    EXACT_BELOW."""
     if db.postgres:
-        one = "SELECT call_id FROM transcript_index WHERE words @@ to_tsquery('simple', ?)"
-        hits = " INTERSECT ".join([one] * len(terms))
-        queries = [f"{t}:*" for t in terms]
-        # PostgreSQL cannot tell how many calls a prefix matches: for a rare word it walked
-        # every call newest first looking for one (80 ms at 100k calls). So each word's calls
-        # are asked for first, up to FEW: with a rare word among them, its calls are narrowed
-        # by the other words and looked up by id; with none, the index answers as a whole.
-        for n, query in enumerate(queries):
-            # Rows, not distinct calls: LIMIT then stops the scan early (a common word's DISTINCT
-            # read all its rows first); fewer rows than FEW is fewer calls than FEW too.
-            rows = db.execute(
-                "SELECT call_id FROM transcript_index WHERE words @@ to_tsquery('simple', ?) "
-                "LIMIT ?",
-                (query, FEW),
-            ).fetchall()
-            if len(rows) < FEW:
-                ids = list(dict.fromkeys(r[0] for r in rows))
-                for other in queries[:n] + queries[n + 1 :]:
-                    if not ids:
-                        break
-                    ids = [
-                        r[0]
-                        for r in db.execute(
-                            "SELECT DISTINCT call_id FROM transcript_index "
-                            "WHERE call_id = ANY(?) AND words @@ to_tsquery('simple', ?)",
-                            (ids, other),
-                        ).fetchall()
-                    ]
-                return "", "calls.id = ANY(?)", [ids]
-        if len(queries) == 1:
-            return "", f"calls.id IN ({hits})", queries
-        # Only common words. An ended call is one row: one AND query finds it. The words of a
-        # call with a row per segment (live, or live again) may be spread over its rows: they
-        # are intersected per call, among those calls alone, named here (so PostgreSQL looks
-        # them up by id rather than reading every row of each word: 4.7 s at 100k calls).
-        together = "SELECT call_id FROM transcript_index WHERE words @@ to_tsquery('simple', ?)"
-        spread = [
-            r[0]
-            for r in db.execute(
-                "SELECT DISTINCT call_id FROM transcript_index WHERE leg <> ''"
-            ).fetchall()
-        ]
-        if not spread:
-            return "", f"calls.id IN ({together})", [" & ".join(queries)]
-        per_call = (
-            "SELECT call_id FROM transcript_index "
-            "WHERE call_id = ANY(?) AND words @@ to_tsquery('simple', ?)"
-        )
-        either = f"{together} UNION ({' INTERSECT '.join([per_call] * len(queries))})"
-        args: list[Any] = [" & ".join(queries)]
-        for query in queries:
-            args += [spread, query]
-        return "", f"calls.id IN ({either})", args
+        return _postgres_match(db, terms)
+    return _sqlite_match(db, terms)
+
+
+def _sqlite_match(db: Db, terms: Sequence[str]) -> Match:
     # From each call's number to the call: one integer lookup per hit, before its text key.
     one = "SELECT rowid >> 20 FROM transcript_index WHERE transcript_index MATCH ?"
+    queries = [f'"{t}"*' for t in terms]
     docs = " INTERSECT ".join([one] * len(terms))
     join = "JOIN search_docs ON search_docs.call_id = calls.id"
-    return join, f"search_docs.doc IN ({docs})", [f'"{t}"*' for t in terms]
+    if any(_rows_below(db, one, q) is not None for q in queries):
+        return _same(join, f"search_docs.doc IN ({docs})", queries)
+    # Only common words. The page goes down `calls_started` and looks each call up in each
+    # word's calls, read once into a lookup table (CROSS JOIN keeps calls first; `+` stops
+    # SQLite from driving the walk by the IN lists instead). The count is driven by the first
+    # word's index rows as FTS5 yields them, so it stops at the cap (a live call may come once
+    # per row: the store counts distinct ids).
+    each = " AND ".join(f"+search_docs.doc IN ({one})" for _ in terms)
+    walk = "CROSS JOIN search_docs ON search_docs.call_id = calls.id"
+    first = f"{join} JOIN transcript_index first ON search_docs.doc = first.rowid >> {DOC_SHIFT}"
+    others = "".join(f" AND +search_docs.doc IN ({one})" for _ in terms[1:])
+    return Match(
+        walk, each, tuple(queries), first, "first.transcript_index MATCH ?" + others, tuple(queries)
+    )
+
+
+def _postgres_match(db: Db, terms: Sequence[str]) -> Match:
+    one = "SELECT call_id FROM transcript_index WHERE words @@ to_tsquery('simple', ?)"
+    queries = [f"{t}:*" for t in terms]
+    for n, query in enumerate(queries):
+        # Rows, not distinct calls: LIMIT then stops the scan early (a common word's DISTINCT
+        # read all its rows first); fewer rows than EXACT_BELOW is fewer calls too.
+        found = _rows_below(db, one, query)
+        if found is None:
+            continue
+        ids = list(dict.fromkeys(found))
+        for other in queries[:n] + queries[n + 1 :]:
+            if not ids:
+                break
+            ids = [
+                r[0]
+                for r in db.execute(
+                    "SELECT DISTINCT call_id FROM transcript_index "
+                    "WHERE call_id = ANY(?) AND words @@ to_tsquery('simple', ?)",
+                    (ids, other),
+                ).fetchall()
+            ]
+        return _same("", "calls.id = ANY(?)", [ids])
+    # Only common words. A word may be in any of a call's rows (a live call has one per
+    # segment): each is a semi-join by call id, which PostgreSQL runs per call down
+    # `calls_started` for a page. Counted, the rarest word (by the planner's estimate) goes
+    # from its GIN matches to their calls, as many as the cap, each checked for the others:
+    # the merge by call id PostgreSQL picks for a capped IN read 20k rows for 1001 hits of a
+    # word in 5% of calls. A live call may come once per row: the store counts distinct ids.
+    exists = (
+        "EXISTS (SELECT 1 FROM transcript_index t WHERE t.call_id = calls.id "
+        "AND t.words @@ to_tsquery('simple', ?))"
+    )
+    rarest = min(queries, key=lambda q: _estimated_rows(db, q))
+    others = [q for q in queries if q != rarest]
+    return Match(
+        "",
+        " AND ".join([exists] * len(queries)),
+        tuple(queries),
+        "JOIN transcript_index first ON first.call_id = calls.id",
+        " AND ".join(["first.words @@ to_tsquery('simple', ?)"] + [exists] * len(others)),
+        (rarest, *others),
+    )
+
+
+def _estimated_rows(db: Db, query: str) -> float:
+    """PostgreSQL's estimate of the index rows that hold `query` (from its GIN statistics)."""
+    plan = db.execute(
+        "EXPLAIN (FORMAT JSON) SELECT 1 FROM transcript_index "
+        "WHERE words @@ to_tsquery('simple', ?)",
+        (query,),
+    ).fetchone()[0]
+    return float(plan[0]["Plan"]["Plan Rows"])
 
 
 def snippets(db: Db, call_ids: Sequence[str], terms: Sequence[str]) -> dict[str, Snippet]:

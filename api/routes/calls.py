@@ -84,22 +84,23 @@ async def list_calls(request: web.Request) -> web.Response:
     store = request.app[STORE]
     loop = asyncio.get_running_loop()
     if terms:
-        found, total = await loop.run_in_executor(
-            None, lambda: store.search_calls(terms, **filters)
-        )
-        listed = [{**c.to_json(), "match": s.to_json() if s else None} for c, s in found]
+        result = await loop.run_in_executor(None, lambda: store.search_calls(terms, **filters))
+        listed = [{**c.to_json(), "match": s.to_json() if s else None} for c, s in result.calls]
+        total, exact = result.total, result.exact
     else:
         calls, total = await loop.run_in_executor(None, lambda: store.list_calls(**filters))
         listed = [c.to_json() for c in calls]
+        exact = True
     body: dict[str, Any] = {
         "calls": listed,
         "total": total,
+        "total_exact": exact,  # false: a search counted this many and stopped ("at least")
         "limit": limit,
         "offset": offset,
     }
     if terms:
         body["q"] = list(terms)
-    if offset + len(listed) < total:
+    if offset + len(listed) < total or (not exact and len(listed) == limit):
         body["next_offset"] = offset + len(listed)
     return web.json_response(body)
 

@@ -40,7 +40,7 @@ let retryMs = 500;
 let feedOpened = false; // the feed has been open before: a later open is a reconnection
 const rows = new Map(); // call id → <li>, reused while the call is on screen
 const query = { q: "", offset: 0 };
-const page = { offset: 0, total: 0 }; // as last listed
+const page = { offset: 0, total: 0, exact: true }; // as last listed
 let listing = 0; // the latest list request: an older answer arriving late is dropped
 let follow = null; // the open call page (see openCall)
 
@@ -220,11 +220,12 @@ async function loadList() {
   ui.calls.removeAttribute("aria-busy");
   page.offset = body.offset;
   page.total = body.total + (shown.length - body.calls.length);
+  page.exact = body.total_exact !== false;
   showPage();
   ui.prev.disabled = body.offset === 0;
   ui.next.disabled = body.next_offset === undefined;
   ui.summary.textContent = query.q
-    ? `${body.total} call${body.total === 1 ? "" : "s"} with “${query.q}”`
+    ? `${body.total}${body.total_exact === false ? "+" : ""} call${body.total === 1 ? "" : "s"} with “${query.q}”`
     : "";
   markOpen();
   updateCount();
@@ -233,7 +234,8 @@ async function loadList() {
 // "1–20 of 43": what the list shows; a call the feed adds to the first page counts too.
 function showPage() {
   const shown = ui.calls.children.length;
-  ui.pageInfo.textContent = `${page.total ? page.offset + 1 : 0}–${page.offset + shown} of ${page.total}`;
+  const more = page.exact ? "" : "+"; // a search that stopped counting
+  ui.pageInfo.textContent = `${page.total ? page.offset + 1 : 0}–${page.offset + shown} of ${page.total}${more}`;
 }
 
 function reload(resetPage = true) {

@@ -125,7 +125,19 @@ async def test_search_finds_the_calls_that_said_every_word(
     assert body["total"] == 0
     status, body = await search(service, "q=" + quote("The"))
     said_the = {c for c, text in SAID.items() if any(w.startswith("the") for w in text.split())}
-    assert 100 < len(said_the) < 304 and body["total"] == len(said_the)
+    assert 100 < len(said_the) < 304 and body["total"] == len(said_the) and body["total_exact"]
+    newest = ids(body)[:10]
+    # Past EXACT_BELOW calls a search counts no further: the total is "at least" and paging
+    # goes on; the page is the same calls, newest first.
+    with pytest.MonkeyPatch.context() as few:
+        few.setattr(index, "EXACT_BELOW", 20)
+        status, body = await search(service, "q=the&limit=10")
+        assert status == 200 and ids(body) == newest
+        assert body["total"] == 20 and body["total_exact"] is False and body["next_offset"] == 10
+        # A page near the end is counted past: the total is exact again.
+        status, body = await search(service, f"q=the&limit=10&offset={len(said_the) - 5}")
+        assert body["total"] == len(said_the) and body["total_exact"] is True
+        assert len(ids(body)) == 5 and "next_offset" not in body
 
     # Deleted: gone from the index too.
     async with aiohttp.ClientSession() as http:
@@ -173,7 +185,7 @@ def test_calls_stored_before_the_index_are_found(tmp_path: Path, store_url: str)
 
     store = Store(where)
     try:
-        found, total = store.search_calls(["knock", "boiler"])
+        found, total, _ = store.search_calls(["knock", "boiler"])
         assert [c.id for c, _ in found] == ["old-a"] and total == 1
         snippet = found[0][1]
         assert snippet is not None and "<mark>knocking</mark>" in snippet.text
@@ -226,20 +238,20 @@ def test_a_live_call_is_found_as_it_speaks_and_after_it_ends(
         assert [c.id for c, _ in store.search_calls(["boiler", "leak"])[0]] == []
         say(store, "live", "agent", "is there a leak", 4.0)
         assert store.flush()
-        found, total = store.search_calls(["boiler", "leak"])
+        found, total, _ = store.search_calls(["boiler", "leak"])
         assert [c.id for c, _ in found] == ["live"] and total == 1
         with monkeypatch.context() as many:
-            many.setattr(index, "FEW", 1)  # every search takes the many-hits form
+            many.setattr(index, "EXACT_BELOW", 1)  # every search takes the many-hits form
             assert store.search_calls(["boiler", "leak"])[1] == 1
-            assert store.search_calls(["boiler", "zebra"]) == ([], 0)
+            assert store.search_calls(["boiler", "zebra"]) == ([], 0, True)
         store.record(CallEnded("live", "sip", "hangup", T0 + 9, {"caller": 9.0}))
         assert store.flush()
-        found, _ = store.search_calls(["boiler", "leak"])
+        found, *_ = store.search_calls(["boiler", "leak"])
         assert [(c.id, c.status) for c, _ in found] == [("live", "ended")]
         with monkeypatch.context() as many:
-            many.setattr(index, "FEW", 1)
+            many.setattr(index, "EXACT_BELOW", 1)
             assert store.search_calls(["boiler", "leak"])[1] == 1
-            assert store.search_calls(["boiler", "zebra"]) == ([], 0)
+            assert store.search_calls(["boiler", "zebra"]) == ([], 0, True)
         snippet = found[0][1]
         assert snippet is not None and snippet.leg == "caller"
         assert snippet.text == "the <mark>boiler</mark> in the loft"
@@ -248,15 +260,15 @@ def test_a_live_call_is_found_as_it_speaks_and_after_it_ends(
         store.record(CallStarted("live", "sip", ("caller", "agent"), {}, T0))
         say(store, "live", "caller", "and the gutter too", 12.0)
         assert store.flush()
-        for few in (index.FEW, 1):
+        for few in (index.EXACT_BELOW, 1):
             with monkeypatch.context() as forms:
-                forms.setattr(index, "FEW", few)
+                forms.setattr(index, "EXACT_BELOW", few)
                 assert store.search_calls(["gutter", "leak"])[1] == 1, few
         store.record(CallEnded("live", "sip", "hangup", T0 + 20, {"caller": 20.0}))
         assert store.flush()
         assert store.search_calls(["gutter", "leak", "boiler"])[1] == 1
         assert store.delete_call("live") == "deleted"
-        assert store.search_calls(["boiler"]) == ([], 0)
+        assert store.search_calls(["boiler"]) == ([], 0, True)
     finally:
         store.close()
 
@@ -272,9 +284,9 @@ def test_retention_takes_calls_out_of_the_index(tmp_path: Path, store_url: str) 
     store.close()
     store = Store(where, retention_s=30 * 86400)  # retention runs as the store opens
     try:
-        found, total = store.search_calls(["gutter"])
+        found, total, _ = store.search_calls(["gutter"])
         assert [c.id for c, _ in found] == ["new"] and total == 1
-        assert store.search_calls(["blocked"]) == ([], 0)
+        assert store.search_calls(["blocked"]) == ([], 0, True)
     finally:
         store.close()
     # Gone from the index itself, not only unreachable from the calls table.

@@ -30,14 +30,16 @@ import base64
 import hmac
 import logging
 import time
+import uuid
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import WSCloseCode, web
 
-from api import scopes
+from api import openai_files, scopes
 from api.scopes import ADMIN, INGEST, READ
+from telephony.deepgram import rejection_body
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +239,33 @@ async def _refuse(
     )
     if not is_stream or http_refusal:
         headers = {"WWW-Authenticate": 'Bearer realm="stt-bridge"'} if status == 401 else {}
-        return web.json_response({"error": error, "reason": reason}, status=status, headers=headers)
+        body = refusal_body(request.path, status, error, reason)
+        return web.json_response(body, status=status, headers=headers)
     ws = web.WebSocketResponse()
     await ws.prepare(request)
     await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=f"{error}: {reason}".encode())
     return ws
+
+
+# Where a route speaks another API, its clients read that API's error body: OpenAI's SDK
+# shows `error.message`, Deepgram's shows `err_msg`.
+OPENAI_CODES: Final = {401: "invalid_api_key", 403: "insufficient_permissions"}
+OPENAI_TYPES: Final = {429: "requests"}
+DEEPGRAM_CODES: Final = {
+    401: "INVALID_AUTH",
+    403: "INSUFFICIENT_PERMISSIONS",
+    429: "TOO_MANY_REQUESTS",
+}
+
+
+def refusal_body(path: str, status: int, error: str, reason: str) -> dict[str, Any]:
+    """The refusal in the error shape of the API the route speaks; ours elsewhere."""
+    if path == openai_files.TRANSCRIPTIONS_PATH:
+        return openai_files.error_body(
+            reason,
+            kind=OPENAI_TYPES.get(status, "invalid_request_error"),
+            code=OPENAI_CODES.get(status, error),
+        )
+    if path.endswith("/v1/listen"):
+        return rejection_body(DEEPGRAM_CODES.get(status, error), reason, str(uuid.uuid4()))
+    return {"error": error, "reason": reason}

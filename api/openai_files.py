@@ -39,6 +39,7 @@ FIELDS: Final = (
     "include[]",
     "chunking_strategy",
 )
+TRANSCRIPTIONS_PATH: Final = "/v1/audio/transcriptions"
 LANGUAGE_NAMES: Final = {"en": "english", "fr": "french", "es": "spanish", "de": "german"}
 TERM_WORDS_MAX: Final = 3  # a prompt item longer than this is prose, not a term
 _SENTENCE_END = re.compile(r"[.!?;:]")

@@ -32,7 +32,7 @@ from yarl import URL
 from api import deepgram_files, openai_files
 from api.deepgram_files import PrerecordedParams
 from api.file_audio import FileAudio, decode_container, decode_raw, looks_like_container
-from api.openai_files import OpenAIRequestError, TranscriptionRequest
+from api.openai_files import TRANSCRIPTIONS_PATH, OpenAIRequestError, TranscriptionRequest
 from api.transcribe import AudioFileError, Transcript, transcribe_legs
 from engine.base import BridgeError
 from telephony.deepgram import PATH as LISTEN_PATH
@@ -43,7 +43,6 @@ from telephony.transcript import InvalidOptions, TranscriptOptions, transcript_o
 
 log = logging.getLogger(__name__)
 
-TRANSCRIPTIONS_PATH: Final = "/v1/audio/transcriptions"
 JSON_MAX_BYTES: Final = 64 * 1024  # a `{"url": ...}` body, or one text field of a form
 FORM_FIELDS_BYTES: Final = 1024 * 1024  # what a form may hold besides its file
 FETCH_REDIRECTS: Final = 5

@@ -199,6 +199,8 @@ async def test_deepgram_sdk_file_and_url(
             request=files.body
         )
     assert unauthorized.value.status_code == 401
+    assert unauthorized.value.body["err_code"] == "INVALID_AUTH"  # Deepgram's error shape
+    assert set(unauthorized.value.body) == {"err_code", "err_msg", "request_id"}
 
 
 async def test_deepgram_raw_multichannel_with_redaction(start_service: ServiceFactory) -> None:
@@ -279,10 +281,18 @@ async def test_openai_sdk_every_response_format(start_service: ServiceFactory) -
     assert call["front_end"] == "file" and call["labels"]["api"] == "openai"
     assert call["labels"]["file"] == "call.flac" and call["labels"]["model"] == "whisper-1"
 
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.AuthenticationError) as unauthorized:
         await openai_client(service, key="wrong").audio.transcriptions.create(
             model="whisper-1", file=upload
         )
+    # OpenAI's error shape: the SDK reads its code and message.
+    assert unauthorized.value.code == "invalid_api_key"
+    assert unauthorized.value.body == {
+        "message": "a valid API key is required",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }
 
 
 async def test_bad_input_is_refused_in_each_apis_shape(start_service: ServiceFactory) -> None:

@@ -50,10 +50,10 @@ from telephony import (
     websocket,
     ws_front,
 )
+from telephony.call import CallHub
 from telephony.carriers import handler as carriers
 from telephony.limits import LIMITS, ConnectionGate
 from telephony.redaction import PII
-from telephony.session import CallHub
 from telephony.sip import backend as sip
 
 log = logging.getLogger(__name__)

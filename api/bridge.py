@@ -14,7 +14,8 @@ from api.metrics import Metrics
 from api.store import Store
 from engine.base import Engine
 from engine.registry import EngineChoice
-from telephony.session import CallHub, CallStarted
+from telephony.bus import CallStarted
+from telephony.call import CallHub
 
 if TYPE_CHECKING:
     from api.cluster import Cluster

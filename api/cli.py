@@ -25,7 +25,7 @@ from api.transcribe import (
 )
 from engine.config import ENGINE_NAMES
 from engine.registry import build_engine
-from telephony.session import CallHub
+from telephony.call import CallHub
 
 PROGRESS_MIN_S = 30.0  # files shorter than this finish before a bar is worth drawing
 ENGINE_CHOICES = ", ".join(ENGINE_NAMES)

@@ -36,7 +36,7 @@ import psycopg
 
 from api.store import DB_ERRORS, EVENTS_CHANNEL, Store
 from engine.base import Closed, EndOfTurn, EngineEvent, Partial, Segment, Word
-from telephony.session import (
+from telephony.bus import (
     AudioDropped,
     BusEvent,
     CallEnded,
@@ -75,7 +75,7 @@ def _engine_event(d: dict[str, Any]) -> EngineEvent:
 
 
 def bus_event_from_json(d: dict[str, Any]) -> BusEvent:
-    """The inverse of `telephony.session.bus_event_to_json`."""
+    """The inverse of `telephony.bus.bus_event_to_json`."""
     kind = d["type"]
     if kind == "call_started":
         return CallStarted(d["call_id"], d["front_end"], tuple(d["legs"]), d["labels"], d["at"])

@@ -33,7 +33,8 @@ from prometheus_client.registry import Collector
 
 from api.store import DB_ERRORS, Store
 from engine.base import Engine
-from telephony.session import BusEvent, CallEnded, CallHub, CallStarted, EventBus
+from telephony.bus import BusEvent, CallEnded, CallStarted, EventBus
+from telephony.call import CallHub
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 LOOP_PROBE_S: Final = 0.01

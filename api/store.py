@@ -49,14 +49,7 @@ import psycopg
 
 from api import search
 from engine.base import ENGINE_LOST, Closed, EndOfTurn, Partial, Segment, Word, event_to_json
-from telephony.session import (
-    BusEvent,
-    CallEnded,
-    CallStarted,
-    DtmfPressed,
-    LegEvent,
-    bus_event_to_json,
-)
+from telephony.bus import BusEvent, CallEnded, CallStarted, DtmfPressed, LegEvent, bus_event_to_json
 
 log = logging.getLogger(__name__)
 

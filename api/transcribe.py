@@ -19,7 +19,7 @@ import soundfile
 
 from engine.base import EndOfTurn, EngineEvent, Segment, Word
 from telephony.audio import PcmArray, float_to_pcm16, resample_whole
-from telephony.session import CallHub
+from telephony.call import CallHub
 from telephony.transcript import NO_OPTIONS, TranscriptOptions
 
 FRONT_END: Final = "file"

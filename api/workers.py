@@ -65,8 +65,9 @@ from api.store import INTERRUPTED_REASON, Store
 from engine.config import EngineConfig
 from engine.registry import ALIASES, build_engine, choose_engine
 from telephony import moshi_asr
+from telephony.bus import BusEvent, CallEnded, CallStarted, EventBus, bus_event_to_json
+from telephony.call import CallHub
 from telephony.limits import LIMITS
-from telephony.session import BusEvent, CallEnded, CallHub, CallStarted, EventBus, bus_event_to_json
 
 log = logging.getLogger(__name__)
 

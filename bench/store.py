@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from api.store import Store
 from engine.base import Segment, Word
-from telephony.session import CallEnded, CallStarted, LegEvent
+from telephony.bus import CallEnded, CallStarted, LegEvent
 from tests.pg import Postgres
 
 

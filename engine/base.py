@@ -92,7 +92,7 @@ class Closed:
 
 ENGINE_LOST: Final = "engine_lost"
 """`Closed` reason of a stream whose engine went away mid-call (a remote engine node died): the
-words before it are kept, and the call ends with this reason (telephony/session.py)."""
+words before it are kept, and the call ends with this reason (telephony/call.py)."""
 
 ENGINE_FULL: Final = "engine_full"
 """`Closed` reason of a stream no engine node would take after all (a remote engine: every

@@ -251,7 +251,7 @@ class MoonshineStream(EngineStream):
                 self._emit(Closed("flushed"))
         except Exception:
             # This stream ends here with the words it gave (its call ends with this reason:
-            # telephony/session.py); the pool and the other streams go on, and audio still
+            # telephony/call.py); the pool and the other streams go on, and audio still
             # pushed to it is not decoded.
             log.exception("moonshine engine failed", extra={"call_id": self.call_id})
             self._failed = True

@@ -27,9 +27,9 @@ from aiohttp import WSMsgType, web
 
 from engine.base import BridgeError, EngineEvent, EngineFull, Partial, Segment, Word
 from telephony.audio import WIRE_RATES, AudioDecoder, Encoding
+from telephony.call import Call, CallHub, Draining
 from telephony.errors import ProtocolError, rejection_for
 from telephony.limits import clean_labels, limits_of, parse_json
-from telephony.session import Call, CallHub, Draining
 from telephony.ws_front import HUB
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,9 @@ from aiohttp import WSMessage, WSMsgType, web
 
 from engine.base import BridgeError, EngineFull
 from telephony.audio import AudioDecoder, Encoding, PcmArray
+from telephony.call import CallHub, Draining
 from telephony.errors import ProtocolError, rejection_for
 from telephony.limits import CALL_ID_MAX_CHARS, clean_labels, parse_json
-from telephony.session import CallHub, Draining
 from telephony.ws_front import (
     HUB,
     AudioFormat,

@@ -24,9 +24,10 @@ from aiohttp import WSMessage, WSMsgType, web
 
 from engine.base import BridgeError, Closed, EngineEvent, event_to_json
 from telephony.audio import Encoding, PcmArray, deinterleave, pcm16_decode
+from telephony.bus import AudioDropped, bus_event_to_json
+from telephony.call import Call, CallHub
 from telephony.errors import ProtocolError
 from telephony.limits import parse_json
-from telephony.session import AudioDropped, Call, CallHub, bus_event_to_json
 from telephony.ws_front import (
     HUB,
     AudioFormat,

@@ -42,7 +42,7 @@ from telephony.audiohook import (
     transcript_entity,
 )
 from telephony.audiohook_signature import SignatureCheck, verify_request
-from telephony.session import Call, CallHub
+from telephony.call import Call, CallHub
 from telephony.transcript import InvalidOptions, TranscriptOptions, transcript_options
 from telephony.ws_front import (
     HUB,

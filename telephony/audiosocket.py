@@ -27,11 +27,11 @@ from aiohttp import web
 
 from engine.base import BridgeError
 from telephony.audio import AudioDecoder, Encoding, PcmArray, batch_phase
+from telephony.call import Call, CallHub
 from telephony.config import LimitsConfig
 from telephony.dtmf import DTMF_DIGITS
 from telephony.errors import ProtocolError
 from telephony.limits import ConnectionGate, SourceLog
-from telephony.session import Call, CallHub
 
 log = logging.getLogger(__name__)
 
@@ -194,30 +194,30 @@ class _Leg:
     """The call's one leg: audio at whatever rate the kind byte says, the engine's rate out."""
 
     def __init__(self, call: Call) -> None:
-        self.session = call.leg("caller")
+        self.leg = call.leg("caller")
         self._decoder: AudioDecoder | None = None
         self._done_s = 0.0  # audio of decoders before a rate change
 
     def audio(self, event: Audio) -> None:
         if self._decoder is None or self._decoder.sample_rate != event.sample_rate:
             self.flush()  # a rate change mid-call: finish the old resampler's tail first
-            self._done_s = self.session.audio_s
+            self._done_s = self.leg.audio_s
             self._decoder = AudioDecoder(
                 Encoding.PCM16,
                 event.sample_rate,
-                self.session.call.sample_rate,
-                phase=batch_phase(self.session.call.id),
+                self.leg.call.sample_rate,
+                phase=batch_phase(self.leg.call.id),
             )
-        self.session.push(self._decoder.feed(event.payload))
+        self.leg.push(self._decoder.feed(event.payload))
 
     def dtmf(self, digit: str) -> None:
         wire_s = self._decoder.seconds_in if self._decoder is not None else 0.0
-        self.session.dtmf(digit, self._done_s + wire_s)
+        self.leg.dtmf(digit, self._done_s + wire_s)
 
     def flush(self) -> None:
         if self._decoder is not None:
             tail: PcmArray = self._decoder.flush()
-            self.session.push(tail)
+            self.leg.push(tail)
 
 
 class _Done(Exception):

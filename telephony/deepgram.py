@@ -32,9 +32,9 @@ from engine.base import BridgeError, Closed, EndOfTurn, EngineEvent, Partial, Se
 from engine.keyterms import InvalidKeyterms, parse_keywords
 from telephony.audio import WIRE_RATES, AudioDecoder, Encoding, PcmArray, ResampleStream
 from telephony.audio import deinterleave as split_channels
+from telephony.call import Call, CallHub
 from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
 from telephony.limits import limits_of, parse_json
-from telephony.session import Call, CallHub
 from telephony.transcript import NO_OPTIONS, InvalidOptions, TranscriptOptions, transcript_options
 from telephony.ws_front import HUB, messages, open_websocket
 
@@ -732,14 +732,14 @@ async def _serve(
     finalizing: set[asyncio.Task[None]] = set()
 
     async def finalize(legs: tuple[str, ...]) -> None:
-        sessions = [call.leg(leg) for leg in legs]
-        streams = [session.stream for session in sessions]
+        legs_open = [call.leg(leg) for leg in legs]
+        streams = [leg.stream for leg in legs_open]
         for leg, stream in zip(legs, streams, strict=True):
             codec.begin_finalize(leg)
             stream.finalize()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
-                asyncio.gather(*(s.wait_settled(s.stream.stats.samples_in) for s in sessions)),
+                asyncio.gather(*(s.wait_settled(s.stream.stats.samples_in) for s in legs_open)),
                 FINALIZE_WAIT_S,
             )
         for leg, stream in zip(legs, streams, strict=True):

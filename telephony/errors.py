@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from engine.base import ENGINE_FULL, ENGINE_LOST, BridgeError, EngineFull, EngineUnavailable
-from telephony.session import Call, Draining, DuplicateCall
+from telephony.call import Call, Draining, DuplicateCall
 from telephony.transcript import InvalidOptions
 
 

@@ -31,9 +31,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from engine.base import BridgeError, EngineEvent, EngineFull, ModelStep, Word
 from telephony.audio import PcmArray, ResampleStream, float_to_pcm16, resample_whole
+from telephony.call import Call, CallHub, Leg, ReplyCallback
 from telephony.errors import ProtocolError, rejection_for
 from telephony.limits import limits_of
-from telephony.session import Call, CallHub, ReplyCallback, Session
 from telephony.ws_front import HUB, open_websocket
 from telephony.ws_front import messages as ws_messages
 
@@ -337,7 +337,7 @@ def _forget_step(steps: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]
 
 async def _apply(
     messages: Sequence[ClientMessage],
-    leg: Session,
+    leg: Leg,
     resampler: ResampleStream,
     markers: asyncio.Queue[tuple[int, int]],
 ) -> None:
@@ -353,7 +353,7 @@ async def _apply(
 async def _echo_markers(
     ws: web.WebSocketResponse,
     codec: MoshiAsrCodec,
-    leg: Session,
+    leg: Leg,
     markers: asyncio.Queue[tuple[int, int]],
 ) -> None:
     """Echo each marker, in order, once every word of the audio before it has been sent.

@@ -1,7 +1,7 @@
 """The transcript stage: a leg's engine events on their way out, with redaction applied.
 
 Every event that leaves a leg (to its connection, live subscribers, the store, webhooks) goes
-through one `TranscriptStage` (telephony/session.py), so nothing sensitive passes this point.
+through one `TranscriptStage` (telephony/call.py), so nothing sensitive passes this point.
 No I/O: events in (`feed`), events out, plus `expire` as the leg's audio settles.
 
 A number run is judged whole: a card read as "4242 4242" [pause] "4242 4242" is one run of 16

@@ -26,11 +26,11 @@ from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Start, VoiceResponse
 
 from telephony.audio import Encoding
+from telephony.call import CallHub
 from telephony.config import TwilioConfig
 from telephony.dtmf import DTMF_DIGITS
 from telephony.errors import ProtocolError
 from telephony.limits import parse_json
-from telephony.session import CallHub
 from telephony.transcript import TranscriptOptions, transcript_options
 from telephony.ws_front import (
     HUB,

@@ -31,9 +31,9 @@ from multidict import MultiMapping
 
 from engine.base import BridgeError, EngineEvent, event_to_json
 from telephony.audio import SUPPORTED_RATES, AudioDecoder, Encoding, PcmArray
+from telephony.call import Call
 from telephony.errors import ProtocolError, rejection_for
 from telephony.limits import parse_json
-from telephony.session import Call
 from telephony.transcript import NO_OPTIONS, TranscriptOptions, transcript_options
 from telephony.ws_front import (
     HUB,

@@ -17,7 +17,7 @@ before the upgrade (a bad signature: 403; bad query parameters: 400), then
   80 ms batches), gaps in the codec's media clock filled with silence, interleaved channels
   split into legs; a message is parsed once, whichever path takes it;
 - backpressure, chosen per codec by `can_wait`: a sender that can wait (an app, a file) is
-  slowed while the engine is behind (`Session.write`; its frames wait in aiohttp's reader and
+  slowed while the engine is behind (`Leg.write`; its frames wait in aiohttp's reader and
   then in TCP), a phone leg that cannot is pushed and drops beyond the engine's buffer, with an
   audio-dropped notice where the codec has a way to say so (`encode_dropped`);
 - DTMF on the caller's leg at the wire's position, `Finalize`, replies the codec asks for;
@@ -74,10 +74,11 @@ from telephony.audio import (
     deinterleave,
     ulaw_encode,
 )
+from telephony.bus import AudioDropped
+from telephony.call import Call, CallHub, Leg
 from telephony.direct_ws import DIRECT_SUPPORTED, DirectHandler, DirectWebSocket
 from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
 from telephony.limits import limits_of
-from telephony.session import AudioDropped, Call, CallHub, Session
 from telephony.transcript import NO_OPTIONS, TranscriptOptions
 
 log = logging.getLogger(__name__)
@@ -379,7 +380,7 @@ class FrontStream:
         self._engine_end_told = False
         # What the direct path parsed of a message it left to the loop: not parsed again.
         self.parsed: tuple[WSMessage, Received] | None = None
-        self._sessions: dict[str, Session] = {}
+        self._legs: dict[str, Leg] = {}
         self._first = ""  # the leg of audio that names none
         self._width = 2  # bytes per sample
         self._channels = 1
@@ -412,7 +413,7 @@ class FrontStream:
             for leg in call.legs
         }
         self._samples = dict.fromkeys(call.legs, 0)
-        self._sessions = dict(call.legs)
+        self._legs = dict(call.legs)
         self._first = spec.legs[0]
         self._width = spec.audio.encoding.bytes_per_sample
         self._channels = spec.audio.channels
@@ -456,14 +457,14 @@ class FrontStream:
 
     # -- media
 
-    def decode(self, event: Media) -> list[tuple[Session, PcmArray]]:
+    def decode(self, event: Media) -> list[tuple[Leg, PcmArray]]:
         """Wire audio of one message as each leg's samples at the engine's rate."""
         if event.leg is None and self._channels > 1:
             return self._interleaved(event.payload)
         one = self._mono(event)
         return [] if one is None else [one]
 
-    def _mono(self, event: Media) -> tuple[Session, PcmArray] | None:
+    def _mono(self, event: Media) -> tuple[Leg, PcmArray] | None:
         """One leg's audio (the per-frame path of most front ends: kept short)."""
         leg = event.leg if event.leg is not None else self._first
         decoder = self._decoders.get(leg)
@@ -478,12 +479,12 @@ class FrontStream:
                 payload = self._fill_gap(leg, gap, payload)
         self._samples[leg] += len(payload) // self._width
         pcm = decoder.feed(payload)
-        return (self._sessions[leg], pcm) if len(pcm) else None
+        return (self._legs[leg], pcm) if len(pcm) else None
 
-    def _interleaved(self, payload: bytes) -> list[tuple[Session, PcmArray]]:
+    def _interleaved(self, payload: bytes) -> list[tuple[Leg, PcmArray]]:
         """Interleaved channels, one per leg in order; a frame cut between two messages is
         carried over."""
-        out: list[tuple[Session, PcmArray]] = []
+        out: list[tuple[Leg, PcmArray]] = []
         frame = self._width * self._channels
         data = self._carry + payload if self._carry else payload
         usable = len(data) - len(data) % frame
@@ -495,7 +496,7 @@ class FrontStream:
             self._samples[name] += len(samples)
             pcm = decoder.feed_samples(samples)
             if len(pcm):
-                out.append((self._sessions[name], pcm))
+                out.append((self._legs[name], pcm))
         return out
 
     def _fill_gap(self, leg: str, gap: int, payload: bytes) -> bytes:

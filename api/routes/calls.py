@@ -22,7 +22,7 @@ from api import search
 from api.routes.events import stream_events
 from api.store import Line, Store, transcript_lines
 from api.transcribe import clock, subrip
-from telephony.session import CallHub
+from telephony.call import CallHub
 
 STORE: Final = web.AppKey("store", Store)
 CALLS_HUB: Final = web.AppKey("calls_hub", CallHub)

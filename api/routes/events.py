@@ -17,8 +17,9 @@ from typing import Final
 
 from aiohttp import WSCloseCode, web
 
+from telephony.bus import CallStarted, Subscription, bus_event_to_json
+from telephony.call import CallHub
 from telephony.limits import limits_of
-from telephony.session import CallHub, CallStarted, Subscription, bus_event_to_json
 from telephony.ws_front import HUB
 
 ALL_CALLS_QUEUE: Final = 10_000

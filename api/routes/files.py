@@ -35,10 +35,10 @@ from api.file_audio import FileAudio, decode_container, decode_raw, looks_like_c
 from api.openai_files import TRANSCRIPTIONS_PATH, OpenAIRequestError, TranscriptionRequest
 from api.transcribe import AudioFileError, Transcript, transcribe_legs
 from engine.base import BridgeError
+from telephony.call import CallHub
 from telephony.deepgram import PATH as LISTEN_PATH
 from telephony.deepgram import BadParameters, ModelInfo, rejection_body
 from telephony.errors import rejection_for
-from telephony.session import CallHub
 from telephony.transcript import InvalidOptions, TranscriptOptions, transcript_options
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ from typing import Final, Protocol
 import jwt
 from aiohttp import WSMessage, WSMsgType, web
 
+from telephony.call import CallHub
 from telephony.carriers.config import CarriersConfig
 from telephony.carriers.events import (
     CarrierEvent,
@@ -34,7 +35,6 @@ from telephony.carriers.json_streams import (
     JsonStreamCodec,
 )
 from telephony.carriers.vonage import VonageCodec
-from telephony.session import CallHub
 from telephony.transcript import TranscriptOptions, transcript_options
 from telephony.ws_front import HUB, OpenCall, Received, WsCodec, run_stream
 

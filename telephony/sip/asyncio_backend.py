@@ -35,9 +35,9 @@ from aiosipua.message import SipRequest, SipResponse
 from aiosipua.utils import format_addr
 
 from engine.base import BridgeError
+from telephony.call import CallHub
 from telephony.config import LimitsConfig
 from telephony.limits import ConnectionGate, RateLimit, SourceLog
-from telephony.session import CallHub
 from telephony.sip import digest
 from telephony.sip.config import SipConfig
 from telephony.sip.core import (

@@ -10,9 +10,9 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from telephony.call import CallHub
 from telephony.config import LimitsConfig
 from telephony.limits import LIMITS
-from telephony.session import CallHub
 from telephony.sip.config import PJSUA2_CALL_CAP, SipConfig
 
 log = logging.getLogger(__name__)

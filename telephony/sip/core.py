@@ -27,8 +27,8 @@ from aiosipua.sdp import parse_sdp as aiosipua_sdp
 
 from engine.base import BridgeError
 from telephony.audio import Encoding, PcmArray, ResampleStream, batch_phase
+from telephony.call import Call, CallHub, Draining
 from telephony.errors import ProtocolError, rejection_for
-from telephony.session import Call, CallHub, Draining
 from telephony.sip import digest
 from telephony.sip.config import SipConfig
 from telephony.sip.rtp import RTP_RATE, Audio, Dtmf, RtpReceiver

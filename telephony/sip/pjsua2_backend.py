@@ -22,7 +22,7 @@ from typing import Any
 
 from engine.base import BridgeError, EngineFull
 from telephony.audio import pcm16_decode
-from telephony.session import CallHub
+from telephony.call import CallHub
 from telephony.sip import digest
 from telephony.sip import pjsua2_messages as msg
 from telephony.sip.config import PJSUA2_CALL_CAP, SipConfig

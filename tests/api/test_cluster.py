@@ -22,7 +22,7 @@ from api.app import Service
 from api.config import Config, WebhookConfig
 from api.store import Store
 from engine.base import Segment, Word
-from telephony.session import CallStarted, LegEvent
+from telephony.bus import CallStarted, LegEvent
 from tests.api.test_calls_api import get, stream_call
 from tests.conftest import ServiceFactory, make_config
 from tests.e2e.frontends import watch_events

@@ -24,7 +24,7 @@ from api.app import Service
 from api.config import Config, WebhookConfig
 from api.store import Store
 from engine.base import Segment, Word
-from telephony.session import CallEnded, CallStarted, LegEvent
+from telephony.bus import CallEnded, CallStarted, LegEvent
 from tests.api.test_calls_api import get
 from tests.api.test_cluster import Hooks, node_config
 from tests.api.test_fanout import metric

@@ -18,7 +18,7 @@ import pytest
 from api import search as index
 from api.store import MIGRATIONS, Database, PerBackend, Store
 from engine.base import Segment, Word
-from telephony.session import CallEnded, CallStarted, LegEvent
+from telephony.bus import CallEnded, CallStarted, LegEvent
 from tests.conftest import ServiceFactory, make_config
 from tests.speech import SENTENCES, read_pcm, speech_wav
 

@@ -16,7 +16,7 @@ import numpy as np
 from api.config import DataConfig
 from api.store import MIGRATIONS, Database, Store
 from engine.base import Segment, Word
-from telephony.session import CallEnded, CallStarted, LegEvent
+from telephony.bus import CallEnded, CallStarted, LegEvent
 from tests.conftest import ServiceFactory, make_config
 from tests.e2e.frontends import paced
 from tests.speech import SENTENCES, phone_bytes

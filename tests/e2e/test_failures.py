@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.store import Store
 from api.webhooks import WebhookSender
 from engine.moonshine import MoonshineEngine
-from telephony.session import CallStarted
+from telephony.bus import CallStarted
 from tests.conftest import ServiceFactory, make_config
 from tests.e2e.server_process import ServerProcess
 from tests.speech import SENTENCES, read_pcm, speech_wav

@@ -22,7 +22,7 @@ from api.app import Service
 from api.config import ApiConfig, LimitsConfig, TwilioConfig
 from api.store import Store
 from telephony.audiosocket import AudioSocketCodec
-from telephony.session import CallStarted
+from telephony.bus import CallStarted
 from tests.conftest import ServiceFactory, make_config
 from tests.e2e.frontends import watch_events
 

@@ -16,7 +16,7 @@ RATE = 16000
 
 
 async def consume(stream: EngineStream, seen: list[tuple[EngineEvent, int]]) -> None:
-    """Read events like a Session does, noting `settled_samples` as each one arrives."""
+    """Read events like a Leg does, noting `settled_samples` as each one arrives."""
     async for event in stream.events():
         seen.append((event, stream.settled_samples))
 

@@ -8,7 +8,7 @@ import pytest
 
 from api.config import SipConfig
 from engine.base import EngineFull
-from telephony.session import Draining
+from telephony.call import Draining
 from telephony.sip import digest
 from telephony.sip.core import (
     AllowList,

@@ -19,8 +19,9 @@ from aiohttp import WSMessage, WSMsgType, web
 from engine.base import BridgeError
 from engine.sink import SinkEngine
 from telephony.audio import Encoding, ulaw_encode
+from telephony.bus import BusEvent, CallEnded, DtmfPressed
+from telephony.call import CallHub
 from telephony.errors import ProtocolError
-from telephony.session import BusEvent, CallEnded, CallHub, DtmfPressed
 from telephony.ws_front import (
     HUB,
     AudioFormat,

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from engine.base import Closed, Engine, EngineInfo, EngineStream, Word
-from telephony.session import BusEvent, CallEnded, CallHub, LegEvent
+from telephony.bus import BusEvent, CallEnded, LegEvent
+from telephony.call import CallHub
 
 
 class ScriptedStream(EngineStream):
@@ -150,7 +151,7 @@ class StalledEngine(ScriptedEngine):
 
 
 async def test_a_writer_waiting_for_room_goes_on_when_the_engine_fails() -> None:
-    """A client slowed by backpressure (`Session.write`) on an engine that then fails with its
+    """A client slowed by backpressure (`Leg.write`) on an engine that then fails with its
     buffer full: the call ends and the writer returns, instead of holding the socket."""
     engine = StalledEngine()
     hub = CallHub(engine)

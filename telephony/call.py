@@ -2,10 +2,10 @@
 
 A front end opens a `Call` on the `CallHub` with the legs it carries (one for a mono stream,
 "caller" and "agent" for stereo), its labels from the wire, and optionally a callback that
-replies on its own connection. Each leg (`Session`) owns one engine stream and a pump task
-that fans the stream's events out: to that callback and onto the `EventBus`, where live
-subscribers (`WS /v1/events`), and later the store and webhooks, read them. `Call.end()`
-closes every leg, waits for the flush so no word is lost, then announces the end.
+replies on its own connection. Each `Leg` owns one engine stream and a pump task that fans the
+stream's events out: to that callback and onto the `EventBus` (telephony/bus.py), where live
+subscribers (`WS /v1/events`), the store and webhooks read them. `Call.end()` closes every
+leg, waits for the flush so no word is lost, then announces the end.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from engine.base import (
     BridgeError,
@@ -25,9 +24,17 @@ from engine.base import (
     Engine,
     EngineEvent,
     EngineStream,
-    event_to_json,
 )
 from telephony.audio import PcmArray, ResampleStream
+from telephony.bus import (
+    DROP_NOTICE_EVERY_S,
+    AudioDropped,
+    CallEnded,
+    CallStarted,
+    DtmfPressed,
+    EventBus,
+    LegEvent,
+)
 from telephony.limits import CALL_ID_MAX_CHARS, clean_label, clean_labels
 from telephony.redaction import NameBook
 from telephony.transcript import HOLD_S, NO_OPTIONS, TranscriptOptions, TranscriptStage
@@ -43,179 +50,12 @@ class DuplicateCall(BridgeError):
     """A live call already has this id."""
 
 
-# --- what the bus carries ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CallStarted:
-    call_id: str
-    front_end: str
-    legs: tuple[str, ...]
-    labels: Mapping[str, str]
-    at: float  # wall clock, seconds since the epoch
-    redaction: tuple[str, ...] = ()  # the kinds redacted from every leg (the store keeps them)
-
-
-@dataclass(frozen=True)
-class LegEvent:
-    call_id: str
-    leg: str
-    event: EngineEvent
-
-
-@dataclass(frozen=True)
-class CallEnded:
-    call_id: str
-    front_end: str
-    reason: str
-    at: float
-    audio_s: Mapping[str, float]  # seconds of audio received per leg
-    dropped_s: float = 0.0  # audio an engine buffer overflow dropped, all legs
-
-
-@dataclass(frozen=True)
-class DtmfPressed:
-    """A key the caller pressed (AudioSocket DTMF, RFC 4733, Twilio dtmf)."""
-
-    call_id: str
-    leg: str
-    digit: str
-    at_s: float  # seconds of that leg's audio
-
-
-@dataclass(frozen=True)
-class AudioDropped:
-    """A leg's engine fell behind and its buffer dropped the oldest audio (a real-time phone
-    leg cannot wait). At most one per leg per `DROP_NOTICE_EVERY_S`; the call's total is in
-    `CallEnded.dropped_s`. Times of later words still count the lost seconds."""
-
-    call_id: str
-    leg: str
-    at_s: float  # seconds of that leg's audio when it was noticed
-    dropped_s: float  # all that leg has lost so far
-
-
-BusEvent = CallStarted | LegEvent | CallEnded | DtmfPressed | AudioDropped
-DROP_NOTICE_EVERY_S = 1.0
-
-
-def bus_event_to_json(event: BusEvent) -> dict[str, Any]:
-    if isinstance(event, CallStarted):
-        return {
-            "type": "call_started",
-            "call_id": event.call_id,
-            "front_end": event.front_end,
-            "legs": list(event.legs),
-            "labels": dict(event.labels),
-            "at": event.at,
-            "redaction": list(event.redaction),
-        }
-    if isinstance(event, CallEnded):
-        return {
-            "type": "call_ended",
-            "call_id": event.call_id,
-            "front_end": event.front_end,
-            "reason": event.reason,
-            "at": event.at,
-            "audio_s": dict(event.audio_s),
-            "dropped_s": round(event.dropped_s, 3),
-        }
-    if isinstance(event, AudioDropped):
-        return {
-            "type": "audio_dropped",
-            "call_id": event.call_id,
-            "leg": event.leg,
-            "at": round(event.at_s, 3),
-            "dropped_s": round(event.dropped_s, 3),
-        }
-    if isinstance(event, DtmfPressed):
-        return {
-            "type": "dtmf",
-            "call_id": event.call_id,
-            "leg": event.leg,
-            "digit": event.digit,
-            "at": round(event.at_s, 3),
-        }
-    return {"call_id": event.call_id, "leg": event.leg, **event_to_json(event.event)}
-
-
-class Subscription:
-    """A bounded queue of bus events for one consumer; overflow drops the newest and counts."""
-
-    def __init__(self, bus: EventBus, maxsize: int, call_id: str | None) -> None:
-        self._bus = bus
-        self._queue: asyncio.Queue[BusEvent] = asyncio.Queue(maxsize)
-        self.call_id = call_id
-        self.dropped = 0
-
-    def offer(self, event: BusEvent) -> None:
-        if self.call_id is not None and event.call_id != self.call_id:
-            return
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.dropped += 1
-            self._bus.dropped += 1
-
-    async def get(self) -> BusEvent:
-        return await self._queue.get()
-
-    def __aiter__(self) -> AsyncIterator[BusEvent]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[BusEvent]:
-        while True:
-            yield await self._queue.get()
-
-    def close(self) -> None:
-        self._bus._subscriptions.discard(self)
-
-
-class EventBus:
-    """Fan-out of call events. Publishing never waits: a slow consumer only loses its own events."""
-
-    def __init__(self) -> None:
-        self._subscriptions: set[Subscription] = set()
-        self._sinks: list[Callable[[BusEvent], None]] = []
-        self.dropped = 0  # events lost by slow subscribers, all of them together (metrics)
-
-    def subscribe(self, maxsize: int = 1000, call_id: str | None = None) -> Subscription:
-        sub = Subscription(self, maxsize, call_id)
-        self._subscriptions.add(sub)
-        return sub
-
-    def add_sink(self, sink: Callable[[BusEvent], None]) -> None:
-        """A synchronous consumer that sees every event (store, metrics); it must not block."""
-        self._sinks.append(sink)
-
-    def publish(self, event: BusEvent) -> None:
-        for sink in self._sinks:
-            try:
-                sink(event)
-            except Exception:
-                log.exception("event sink failed", extra={"call_id": event.call_id})
-        for sub in list(self._subscriptions):
-            sub.offer(event)
-
-    def relay(self, event: BusEvent) -> None:
-        """Another node's event (api/cluster.py): to live subscribers only; that node stored
-        and counted it."""
-        for sub in list(self._subscriptions):
-            sub.offer(event)
-
-    @property
-    def subscriber_count(self) -> int:
-        return len(self._subscriptions)
-
-
-# --- calls and legs ---------------------------------------------------------------------------
-
 ReplyCallback = Callable[[str, EngineEvent], Awaitable[None]]
 FLUSH_STALL_S = 60.0
 HOLD_POLL_S = 0.1  # how often a leg holding a number run checks whether it is over
 
 
-class Session:
+class Leg:
     """One leg of a call: audio in, the engine's events fanned out."""
 
     def __init__(
@@ -373,7 +213,7 @@ class Call:
     labels: dict[str, str]
     hub: CallHub
     reply: ReplyCallback | None = None
-    legs: dict[str, Session] = field(default_factory=dict)
+    legs: dict[str, Leg] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     ended: bool = False
     engine_reason: str = ""  # why the engine ended a leg itself (engine_lost): the call's reason
@@ -382,7 +222,7 @@ class Call:
     _announced: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _ending: asyncio.Task[None] | None = field(default=None, repr=False)
 
-    def leg(self, name: str) -> Session:
+    def leg(self, name: str) -> Leg:
         return self.legs[name]
 
     async def end_flushing(self, resamplers: Mapping[str, ResampleStream], reason: str) -> None:
@@ -503,7 +343,7 @@ class CallHub:
         kinds = self.redact | options.redact
         for leg, stream in zip(legs, streams, strict=True):
             stage = TranscriptStage(kinds, self.hold_s, self.names) if kinds else None
-            call.legs[leg] = Session(call, leg, stream, stage)
+            call.legs[leg] = Leg(call, leg, stream, stage)
         self.calls[call_id] = call
         self._ended.clear()
         self.bus.publish(

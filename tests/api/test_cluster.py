@@ -305,48 +305,21 @@ async def test_a_node_whose_database_connections_are_cut_keeps_its_lease(
 async def test_options_answer_503_when_full_or_leaving(start_service: ServiceFactory) -> None:
     """Kamailio's ds_ping: 200 with a free slot, 503 (with Retry-After) when full, and 503
     while a drain is announced."""
-    from tests.e2e.sip_peers import sip_config
+    from tests.e2e.sip_peers import sip_config, sip_options
 
     service = await start_service(sip_config({"capacity": 1}))
     port = service.ports["sip"]
 
-    async def options() -> str:
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[bytes] = loop.create_future()
-
-        class Peer(asyncio.DatagramProtocol):
-            def datagram_received(self, data: bytes, addr: Any) -> None:
-                if not answer.done():
-                    answer.set_result(data)
-
-        transport, _ = await loop.create_datagram_endpoint(
-            Peer, local_addr=("127.0.0.1", 0), remote_addr=("127.0.0.1", port)
-        )
-        local = transport.get_extra_info("sockname")[1]
-        transport.sendto(
-            (
-                f"OPTIONS sip:bridge@127.0.0.1:{port} SIP/2.0\r\n"
-                f"Via: SIP/2.0/UDP 127.0.0.1:{local};branch=z9hG4bK{time.time_ns()}\r\n"
-                f"From: <sip:probe@127.0.0.1>;tag=p1\r\nTo: <sip:bridge@127.0.0.1:{port}>\r\n"
-                f"Call-ID: probe-{time.time_ns()}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
-                "Content-Length: 0\r\n\r\n"
-            ).encode()
-        )
-        try:
-            return (await asyncio.wait_for(answer, 5)).decode()
-        finally:
-            transport.close()
-
-    assert (await options()).startswith("SIP/2.0 200")
+    assert (await sip_options(port)).startswith("SIP/2.0 200")
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(f"ws://127.0.0.1:{service.ports['audio']}/v1/stream")
         await ws.send_bytes(bytes(9600))
-        full = await options()
+        full = await sip_options(port)
         assert full.startswith("SIP/2.0 503") and "Retry-After:" in full
         await ws.close()
     async with asyncio.timeout(5):
-        while not (await options()).startswith("SIP/2.0 200"):
+        while not (await sip_options(port)).startswith("SIP/2.0 200"):
             await asyncio.sleep(0.1)
     service.bridge.hub.leaving = True
-    assert (await options()).startswith("SIP/2.0 503")
+    assert (await sip_options(port)).startswith("SIP/2.0 503")
     service.bridge.hub.leaving = False

@@ -30,7 +30,7 @@ from tests.api.test_cluster import Hooks, node_config
 from tests.api.test_fanout import metric
 from tests.conftest import ServiceFactory
 from tests.e2e.frontends import EventLog, watch_events
-from tests.e2e.sip_peers import sip_config
+from tests.e2e.sip_peers import sip_config, sip_options
 from tests.pg import Postgres
 from tests.speech import SENTENCES, read_pcm, speech_wav
 
@@ -54,35 +54,6 @@ def own_postgres() -> Iterator[Postgres]:
 async def hooks() -> AsyncIterator[Hooks]:
     async with Hooks() as receiver:
         yield receiver
-
-
-async def options(port: int) -> str:
-    """A proxy's SIP OPTIONS probe over UDP; the status line of the answer."""
-    loop = asyncio.get_running_loop()
-    answer: asyncio.Future[bytes] = loop.create_future()
-
-    class Peer(asyncio.DatagramProtocol):
-        def datagram_received(self, data: bytes, addr: Any) -> None:
-            if not answer.done():
-                answer.set_result(data)
-
-    transport, _ = await loop.create_datagram_endpoint(
-        Peer, local_addr=("127.0.0.1", 0), remote_addr=("127.0.0.1", port)
-    )
-    local = transport.get_extra_info("sockname")[1]
-    transport.sendto(
-        (
-            f"OPTIONS sip:bridge@127.0.0.1:{port} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP 127.0.0.1:{local};branch=z9hG4bK{time.time_ns()}\r\n"
-            f"From: <sip:probe@127.0.0.1>;tag=p1\r\nTo: <sip:bridge@127.0.0.1:{port}>\r\n"
-            f"Call-ID: probe-{time.time_ns()}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
-            "Content-Length: 0\r\n\r\n"
-        ).encode()
-    )
-    try:
-        return (await asyncio.wait_for(answer, 5)).decode().split("\r\n")[0]
-    finally:
-        transport.close()
 
 
 async def talk(
@@ -168,7 +139,7 @@ async def outage(
     for service in (a, b):
         status, body = await ready(service)
         assert status == 503 and body["reason"].startswith("store unavailable"), body
-    assert await options(a.ports["sip"]) == "SIP/2.0 503 Service Unavailable"
+    assert (await sip_options(a.ports["sip"])).split("\r\n")[0] == "SIP/2.0 503 Service Unavailable"
     # Down for 3 s at least, and until more words were spoken: those can only wait in memory.
     async with asyncio.timeout(40):
         while time.monotonic() < down_at + 3.0 or not any(at > down_at for at in heard_at):
@@ -188,7 +159,7 @@ async def outage(
             await asyncio.sleep(0.05)
     caught_up_s = time.monotonic() - back_at
     assert (await ready(a))[0] == 200 and (await ready(b))[0] == 200
-    assert await options(a.ports["sip"]) == "SIP/2.0 200 OK"
+    assert (await sip_options(a.ports["sip"])).split("\r\n")[0] == "SIP/2.0 200 OK"
     heard = dict(zip(calls, await asyncio.gather(*calls.values()), strict=True))
     for service in (a, b):
         assert await loop.run_in_executor(None, service.bridge.store.flush)

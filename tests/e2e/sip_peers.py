@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any, Final
 
@@ -321,3 +322,32 @@ def words(events: list[dict[str, Any]], call_id: str | None = None) -> list[dict
         for e in events
         if e.get("type") == "word" and (call_id is None or e["call_id"] == call_id)
     ]
+
+
+async def sip_options(port: int) -> str:
+    """A proxy's SIP OPTIONS probe over UDP (Kamailio's ds_ping): the whole answer."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[bytes] = loop.create_future()
+
+    class Peer(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            if not answer.done():
+                answer.set_result(data)
+
+    transport, _ = await loop.create_datagram_endpoint(
+        Peer, local_addr=("127.0.0.1", 0), remote_addr=("127.0.0.1", port)
+    )
+    local = transport.get_extra_info("sockname")[1]
+    transport.sendto(
+        (
+            f"OPTIONS sip:bridge@127.0.0.1:{port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{local};branch=z9hG4bK{time.time_ns()}\r\n"
+            f"From: <sip:probe@127.0.0.1>;tag=p1\r\nTo: <sip:bridge@127.0.0.1:{port}>\r\n"
+            f"Call-ID: probe-{time.time_ns()}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
+            "Content-Length: 0\r\n\r\n"
+        ).encode()
+    )
+    try:
+        return (await asyncio.wait_for(answer, 5)).decode()
+    finally:
+        transport.close()

@@ -37,7 +37,6 @@ import asyncio
 import bisect
 import contextlib
 import logging
-import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -45,10 +44,10 @@ from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-import msgpack
 import numpy as np
 import numpy.typing as npt
 
+from engine import moshi_wire as wire
 from engine.base import (
     ENGINE_FULL,
     ENGINE_LOST,
@@ -68,10 +67,9 @@ from engine.base import (
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE: Final = 24000  # the protocol's only rate
+SAMPLE_RATE: Final = wire.SAMPLE_RATE  # the protocol's only rate
 FRAME_SIZE: Final = 1920  # 80 ms: what Kyutai's clients send per message, one model step
-DEFAULT_PATH: Final = "/api/asr-streaming"
-NO_FREE_CHANNELS: Final = "no free channels"
+DEFAULT_PATH: Final = wire.PATH
 FLUSH_TIMEOUT: Final = "engine_timeout"  # Closed reason: the closing flush never came back
 # Sent first, as Kyutai's clients send 1 s ("needed for the 2.6B model"); 12 whole model frames,
 # which is also 30 whole 32 ms VAD windows at 16 kHz (a Moonshine node cuts the same as without).
@@ -89,103 +87,7 @@ Int16Array = npt.NDArray[np.int16]
 
 
 # --- the protocol, no I/O ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Ready:
-    pass
-
-
-@dataclass(frozen=True)
-class WordStart:
-    text: str
-    start_s: float
-
-
-@dataclass(frozen=True)
-class WordEnd:
-    stop_s: float
-
-
-@dataclass(frozen=True)
-class MarkerEcho:
-    id: int
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    step_idx: int
-    pause_probs: tuple[float, ...]
-    buffered_samples: int
-
-
-@dataclass(frozen=True)
-class ServerError:
-    message: str
-
-
-ServerMessage = Ready | WordStart | WordEnd | MarkerEcho | StepInfo | ServerError
-
-
-class RemoteProtocolError(Exception):
-    """A frame from a node that is not a moshi-server ASR message."""
-
-
-_AUDIO_HEAD: Final = b"\x82\xa4type\xa5Audio\xa3pcm"  # {"type": "Audio", "pcm": ...
-_F32: Final = np.dtype([("marker", "u1"), ("value", ">f4")])  # MessagePack float 32: 0xca + BE
-
-
-class MoshiClientCodec:
-    """What a moshi-server ASR client sends and reads, as bytes and messages."""
-
-    @staticmethod
-    def encode_audio(pcm: Int16Array) -> bytes:
-        """`{"type": "Audio", "pcm": [f32, ...]}`, the bytes `msgpack.packb(...,
-        use_single_float=True)` gives (as Kyutai's clients send), built without a Python list."""
-        body = np.empty(len(pcm), dtype=_F32)
-        body["marker"] = 0xCA
-        body["value"] = pcm.astype(np.float32) / 32768.0
-        n = len(pcm)
-        if n < 16:
-            head = bytes([0x90 | n])
-        elif n < 1 << 16:
-            head = b"\xdc" + struct.pack(">H", n)
-        else:
-            head = b"\xdd" + struct.pack(">I", n)
-        return _AUDIO_HEAD + head + body.tobytes()
-
-    @staticmethod
-    def encode_marker(marker_id: int) -> bytes:
-        packed: bytes = msgpack.packb({"type": "Marker", "id": marker_id})
-        return packed
-
-    @staticmethod
-    def decode(frame: bytes) -> ServerMessage | None:
-        """One binary frame; None for a message type this client does not use."""
-        try:
-            message = msgpack.unpackb(frame, raw=False, strict_map_key=False)
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            raise RemoteProtocolError(f"not a MessagePack message: {exc}") from None
-        if not isinstance(message, dict):
-            raise RemoteProtocolError("a message is a map with a string 'type'")
-        kind = message.get("type")
-        try:
-            if kind == "Word":
-                return WordStart(str(message["text"]), float(message["start_time"]))
-            if kind == "EndWord":
-                return WordEnd(float(message["stop_time"]))
-            if kind == "Marker":
-                return MarkerEcho(int(message["id"]))
-            if kind == "Ready":
-                return Ready()
-            if kind == "Step":
-                probs = tuple(float(p) for p in message.get("prs", ()))
-                return StepInfo(int(message["step_idx"]), probs, int(message["buffered_pcm"]))
-            if kind == "Error":
-                return ServerError(str(message.get("message", "")))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RemoteProtocolError(f"bad {kind} message: {exc}") from None
-        return None
+# Bytes and messages are engine/moshi_wire.py's (our server on /api/asr-streaming reads the same).
 
 
 class Timeline:
@@ -248,20 +150,20 @@ class Turns:
     def __init__(self, timeline: Timeline, silence_s: float) -> None:
         self._timeline = timeline
         self._silence_s = silence_s
-        self._open: WordStart | None = None  # a Word whose EndWord has not come
+        self._open: wire.Word | None = None  # a Word whose EndWord has not come
         self._words: list[Word] = []  # the turn so far
         self.last_end_s = 0.0
 
-    def on_word(self, message: WordStart) -> list[EngineEvent]:
+    def on_word(self, message: wire.Word) -> list[EngineEvent]:
         events = self._close_open(None)
-        start = self._timeline.our_seconds(message.start_s)
+        start = self._timeline.our_seconds(message.start_time)
         if self._words and start - self._words[-1].end_s >= self._silence_s:
             events += self.end_turn()
-        self._open = WordStart(message.text, start)
+        self._open = wire.Word(message.text, start)
         return events
 
-    def on_end_word(self, message: WordEnd) -> list[EngineEvent]:
-        return self._close_open(self._timeline.our_seconds(message.stop_s))
+    def on_end_word(self, message: wire.EndWord) -> list[EngineEvent]:
+        return self._close_open(self._timeline.our_seconds(message.stop_time))
 
     def on_progress(self, done_s: float) -> list[EngineEvent]:
         """Every word of our audio before `done_s` is out: a word without its end goes now."""
@@ -275,7 +177,7 @@ class Turns:
 
     @property
     def open_start_s(self) -> float | None:
-        return None if self._open is None else self._open.start_s
+        return None if self._open is None else self._open.start_time
 
     def end_turn(self) -> list[EngineEvent]:
         words = tuple(self._words)
@@ -291,7 +193,7 @@ class Turns:
     def _close_open(self, end_s: float | None) -> list[EngineEvent]:
         if self._open is None:
             return []
-        start = self._open.start_s
+        start = self._open.start_time
         word = Word(
             self._open.text.strip(), start, max(start, end_s if end_s is not None else start)
         )
@@ -572,7 +474,6 @@ class RemoteStream(EngineStream):
         self.node.ours += 1  # reserved now: the next open sees it
         self._timeline = Timeline()
         self._turns = Turns(self._timeline, engine.end_of_turn_silence_s)
-        self._codec = MoshiClientCodec()
         self._wake = asyncio.Event()
         self._markers: dict[int, _Marker] = {}
         self._next_marker = 1
@@ -652,11 +553,11 @@ class RemoteStream(EngineStream):
                 engine.lost(node, f"connect: {type(exc).__name__}: {exc}")
                 continue
             message = self._decode(first)
-            if isinstance(message, Ready):
+            if isinstance(message, wire.Ready):
                 return ws
             await ws.close()
-            if isinstance(message, ServerError):
-                self._refuse(node, message.message, message.message == NO_FREE_CHANNELS)
+            if isinstance(message, wire.Error):
+                self._refuse(node, message.message, message.message == wire.NO_FREE_CHANNELS)
             else:
                 self._refuse(node, f"no Ready: {first.type.name}", False)
         return None
@@ -670,13 +571,13 @@ class RemoteStream(EngineStream):
             extra={"call_id": self.call_id, "url": node.url},
         )
 
-    def _decode(self, msg: aiohttp.WSMessage) -> ServerMessage | None:
+    def _decode(self, msg: aiohttp.WSMessage) -> wire.ServerMessage | None:
         if msg.type != aiohttp.WSMsgType.BINARY:
             return None
         try:
-            return self._codec.decode(msg.data)
-        except RemoteProtocolError as exc:
-            return ServerError(str(exc))
+            return wire.decode_server(msg.data)
+        except wire.WireError as exc:
+            return wire.Error(str(exc))
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> str:
         """Audio out, words in, until our flush comes back (returns why the stream ended)."""
@@ -708,7 +609,7 @@ class RemoteStream(EngineStream):
             if msg.type != aiohttp.WSMsgType.BINARY:
                 continue  # text frames are ignored, as moshi-server ignores them
             message = self._decode(msg)
-            if isinstance(message, ServerError):
+            if isinstance(message, wire.Error):
                 log.warning(
                     "engine node error: %s", message.message, extra={"call_id": self.call_id}
                 )
@@ -722,8 +623,7 @@ class RemoteStream(EngineStream):
         """Our audio in 80 ms messages, a progress marker every few, flushes when asked; while
         a flush is out, silence (moshi-server steps only the slots that have audio). Returns
         only if the closing flush does not come back in time."""
-        codec = self._codec
-        silent_frame = codec.encode_audio(np.zeros(FRAME_SIZE, dtype=np.int16))
+        silent_frame = wire.encode_audio(np.zeros(FRAME_SIZE, dtype=np.int16))
         await self._send_silence(ws, int(LEAD_SILENCE_S * SAMPLE_RATE))
         loop = asyncio.get_running_loop()
         deadline: float | None = None  # of the closing flush
@@ -734,7 +634,7 @@ class RemoteStream(EngineStream):
                 pcm = self._take_pending(FRAME_SIZE)
                 if gap:
                     self._timeline.skip_ours(gap)
-                await ws.send_bytes(codec.encode_audio(pcm))
+                await ws.send_bytes(wire.encode_audio(pcm))
                 self._timeline.add_ours(len(pcm))
                 self._since_marker += 1
                 if self._since_marker >= MARKER_EVERY:
@@ -760,7 +660,7 @@ class RemoteStream(EngineStream):
                 self._timeline.add_silence(FRAME_SIZE)
 
     async def _send_silence(self, ws: aiohttp.ClientWebSocketResponse, samples: int) -> None:
-        await ws.send_bytes(self._codec.encode_audio(np.zeros(samples, dtype=np.int16)))
+        await ws.send_bytes(wire.encode_audio(np.zeros(samples, dtype=np.int16)))
         self._timeline.add_silence(samples)
 
     async def _send_marker(self, ws: aiohttp.ClientWebSocketResponse, flush: bool) -> None:
@@ -772,15 +672,15 @@ class RemoteStream(EngineStream):
             self._flush_out += 1
             if self.closing:
                 self._close_marker = marker_id
-        await ws.send_bytes(self._codec.encode_marker(marker_id))
+        await ws.send_bytes(wire.encode(wire.Marker(marker_id)))
 
-    def _receive(self, message: ServerMessage) -> None:
+    def _receive(self, message: wire.ServerMessage) -> None:
         turns = self._turns
-        if isinstance(message, WordStart):
+        if isinstance(message, wire.Word):
             self._emit_all(turns.on_word(message))
-        elif isinstance(message, WordEnd):
+        elif isinstance(message, wire.EndWord):
             self._emit_all(turns.on_end_word(message))
-        elif isinstance(message, MarkerEcho):
+        elif isinstance(message, wire.Marker):
             marker = self._markers.pop(message.id, None)
             if marker is None:
                 return
@@ -791,10 +691,8 @@ class RemoteStream(EngineStream):
             else:
                 self._emit_all(turns.on_progress(marker.ours / SAMPLE_RATE))
             self._settle(marker.position)
-        elif isinstance(message, StepInfo) and self.on_model_step is not None:
-            self.on_model_step(
-                ModelStep(message.step_idx, message.pause_probs, message.buffered_samples)
-            )
+        elif isinstance(message, wire.Step) and self.on_model_step is not None:
+            self.on_model_step(ModelStep(message.step_idx, message.prs, message.buffered_pcm))
 
     def _emit_all(self, events: list[EngineEvent]) -> None:
         for event in events:

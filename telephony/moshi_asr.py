@@ -18,17 +18,16 @@ import asyncio
 import io
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import msgpack
-import numpy as np
 import soundfile
 import sphn
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from engine import moshi_wire as wire
 from engine.base import BridgeError, EngineEvent, EngineFull, ModelStep, Word
 from telephony.audio import PcmArray, ResampleStream, float_to_pcm16, resample_whole
 from telephony.call import Call, CallHub, Leg, ReplyCallback
@@ -40,11 +39,10 @@ from telephony.ws_front import messages as ws_messages
 log = logging.getLogger(__name__)
 
 FRONT_END: Final = "moshi"
-PATH: Final = "/api/asr-streaming"
+PATH: Final = wire.PATH
 # The protocol's only rate for Audio.pcm and decoded Ogg/Opus (Kyutai's engine rate); the
 # adapter resamples it once to the engine's own.
-SAMPLE_RATE: Final = 24000
-NO_FREE_CHANNELS: Final = "no free channels"  # moshi-server's exact words for a full engine
+SAMPLE_RATE: Final = wire.SAMPLE_RATE
 
 # moshi-server retries a POST that finds no free slot every 100 ms, 1000 times.
 POST_RETRY_S: Final = 0.1
@@ -57,9 +55,6 @@ class MoshiProtocolError(ProtocolError):
     """A frame that is not a moshi-server ASR message (answered with `Error`, then close 1007)."""
 
 
-# --- what the client can say ------------------------------------------------------------------
-
-
 @dataclass(frozen=True, eq=False)
 class Audio:
     """24 kHz int16 audio, from `Audio.pcm` or decoded `OggOpus` pages."""
@@ -67,58 +62,15 @@ class Audio:
     pcm: PcmArray
 
 
-@dataclass(frozen=True)
-class Marker:
-    id: int
-
-
-@dataclass(frozen=True)
-class Init:
-    """In moshi-server's enum for its own use (it queues one per connection). Batched
-    moshi-server answers a client's Init with another Ready and resets the slot; the engine
-    contract has no reset of a live stream, so the adapter ignores it, as single-stream
-    moshi-server does."""
-
-
-ClientMessage = Audio | Marker | Init
-
-_I64: Final = (-(2**63), 2**63 - 1)
-
-
-def _field(body: Mapping[str, Any], name: str, kind: str) -> Any:
-    if name not in body:
-        raise MoshiProtocolError(f"{kind} needs a {name!r} field")
-    return body[name]
-
-
-def _as_bytes(value: Any) -> bytes:
-    """`Vec<u8>` as serde reads it: MessagePack bin, or an array of integers 0..255."""
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, list) and all(type(v) is int and 0 <= v <= 255 for v in value):
-        return bytes(value)
-    raise MoshiProtocolError("OggOpus.data must be bytes")
-
-
-def _as_pcm(value: Any) -> PcmArray:
-    """`Vec<f32>`: an array of numbers (integers are accepted, as serde accepts them)."""
-    try:
-        samples = np.asarray(value) if isinstance(value, list) else None
-    except (ValueError, TypeError, OverflowError):  # ragged: [[1, 2], [3]]
-        samples = None
-    if samples is None or samples.ndim != 1 or (len(samples) and samples.dtype.kind not in "iuf"):
-        raise MoshiProtocolError("Audio.pcm must be an array of numbers")
-    return float_to_pcm16(samples)
+# `Init`: batched moshi-server answers a client's Init with another Ready and resets the slot;
+# the engine contract has no reset of a live stream, so the adapter ignores it, as
+# single-stream moshi-server does.
+ClientMessage = Audio | wire.Marker | wire.Init
 
 
 class MoshiAsrCodec:
-    """Binary frames in, client messages out; engine events to the frames moshi-server sends.
-
-    Messages are maps as moshi-server writes them (rmp-serde, struct-as-map, "type" first) and
-    as Kyutai's Python clients send them. The array form serde also reads for an internally
-    tagged enum (`["Marker", 7]`: the tag, then the fields in order) is accepted too, since
-    moshi-server accepts it. Unknown extra fields are ignored, as serde does.
-    """
+    """Binary frames in, client messages out (Ogg/Opus decoded, samples as int16); engine
+    events to the frames moshi-server sends. The bytes both ways are engine/moshi_wire.py's."""
 
     def __init__(self) -> None:
         self._opus: sphn.OpusStreamReader | None = None
@@ -126,38 +78,15 @@ class MoshiAsrCodec:
     def receive(self, frame: bytes) -> list[ClientMessage]:
         """One WebSocket binary message; raises `MoshiProtocolError` if it is not a message."""
         try:
-            message = msgpack.unpackb(frame, raw=False, strict_map_key=False)
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:  # ExtraData too
-            raise MoshiProtocolError(f"not a MessagePack message: {exc}") from None
-        kind, body = self._tag(message)
-        if kind == "Audio":
-            return [Audio(_as_pcm(_field(body, "pcm", kind)))]
-        if kind == "Marker":
-            marker_id = _field(body, "id", kind)
-            if type(marker_id) is not int or not _I64[0] <= marker_id <= _I64[1]:
-                raise MoshiProtocolError("Marker.id must be a 64-bit integer")
-            return [Marker(marker_id)]
-        if kind == "OggOpus":
-            pcm = self._decode_opus(_as_bytes(_field(body, "data", kind)))
+            message = wire.decode_client(frame)
+        except wire.WireError as exc:
+            raise MoshiProtocolError(str(exc)) from None
+        if isinstance(message, wire.Audio):
+            return [Audio(float_to_pcm16(message.pcm))]
+        if isinstance(message, wire.OggOpus):
+            pcm = self._decode_opus(message.data)
             return [Audio(pcm)] if len(pcm) else []
-        if kind == "Init":
-            return [Init()]
-        raise MoshiProtocolError(
-            f"unknown message type {kind!r}; expected Audio, OggOpus, Marker or Init"
-        )
-
-    @staticmethod
-    def _tag(message: Any) -> tuple[str, Mapping[str, Any]]:
-        if isinstance(message, dict):
-            kind = message.get("type")
-            if not isinstance(kind, str):
-                raise MoshiProtocolError('a message is a map with a string "type"')
-            return kind, message
-        if isinstance(message, list) and message and isinstance(message[0], str):
-            kind, values = message[0], message[1:]
-            names = {"Audio": ("pcm",), "Marker": ("id",), "OggOpus": ("data",)}.get(kind, ())
-            return kind, dict(zip(names, values, strict=False))
-        raise MoshiProtocolError('a message is a map with a string "type"')
+        return [message]
 
     def _decode_opus(self, data: bytes) -> PcmArray:
         if self._opus is None:
@@ -168,63 +97,30 @@ class MoshiAsrCodec:
             raise MoshiProtocolError(f"bad Ogg/Opus data: {exc}") from None
         return float_to_pcm16(pcm)
 
-    # -- server to client --
-
     @staticmethod
-    def _pack(message: Mapping[str, Any]) -> bytes:
-        packed: bytes = msgpack.packb(message, use_bin_type=True)
-        return packed
-
-    @classmethod
-    def encode_ready(cls) -> bytes:
-        return cls._pack({"type": "Ready"})
-
-    @classmethod
-    def encode_word(cls, text: str, start_time: float) -> bytes:
-        return cls._pack({"type": "Word", "text": text, "start_time": float(start_time)})
-
-    @classmethod
-    def encode_end_word(cls, stop_time: float) -> bytes:
-        return cls._pack({"type": "EndWord", "stop_time": float(stop_time)})
-
-    @classmethod
-    def encode_marker(cls, marker_id: int) -> bytes:
-        return cls._pack({"type": "Marker", "id": marker_id})
-
-    @classmethod
-    def encode_step(cls, step: ModelStep) -> bytes:
-        return cls._pack(
-            {
-                "type": "Step",
-                "step_idx": step.step_idx,
-                "prs": list(step.pause_probs),
-                "buffered_pcm": step.buffered_samples,
-            }
-        )
-
-    @classmethod
-    def encode_error(cls, message: str) -> bytes:
-        return cls._pack({"type": "Error", "message": message})
-
-    @classmethod
-    def encode_event(cls, event: EngineEvent) -> list[bytes]:
+    def encode_event(event: EngineEvent) -> list[bytes]:
         """A word is `Word` (its start) then `EndWord` (its end); nothing else goes out.
 
         moshi-server sends EndWord at the next word boundary the model emits; our engines give
         a word with both times at once, so the two go together. Segments and end-of-turn have
         no message in this protocol; its `Step` (raw VAD probabilities) is `encode_step`.
         """
-        return [cls._pack(message) for message in word_objects(event)]
+        return [wire.encode(message) for message in word_messages(event)]
+
+    @staticmethod
+    def encode_step(step: ModelStep) -> bytes:
+        return wire.encode(wire.Step(step.step_idx, step.pause_probs, step.buffered_samples))
+
+
+def word_messages(event: EngineEvent) -> list[wire.ServerMessage]:
+    if isinstance(event, Word):
+        return [wire.Word(event.text, event.start_s), wire.EndWord(event.end_s)]
+    return []
 
 
 def word_objects(event: EngineEvent) -> list[dict[str, Any]]:
     """The POST answer's objects for one event (serde's JSON of moshi-server's `OutMsg`)."""
-    if isinstance(event, Word):
-        return [
-            {"type": "Word", "text": event.text, "start_time": float(event.start_s)},
-            {"type": "EndWord", "stop_time": float(event.end_s)},
-        ]
-    return []
+    return [wire.as_map(message) for message in word_messages(event)]
 
 
 class AudioFileError(MoshiProtocolError):
@@ -254,7 +150,7 @@ def _labels(request: web.Request, mode: str) -> dict[str, str]:
 
 
 def _error_text(exc: BridgeError) -> str:
-    return NO_FREE_CHANNELS if isinstance(exc, EngineFull) else str(exc)
+    return wire.NO_FREE_CHANNELS if isinstance(exc, EngineFull) else str(exc)
 
 
 async def handle_streaming(request: web.Request) -> web.StreamResponse:
@@ -274,10 +170,10 @@ async def handle_streaming(request: web.Request) -> web.StreamResponse:
         # moshi-server sends Error "no free channels" and closes without a code; we close with
         # the code of our rejection table: 1013 "Try Again Later" for a full engine or a drain.
         log.warning("stream rejected: %s", exc, extra={"front_end": FRONT_END})
-        await ws.send_bytes(codec.encode_error(_error_text(exc)))
+        await ws.send_bytes(wire.encode(wire.Error(_error_text(exc))))
         await ws.close(code=rejection_for(exc).ws_close, message=_error_text(exc).encode()[:120])
         return ws
-    await ws.send_bytes(codec.encode_ready())
+    await ws.send_bytes(wire.encode(wire.Ready()))
 
     leg = call.leg("caller")
     # moshi-server sends `Step` each step to clients of a model with VAD heads (Kyutai's mic
@@ -294,7 +190,7 @@ async def handle_streaming(request: web.Request) -> web.StreamResponse:
 
     leg.stream.on_model_step = send_step
     markers: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
-    echo = asyncio.get_running_loop().create_task(_echo_markers(ws, codec, leg, markers))
+    echo = asyncio.get_running_loop().create_task(_echo_markers(ws, leg, markers))
     resampler = ResampleStream(SAMPLE_RATE, call.sample_rate)
     reason, close_code = "client closed", int(WSCloseCode.OK)
     try:
@@ -305,7 +201,7 @@ async def handle_streaming(request: web.Request) -> web.StreamResponse:
                 except MoshiProtocolError as exc:
                     # upstream drops the connection without a word; we say why first.
                     log.info("bad frame: %s", exc, extra={"call_id": call.id})
-                    await ws.send_bytes(codec.encode_error(str(exc)))
+                    await ws.send_bytes(wire.encode(wire.Error(str(exc))))
                     reason, close_code = f"protocol error: {exc}", rejection_for(exc).ws_close
                     break
                 await _apply(messages, leg, resampler, markers)
@@ -346,13 +242,12 @@ async def _apply(
             # Waits while the engine is behind instead of dropping: moshi-server buffers
             # without bound, and its clients send 40 s of silence at once after the audio.
             await leg.write(resampler.process(message.pcm))
-        elif isinstance(message, Marker):
+        elif isinstance(message, wire.Marker):
             markers.put_nowait((leg.stream.stats.samples_in, message.id))
 
 
 async def _echo_markers(
     ws: web.WebSocketResponse,
-    codec: MoshiAsrCodec,
     leg: Leg,
     markers: asyncio.Queue[tuple[int, int]],
 ) -> None:
@@ -367,7 +262,7 @@ async def _echo_markers(
         if not await leg.wait_settled(samples):
             return
         try:
-            await ws.send_bytes(codec.encode_marker(marker_id))
+            await ws.send_bytes(wire.encode(wire.Marker(marker_id)))
         except (ConnectionError, RuntimeError):  # the socket is closing
             return
 

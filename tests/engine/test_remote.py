@@ -10,25 +10,18 @@ import msgpack
 import numpy as np
 import pytest
 
-from engine.base import EndOfTurn, Segment, Word
+from engine import moshi_wire as wire
+from engine.base import EndOfTurn, ModelStep, Segment, Word
 from engine.config import EngineConfig
 from engine.registry import build_engine
 from engine.remote import (
     DEFAULT_PATH,
     FRAME_SIZE,
     LEAD_SILENCE_S,
-    MarkerEcho,
-    MoshiClientCodec,
-    Ready,
     RemoteEngine,
     RemoteNode,
-    RemoteProtocolError,
-    ServerError,
-    StepInfo,
     Timeline,
     Turns,
-    WordEnd,
-    WordStart,
     parse_node,
 )
 from engine.sink import SinkEngine
@@ -45,32 +38,38 @@ def test_audio_is_byte_for_byte_what_kyutais_client_sends(samples: int) -> None:
         {"type": "Audio", "pcm": [float(x) for x in pcm.astype(np.float32) / 32768]},
         use_single_float=True,
     )
-    assert MoshiClientCodec.encode_audio(pcm) == kyutai
+    assert wire.encode_audio(pcm) == kyutai
     # ... and our own /api/asr-streaming reads back the same samples.
-    [audio] = MoshiAsrCodec().receive(MoshiClientCodec.encode_audio(pcm))
+    [audio] = MoshiAsrCodec().receive(wire.encode_audio(pcm))
     assert np.array_equal(audio.pcm, pcm)  # type: ignore[union-attr]
 
 
 def test_marker_is_what_kyutais_client_sends() -> None:
-    assert MoshiClientCodec.encode_marker(0) == msgpack.packb(
+    assert wire.encode(wire.Marker(0)) == msgpack.packb(
         {"type": "Marker", "id": 0}, use_single_float=True
     )
-    assert MoshiAsrCodec().receive(MoshiClientCodec.encode_marker(7))[0].id == 7  # type: ignore[union-attr]
+    assert MoshiAsrCodec().receive(wire.encode(wire.Marker(7)))[0].id == 7  # type: ignore[union-attr]
 
 
 def test_reads_what_moshi_server_writes() -> None:
-    decode = MoshiClientCodec.decode
-    assert decode(MoshiAsrCodec.encode_ready()) == Ready()
-    assert decode(MoshiAsrCodec.encode_word("hello", 1.5)) == WordStart("hello", 1.5)
-    assert decode(MoshiAsrCodec.encode_end_word(1.9)) == WordEnd(1.9)
-    assert decode(MoshiAsrCodec.encode_marker(3)) == MarkerEcho(3)
-    assert decode(MoshiAsrCodec.encode_error("no free channels")) == ServerError("no free channels")
+    decode = wire.decode_server
+    for message in (
+        wire.Ready(),
+        wire.Word("hello", 1.5),
+        wire.EndWord(1.9),
+        wire.Marker(3),
+        wire.Error("no free channels"),
+    ):
+        assert decode(wire.encode(message)) == message
+    # ... and what a moshi-server with VAD heads sends per step, as our server sends it
     step = msgpack.packb({"type": "Step", "step_idx": 4, "prs": [0.1, 0.9], "buffered_pcm": 0})
-    assert decode(step) == StepInfo(4, (0.1, 0.9), 0)
+    assert decode(step) == wire.Step(4, (0.1, 0.9), 0)
+    ours = MoshiAsrCodec.encode_step(ModelStep(4, (0.1, 0.9), 0))
+    assert decode(ours) == wire.Step(4, (0.1, 0.9), 0)
     assert decode(msgpack.packb({"type": "Something", "x": 1})) is None  # a newer server
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(wire.WireError):
         decode(b"\xc1")
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(wire.WireError):
         decode(msgpack.packb({"type": "Word", "start_time": 1.0}))
 
 
@@ -111,26 +110,26 @@ def test_words_wait_for_their_end_then_turns_end_at_pauses() -> None:
     timeline.add_ours(10 * RATE)
     turns = Turns(timeline, silence_s=1.0)
     # stt-bridge: EndWord right after Word.
-    assert turns.on_word(WordStart("hello", 0.5)) == []
-    assert turns.on_end_word(WordEnd(0.9)) == [Word("hello", 0.5, 0.9)]
-    assert turns.on_word(WordStart("there", 1.0)) == []
-    assert turns.on_end_word(WordEnd(1.3)) == [Word("there", 1.0, 1.3)]
+    assert turns.on_word(wire.Word("hello", 0.5)) == []
+    assert turns.on_end_word(wire.EndWord(0.9)) == [Word("hello", 0.5, 0.9)]
+    assert turns.on_word(wire.Word("there", 1.0)) == []
+    assert turns.on_end_word(wire.EndWord(1.3)) == [Word("there", 1.0, 1.3)]
     # A pause under the threshold, told by an echo: the turn goes on.
     assert turns.on_progress(2.0) == []
     # moshi-server: a word before a pause gets its EndWord only with the next word; the
     # next echo lets it go, its end unknown (= its start).
-    assert turns.on_word(WordStart("friend", 1.4)) == []
+    assert turns.on_word(wire.Word("friend", 1.4)) == []
     assert turns.on_progress(1.9) == [Word("friend", 1.4, 1.4)]
     words = (Word("hello", 0.5, 0.9), Word("there", 1.0, 1.3), Word("friend", 1.4, 1.4))
     assert turns.on_progress(2.5) == [
         Segment("hello there friend", 0.5, 1.4, words),
         EndOfTurn(1.4),
     ]
-    assert turns.on_end_word(WordEnd(4.0)) == []  # that late EndWord: nothing open
+    assert turns.on_end_word(wire.EndWord(4.0)) == []  # that late EndWord: nothing open
     # A word after a long pause ends the turn before it.
-    assert turns.on_word(WordStart("again", 5.0)) == []
-    assert turns.on_end_word(WordEnd(5.4)) == [Word("again", 5.0, 5.4)]
-    out = turns.on_word(WordStart("later", 7.0))
+    assert turns.on_word(wire.Word("again", 5.0)) == []
+    assert turns.on_end_word(wire.EndWord(5.4)) == [Word("again", 5.0, 5.4)]
+    out = turns.on_word(wire.Word("later", 7.0))
     assert out == [Segment("again", 5.0, 5.4, (Word("again", 5.0, 5.4),)), EndOfTurn(5.4)]
     assert turns.flush() == [
         Word("later", 7.0, 7.0),

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from multidict import MultiDict
 
+from engine import moshi_wire as wire
 from telephony.audio_fork import AudioForkCodec, AudioForkError, StreamFormat, stream_format
 from telephony.audiosocket import (
     AUDIO_KINDS,
@@ -29,7 +30,7 @@ from telephony.audiosocket import (
 )
 from telephony.limits import JsonTooDeep, clean_label, parse_json
 from telephony.moshi_asr import Audio as MoshiAudio
-from telephony.moshi_asr import Marker, MoshiAsrCodec, MoshiProtocolError
+from telephony.moshi_asr import MoshiAsrCodec, MoshiProtocolError
 from telephony.sip.core import bad_request, request_problem
 from telephony.sip.rtp import RtpError, RtpPacket, RtpReceiver
 from telephony.sip.sdp import NoCommonCodec, SdpError, parse_sdp, plan_answer
@@ -257,7 +258,7 @@ def test_moshi_mutated_messages(kind: str, fields: dict[str, Any], data: st.Data
 @given(st.integers(-(2**63), 2**63 - 1), st.lists(st.floats(-1, 1), max_size=200))
 def test_moshi_round_trip(marker: int, pcm: list[float]) -> None:
     codec = MoshiAsrCodec()
-    assert codec.receive(packb({"type": "Marker", "id": marker})) == [Marker(marker)]
+    assert codec.receive(packb({"type": "Marker", "id": marker})) == [wire.Marker(marker)]
     (audio,) = codec.receive(packb({"type": "Audio", "pcm": pcm}))
     assert isinstance(audio, MoshiAudio) and len(audio.pcm) == len(pcm)
     assert np.array_equal(audio.pcm, np.clip(np.rint(np.array(pcm) * 32768), -32768, 32767))

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import sphn
 
+from engine import moshi_wire as wire
 from engine.base import Closed, EndOfTurn, ModelStep, Segment, Word
+from engine.moshi_wire import Init, Marker
 from telephony.audio import float_to_pcm16, pcm16_to_float
 from telephony.errors import ProtocolError, rejection_for
 from telephony.moshi_asr import (
     Audio,
     AudioFileError,
-    Init,
-    Marker,
     MoshiAsrCodec,
     MoshiProtocolError,
     decode_audio_file,
@@ -139,13 +139,12 @@ def test_protocol_error_maps_to_close_1007() -> None:
 
 
 def test_server_frames_byte_for_byte() -> None:
-    codec = MoshiAsrCodec()
-    assert codec.encode_ready() == READY
-    assert codec.encode_word("hello", 0.5) == WORD_HELLO_AT_HALF
-    assert codec.encode_end_word(1.25) == END_WORD_AT_1_25
-    assert codec.encode_marker(0) == MARKER_0
-    assert codec.encode_error("no free channels") == ERROR_NO_FREE_CHANNELS
-    assert codec.encode_step(ModelStep(7, (0.5, 1.0), 1920)) == STEP_7
+    assert wire.encode(wire.Ready()) == READY
+    assert wire.encode(wire.Word("hello", 0.5)) == WORD_HELLO_AT_HALF
+    assert wire.encode(wire.EndWord(1.25)) == END_WORD_AT_1_25
+    assert wire.encode(wire.Marker(0)) == MARKER_0
+    assert wire.encode(wire.Error("no free channels")) == ERROR_NO_FREE_CHANNELS
+    assert MoshiAsrCodec.encode_step(ModelStep(7, (0.5, 1.0), 1920)) == STEP_7
 
 
 def test_a_word_is_word_then_end_word_and_nothing_else_goes_out() -> None:

@@ -206,6 +206,40 @@ class ResampleStream:
         return batch.astype(np.float32)
 
 
+class MediaClock:
+    """One leg's media timeline in samples, from its sender's timestamps: where each chunk of
+    audio belongs, so that a gap (loss, silence suppression) becomes silence of its length and
+    later words keep their place on the call's timeline. RTP and the WebSocket carriers share it.
+
+    A chunk stamped within `tolerance` of where the clock expects it plays on (a sender's
+    millisecond clock jitters); later than that is a gap to fill; more than `max_gap` later is a
+    clock reset or a hostile stamp, not loss: the clock resynchronises and nothing is filled (or
+    allocated). Earlier than expected is late: RTP drops it, an in-order WebSocket plays it on.
+    """
+
+    def __init__(self, max_gap: int, tolerance: int = 0, start: int | None = None) -> None:
+        self.max_gap = max_gap
+        self.tolerance = tolerance
+        self.position = start  # the clock's time of the next sample; None: the first stamp's
+
+    def gap(self, at: int) -> int:
+        """Samples missing before a chunk stamped `at`: 0 when it is on time (or the clock has
+        just resynchronised), negative when it starts before the clock's position."""
+        if self.position is None:
+            self.position = at
+            return 0
+        gap = at - self.position
+        if gap > self.max_gap:
+            self.position = at
+            return 0
+        return gap if gap > self.tolerance or gap < 0 else 0
+
+    def advance(self, samples: int) -> None:
+        """`samples` were played out (audio or the silence that filled a gap)."""
+        if self.position is not None:
+            self.position += samples
+
+
 BATCH_PHASES: Final = 4  # 80 ms batches of 20 ms packets: four places a batch can end
 
 

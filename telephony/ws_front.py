@@ -68,6 +68,7 @@ from telephony.audio import (
     WIRE_RATES,
     AudioDecoder,
     Encoding,
+    MediaClock,
     PcmArray,
     alaw_encode,
     batch_phase,
@@ -86,9 +87,8 @@ log = logging.getLogger(__name__)
 # The one app key of the call hub, for every front end.
 HUB: Final = web.AppKey("call_hub", CallHub)
 
-# A jump in a media clock beyond 20 ms is a gap (silence suppression, loss): filled with
-# silence so later words keep their place on the call's timeline; beyond 10 s (as RTP's) it is
-# a clock reset or a hostile timestamp, not loss: the clock resynchronises, nothing is allocated.
+# A jump in a media clock beyond 20 ms is a gap (silence suppression, loss), filled with
+# silence; beyond 10 s (as RTP's) it is a clock reset (telephony.audio.MediaClock).
 GAP_TOLERANCE_S: Final = 0.02
 MAX_GAP_S: Final = 10.0
 _ZERO: Final = np.zeros(1, dtype=np.int16)
@@ -373,9 +373,7 @@ class FrontStream:
         self.reason = codec.closed_reason
         self._audio = AudioFormat(Encoding.PCM16, 8000)
         self._decoders: dict[str, AudioDecoder] = {}
-        self._clock_from_zero = False
-        self._origin: dict[str, int] = {}  # each leg's first timestamp, ms
-        self._samples: dict[str, int] = {}  # wire samples taken per leg
+        self._clocks: dict[str, MediaClock] = {}  # each leg's, in wire samples
         self._carry = b""  # part of an interleaved frame, for the next message
         self._engine_end_told = False
         # What the direct path parsed of a message it left to the loop: not parsed again.
@@ -385,7 +383,6 @@ class FrontStream:
         self._width = 2  # bytes per sample
         self._channels = 1
         self._rate = 8000
-        self._tolerance = GAP_TOLERANCE_S * 8000
 
     # -- opening
 
@@ -406,19 +403,22 @@ class FrontStream:
         )
         self.call = call
         self._audio = spec.audio
-        self._clock_from_zero = spec.clock_from_zero
         phase = batch_phase(call.id)
         self._decoders = {
             leg: AudioDecoder(spec.audio.encoding, spec.audio.rate, call.sample_rate, phase=phase)
             for leg in call.legs
         }
-        self._samples = dict.fromkeys(call.legs, 0)
+        rate = spec.audio.rate
+        start = 0 if spec.clock_from_zero else None
+        self._clocks = {
+            leg: MediaClock(int(MAX_GAP_S * rate), int(GAP_TOLERANCE_S * rate), start)
+            for leg in call.legs
+        }
         self._legs = dict(call.legs)
         self._first = spec.legs[0]
         self._width = spec.audio.encoding.bytes_per_sample
         self._channels = spec.audio.channels
-        self._rate = spec.audio.rate
-        self._tolerance = GAP_TOLERANCE_S * spec.audio.rate
+        self._rate = rate
         if type(codec).encode_dropped is not WsCodec.encode_dropped:
             call.on_audio_dropped = self._dropped
         return call
@@ -471,13 +471,12 @@ class FrontStream:
         if decoder is None:
             return None  # a track the stream was not set up for
         payload = event.payload
-        at_ms = event.timestamp_ms
-        if at_ms is not None:
-            origin = 0 if self._clock_from_zero else self._origin.setdefault(leg, at_ms)
-            gap = (at_ms - origin) * self._rate // 1000 - self._samples[leg]
-            if gap > self._tolerance:
-                payload = self._fill_gap(leg, gap, payload)
-        self._samples[leg] += len(payload) // self._width
+        clock = self._clocks[leg]
+        if event.timestamp_ms is not None:
+            gap = clock.gap(event.timestamp_ms * self._rate // 1000)
+            if gap > 0:  # silence in the missing samples' place
+                payload = SILENCE[self._audio.encoding] * gap + payload
+        clock.advance(len(payload) // self._width)
         pcm = decoder.feed(payload)
         return (self._legs[leg], pcm) if len(pcm) else None
 
@@ -493,19 +492,11 @@ class FrontStream:
         first = decoders[self._first]
         channels = deinterleave(first.decode(data[:usable]), self._channels)
         for (name, decoder), samples in zip(decoders.items(), channels, strict=False):
-            self._samples[name] += len(samples)
+            self._clocks[name].advance(len(samples))
             pcm = decoder.feed_samples(samples)
             if len(pcm):
                 out.append((self._legs[name], pcm))
         return out
-
-    def _fill_gap(self, leg: str, gap: int, payload: bytes) -> bytes:
-        """`gap` samples missing before `payload` on the media clock: silence in their place,
-        unless so many that the clock was reset (then it resynchronises, allocating nothing)."""
-        if gap > MAX_GAP_S * self._rate:
-            self._samples[leg] += gap
-            return payload
-        return SILENCE[self._audio.encoding] * gap + payload
 
     def push(self, event: Media) -> None:
         """A phone leg's audio: pushed now; beyond the engine's buffer it is dropped."""

@@ -16,7 +16,7 @@ from typing import Final
 
 import numpy as np
 
-from telephony.audio import Encoding, PcmArray, alaw_decode, ulaw_decode
+from telephony.audio import Encoding, MediaClock, PcmArray, alaw_decode, ulaw_decode
 from telephony.dtmf import DTMF_KEYS
 from telephony.errors import ProtocolError
 
@@ -107,12 +107,11 @@ class RtpReceiver:
         self.dtmf_payload_type = dtmf_payload_type
         self.stats = RtpStats()
         self._reorder = reorder_packets
-        self._max_gap = int(max_gap_s * RTP_RATE)
+        self._clock = MediaClock(int(max_gap_s * RTP_RATE))
         self._held: list[_Held] = []
         self._ssrc: int | None = None
         self._last_raw = 0
         self._last_ext = 0
-        self._cursor: int | None = None  # extended timestamp of the next sample to play out
         self._dtmf_ts: int | None = None  # timestamp of the key being pressed
         self._dtmf_done: set[tuple[int, int]] = set()
         self._dtmf_pending: Dtmf | None = None
@@ -139,7 +138,8 @@ class RtpReceiver:
             out.extend(self._release(0))
             self._ssrc = packet.ssrc
             self._last_raw = packet.timestamp
-            self._last_ext = self._cursor if self._cursor is not None else packet.timestamp
+            position = self._clock.position
+            self._last_ext = position if position is not None else packet.timestamp
         ext = self._extend(packet.timestamp)
         samples = (
             ulaw_decode(packet.payload)
@@ -168,18 +168,15 @@ class RtpReceiver:
         out: list[RtpOutput] = []
         while len(self._held) > keep:
             held = heapq.heappop(self._held)
-            if self._cursor is None:
-                self._cursor = held.timestamp
-            gap = held.timestamp - self._cursor
+            gap = self._clock.gap(held.timestamp)
             if gap < 0:
                 self.stats.late += 1
                 continue
-            if 0 < gap <= self._max_gap:
+            if gap:
                 out.append(Audio(np.zeros(gap, dtype=np.int16)))
                 self.stats.lost_samples += gap
-            # A jump beyond max_gap is a timestamp reset, not loss: resynchronise.
             out.append(Audio(held.samples))
-            self._cursor = held.timestamp + len(held.samples)
+            self._clock.advance(gap + len(held.samples))
         return out
 
     def _dtmf(self, packet: RtpPacket) -> list[RtpOutput]:

@@ -175,3 +175,17 @@ def test_a_phased_decoder_ends_its_first_batch_early_and_gives_the_same_samples(
         outputs[phase] = np.concatenate([*(replay.feed(p) for p in packets), replay.flush()])
     for phase in (0.25, 0.5, 0.75):  # where batches end does not change a sample
         assert np.array_equal(outputs[phase], outputs[0.0])
+
+
+def test_media_clock_fills_gaps_tolerates_jitter_resyncs_on_a_reset_and_says_late() -> None:
+    clock = audio.MediaClock(max_gap=80_000, tolerance=160)  # 10 s and 20 ms at 8 kHz
+    assert clock.gap(1_000_000) == 0  # the first stamp sets the clock
+    clock.advance(160)
+    assert clock.gap(1_000_160 + 100) == 0  # 12.5 ms of jitter plays on
+    clock.advance(160)
+    assert clock.gap(1_000_320 + 800) == 800  # 100 ms missing: silence of that length
+    clock.advance(800 + 160)
+    assert clock.gap(1_000_320 - 320) == -1280  # before the clock's position: late
+    assert clock.gap(9_000_000) == 0 and clock.position == 9_000_000  # a reset: resynchronised
+    from_zero = audio.MediaClock(max_gap=80_000, start=0)  # a stream clock that starts at 0
+    assert from_zero.gap(480) == 480  # a track that starts late is preceded by silence

@@ -36,13 +36,13 @@ from telephony.ws_front import (
     HUB,
     AudioFormat,
     Dtmf,
+    Media,
     OpenCall,
     Received,
     Stopped,
     WsCodec,
     run_stream,
 )
-from telephony.ws_front import Media as FrontMedia
 from telephony.ws_front import Skipped as FrontSkipped
 
 log = logging.getLogger(__name__)
@@ -75,13 +75,6 @@ class StreamStarted:
 
 
 @dataclass(frozen=True)
-class Media:
-    track: str
-    timestamp_ms: int
-    payload: bytes  # μ-law 8 kHz
-
-
-@dataclass(frozen=True)
 class DtmfDigit:
     digit: str
 
@@ -103,6 +96,8 @@ class Skipped:
     reason: str
 
 
+# Media is the adapter's own (a leg's μ-law 8 kHz at the stream's clock), so the per-frame
+# message is built once.
 TwilioEvent = Connected | StreamStarted | Media | DtmfDigit | MarkEcho | StreamStopped | Skipped
 
 
@@ -124,6 +119,10 @@ class TwilioMediaCodec:
             return Skipped("not a JSON object")
         kind = message.get("event")
         try:
+            if kind == "media":  # the per-frame case first
+                if self.started is None:
+                    raise TwilioStreamError("media before start")
+                return self._media(_object(message, "media"))
             if kind == "connected":
                 return Connected(str(message.get("protocol", "")), str(message.get("version", "")))
             if kind == "start":
@@ -132,11 +131,9 @@ class TwilioMediaCodec:
                 return StreamStopped()
             if kind == "mark":
                 return MarkEcho(str(_object(message, "mark")["name"]))
-            if self.started is None and kind in ("media", "dtmf"):
-                raise TwilioStreamError(f"{kind} before start")
-            if kind == "media":
-                return self._media(_object(message, "media"))
             if kind == "dtmf":
+                if self.started is None:
+                    raise TwilioStreamError("dtmf before start")
                 digit = str(_object(message, "dtmf")["digit"])
                 if digit not in DTMF_DIGITS:
                     return Skipped(f"unknown DTMF digit {digit[:8]!r}")
@@ -171,7 +168,8 @@ class TwilioMediaCodec:
     @staticmethod
     def _media(media: dict[str, Any]) -> Media | Skipped:
         track = str(media.get("track", "inbound"))
-        if track not in LEG_OF_TRACK:
+        leg = LEG_OF_TRACK.get(track)
+        if leg is None:
             return Skipped(f"unknown track {track!r}")
         try:
             payload = base64.b64decode(media["payload"], validate=True)
@@ -180,7 +178,7 @@ class TwilioMediaCodec:
         timestamp = media.get("timestamp", 0)
         if isinstance(timestamp, bool) or not isinstance(timestamp, int | float | str):
             raise TypeError("media.timestamp is not a number")
-        return Media(track, int(float(timestamp)), payload)
+        return Media(leg, payload, int(float(timestamp)))
 
 
 def _object(message: Mapping[str, Any], name: str, default: Any = None) -> dict[str, Any]:
@@ -275,7 +273,7 @@ class TwilioFront(WsCodec):
             return None
         event = self.codec.receive(msg.data)
         if type(event) is Media:  # the per-frame case first
-            return FrontMedia(LEG_OF_TRACK[event.track], event.payload, event.timestamp_ms)
+            return event
         if isinstance(event, StreamStarted):
             return OpenCall(
                 legs=tuple(LEG_OF_TRACK[t] for t in event.tracks),

@@ -210,7 +210,7 @@ def test_twilio_media_round_trip(payload: bytes, timestamp: int) -> None:
     body = {"track": "outbound", "timestamp": str(timestamp)}
     body["payload"] = base64.b64encode(payload).decode()
     event: Any = codec.receive(json.dumps({"event": "media", "media": body}))
-    assert (event.track, event.timestamp_ms, event.payload) == ("outbound", timestamp, payload)
+    assert (event.leg, event.timestamp_ms, event.payload) == ("agent", timestamp, payload)
 
 
 # --- moshi msgpack ------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from telephony.twilio import (
     Connected,
     DtmfDigit,
     MarkEcho,
-    Media,
     Skipped,
     StreamStarted,
     StreamStopped,
@@ -23,6 +22,7 @@ from telephony.twilio import (
     stream_url,
     voice_twiml,
 )
+from telephony.ws_front import Media
 
 SID = "MZ" + "0" * 32
 START = {
@@ -75,7 +75,7 @@ def test_connected_start_media_dtmf_mark_stop() -> None:
         Connected("Call", "1.0.0")
     )
     codec = started()
-    assert codec.receive(media("outbound", b"\xff\x7f", 40)) == Media("outbound", 40, b"\xff\x7f")
+    assert codec.receive(media("outbound", b"\xff\x7f", 40)) == Media("agent", b"\xff\x7f", 40)
     dtmf = {"event": "dtmf", "streamSid": SID, "dtmf": {"track": "inbound_track", "digit": "1"}}
     assert codec.receive(json.dumps(dtmf)) == DtmfDigit("1")
     mark = {"event": "mark", "streamSid": SID, "mark": {"name": "my label"}}

@@ -47,7 +47,7 @@ class BadQuery(ValueError):
 
 
 class Db(Protocol):
-    """The part of api/store.py's `Database` the index uses."""
+    """The part of api/store/db.py's `Database` the index uses."""
 
     postgres: bool
 

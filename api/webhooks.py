@@ -1,4 +1,4 @@
-"""Webhook delivery from the durable outbox (see api/store.py).
+"""Webhook delivery from the durable outbox (see api/store/outbox.py).
 
 Each body is JSON (`{"event": "call.started" | "segment" | "call.ended", "sent_at", ...}`),
 POSTed with `X-STT-Bridge-Signature: sha256=<hex HMAC-SHA256 of the raw body>` when a secret is

@@ -8,7 +8,7 @@
   configured) pending again: once a broken receiver is fixed; answers how many.
 
 A webhook's URL is shown as its logs show it: scheme, host and path (its query or user info may
-hold a token). Delivered rows are kept a day, failed ones a week (api/store.py).
+hold a token). Delivered rows are kept a day, failed ones a week (api/store/outbox.py).
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+import orjson
+
 MAX_QUERY_CHARS: Final = 500
 MAX_TERMS: Final = 16
 SNIPPET_WORDS: Final = 16
@@ -73,6 +75,24 @@ def parse_query(q: str) -> tuple[str, ...]:
     if len(terms) > MAX_TERMS:
         raise BadQuery(f"q has more than {MAX_TERMS} words")
     return terms
+
+
+def index_segments(db: Db, segments: Sequence[tuple[str, str, str]]) -> None:
+    """`index_segment` for each (call id, leg, text), in order: on PostgreSQL in one statement,
+    its rows one JSON parameter (a statement per segment was a round trip each)."""
+    segments = [s for s in segments if s[2].strip()]
+    if not segments:
+        return
+    if db.postgres:
+        db.execute(
+            "INSERT INTO transcript_index (call_id, leg, text, words) "
+            "SELECT r->>0, r->>1, r->>2, to_tsvector('simple', r->>2) "
+            "FROM json_array_elements(?::json) WITH ORDINALITY AS t(r, n) ORDER BY n",
+            (orjson.dumps(segments).decode(),),
+        )
+        return
+    for call_id, leg, text in segments:
+        index_segment(db, call_id, leg, text)
 
 
 def index_segment(db: Db, call_id: str, leg: str, text: str) -> None:
@@ -119,17 +139,16 @@ def call_ended(db: Db, call_id: str) -> None:
     """In the writer's transaction: the call's rows become one (its segments' text, one per
     line), so a word it said often is one hit, not one per segment."""
     if db.postgres:
-        rows = db.execute(
-            "SELECT text FROM transcript_index WHERE call_id = ? ORDER BY id", (call_id,)
-        ).fetchall()
-        text = "\n".join(r[0] for r in rows)
-        if len(rows) < 2 or len(text) > MERGE_MAX_CHARS:
-            return
-        db.execute("DELETE FROM transcript_index WHERE call_id = ?", (call_id,))
+        # One statement, one round trip: both halves see the rows as they were before it.
         db.execute(
+            "WITH merged AS (SELECT string_agg(text, E'\\n' ORDER BY id) AS text, count(*) AS n "
+            "FROM transcript_index WHERE call_id = ?), "
+            "kept AS (SELECT text FROM merged WHERE n >= 2 AND length(text) <= ?), "
+            "gone AS (DELETE FROM transcript_index WHERE call_id = ? AND EXISTS "
+            "(SELECT 1 FROM kept)) "
             "INSERT INTO transcript_index (call_id, leg, text, words) "
-            "VALUES (?, '', ?, to_tsvector('simple', ?))",
-            (call_id, text, text),
+            "SELECT ?, '', text, to_tsvector('simple', text) FROM kept",
+            (call_id, MERGE_MAX_CHARS, call_id, call_id),
         )
         return
     found = db.execute("SELECT doc FROM search_docs WHERE call_id = ?", (call_id,)).fetchone()

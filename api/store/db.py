@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+import orjson
 import psycopg
 
 EVENTS_CHANNEL: Final = "stt_bridge_events"
@@ -89,6 +90,23 @@ class Database:
             if statement.strip():
                 self._lite.execute(statement)
 
+    def copy_in(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        """Rows into `table` by COPY (PostgreSQL): no statement to parse or plan per row."""
+        assert self._pg is not None
+        with self._pg.cursor() as cursor:
+            with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+
+    def next_ids(self, table: str, count: int) -> list[int]:
+        """`count` ids from `table`'s id sequence, ascending (PostgreSQL; for `copy_in`)."""
+        assert self._pg is not None
+        rows = self._pg.execute(
+            "SELECT nextval(pg_get_serial_sequence(%s, 'id')) FROM generate_series(1, %s)",
+            (table, count),
+        ).fetchall()
+        return sorted(int(row[0]) for row in rows)
+
     @property
     def broken(self) -> bool:
         """The connection is gone for good (PostgreSQL closed it): open a new one."""
@@ -99,10 +117,11 @@ class Database:
         assert self._pg is not None
         batch = list(payloads)
         if batch:
+            # One JSON text, not a text[]: psycopg dumps a list element by element in Python.
             self._pg.execute(
-                "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) WITH ORDINALITY AS t(p, n) "
-                "ORDER BY n",
-                (EVENTS_CHANNEL, batch),
+                "SELECT pg_notify(%s, p) FROM json_array_elements_text(%s::json) "
+                "WITH ORDINALITY AS t(p, n) ORDER BY n",
+                (EVENTS_CHANNEL, orjson.dumps(batch).decode()),
             )
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ Each query is `Store.search_calls` as the route calls it (limit 50, snippets inc
 `--runs` times after one warm-up; median and 95th percentile are printed.
 
 Insert cost: `--insert-calls` calls of `--words` words through `Store.record` (the real writer:
-a word event each, a segment every ten words), with the index and with `index_segment` turned
+a word event each, a segment every ten words), with the index and with `index_segments` turned
 off, on both backends.
 
     .venv/bin/python bench/search.py [--sizes 1000,10000,100000] [--runs 20]
@@ -219,16 +219,16 @@ def insert_cost(
     """Words a second through the writer, with the index (and the merge at each call's end) and
     without: alternated `rounds` times, the best of each kept (others share this machine)."""
     rates: dict[str, float] = {}
-    real = (search.index_segment, search.call_ended)
+    real = (search.index_segments, search.call_ended)
     for _ in range(rounds):
         for label, on in (("with index", True), ("without", False)):
             if not on:  # the bench's switch: the writer calls these through the module
-                setattr(search, "index_segment", _off)  # noqa: B010
+                setattr(search, "index_segments", _off)  # noqa: B010
                 setattr(search, "call_ended", _off)  # noqa: B010
             try:
                 seconds, _ = record_calls(location(), calls, words)
             finally:
-                setattr(search, "index_segment", real[0])  # noqa: B010
+                setattr(search, "index_segments", real[0])  # noqa: B010
                 setattr(search, "call_ended", real[1])  # noqa: B010
             rates[label] = max(rates.get(label, 0.0), calls * words / seconds)
     return rates

@@ -51,7 +51,10 @@ from engine.word_timing import word_times
 log = logging.getLogger(__name__)
 
 VAD_COST: Final = 0.005  # share of a core the VAD takes per stream (measured: 0.16 ms / 32 ms)
-TARGET_LOAD: Final = 0.7  # admit streams up to this share of the decoding threads' time
+# Admit streams up to this share of the decoding threads' time. Measured (bench/cpu_engine.py
+# realtime, callers who talk without stopping): at 0.7 the probe said 10 callers, and 9-10
+# had finals p95 1.2 s; at 8 (0.55) p95 0.90 s, p99 1.12 s, a partial per 2 s for everyone.
+TARGET_LOAD: Final = 0.55
 JOB_SAMPLES: Final = SAMPLE_RATE // 10  # audio that starts a VAD job: 100 ms
 # The calibration's caller talks without stopping: 3 s sentences 1.2 s apart (issue 26's
 # measure of capacity), each a partial 2 s in (the fewest a caller is promised: one per 2 s of

@@ -14,7 +14,7 @@ import pytest
 
 from engine.base import Closed, EndOfTurn, EngineEvent, EngineFull, Partial, Segment, Word
 from engine.endpointing import EndpointConfig
-from engine.moonshine import MoonshineEngine
+from engine.moonshine import TARGET_LOAD, VAD_COST, MoonshineEngine
 from engine.moonshine_model import ModelFiles, ModelLoadError, load, prepare
 from telephony.audio import PcmArray, resample_whole, ulaw_decode
 from tests.conftest import MODEL_CACHE
@@ -278,8 +278,8 @@ async def test_capacity_zero_is_measured_from_the_machine() -> None:
         await engine.stop()
     rtf = info.extra["real_time_factor"]
     assert 0 < rtf < 1
-    # Streams of continuous speech that two threads keep at 70 % load.
-    assert info.capacity == max(1, int(2 * 0.7 / (rtf + 0.005)))
+    # Streams of continuous speech that two threads keep at the target load.
+    assert info.capacity == max(1, int(2 * TARGET_LOAD / (rtf + VAD_COST)))
 
 
 async def test_one_model_in_memory_for_every_engine_of_the_process() -> None:

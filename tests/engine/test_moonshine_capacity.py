@@ -20,19 +20,21 @@ from tests.speech import SENTENCES, phone_bytes
 RATE = 16000
 FRAME = RATE // 50
 PAUSE = np.zeros(int(1.2 * RATE), dtype=np.int16)
+CYCLE_S = 4.2  # a sentence and its pause, about
 
 pytestmark = [pytest.mark.solo, pytest.mark.timeout(180)]  # a real-time load: alone
 
 
-def caller(first: int) -> tuple[PcmArray, float]:
-    """Three sentences from `first` on, 1.2 s apart; and the seconds of speech in them."""
+def caller(first: int, lead_s: float) -> tuple[PcmArray, float]:
+    """Three sentences from `first` on, 1.2 s apart, after `lead_s` of silence; and the seconds
+    of speech in them."""
     speech = [
         resample_whole(
             ulaw_decode(phone_bytes(SENTENCES[(first + k) % len(SENTENCES)])), 8000, RATE
         )
         for k in range(3)
     ]
-    parts = [PAUSE[: RATE // 2]]
+    parts = [np.zeros(int((0.5 + lead_s) * RATE), dtype=np.int16)]
     for pcm in speech:
         parts += [pcm, PAUSE]
     return np.concatenate(parts), sum(len(pcm) for pcm in speech) / RATE
@@ -43,7 +45,12 @@ async def test_the_measured_capacity_keeps_finals_within_a_second_with_partials(
     await engine.start()
     try:
         count = engine.capacity
-        calls = [caller(n) for n in range(count)]
+        # Callers are not in step: each starts at its own point of a sentence's cycle (real
+        # calls start at random times). All starting together is a mass start, where every
+        # final is asked for in the same moment (bench/load.py --mass-start measures that).
+        calls = [caller(n, lead_s=n * CYCLE_S / count) for n in range(count)]
+        length = max(len(pcm) for pcm, _ in calls)
+        calls = [(np.pad(pcm, (0, length - len(pcm))), speech) for pcm, speech in calls]
         streams = [engine.open(f"load-{n}") for n in range(count)]
         with pytest.raises(EngineFull):
             engine.open("one-more")
@@ -59,7 +66,6 @@ async def test_the_measured_capacity_keeps_finals_within_a_second_with_partials(
                     partials[n] += 1
 
         readers = [asyncio.create_task(read(n, s)) for n, s in enumerate(streams)]
-        length = min(len(pcm) for pcm, _ in calls)
         for i, at in enumerate(range(0, length, FRAME)):
             delay = began + (i + 1) * 0.02 - time.perf_counter()
             if delay > 0:

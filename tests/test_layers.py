@@ -5,6 +5,7 @@ imports inside functions and relative imports included."""
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,3 +120,14 @@ def test_relative_imports_are_resolved() -> None:
     node = ast.parse("from . import events").body[0]
     assert isinstance(node, ast.ImportFrom)
     assert absolute(node, "telephony.carriers", True) == "telephony.carriers"
+
+
+def test_every_package_is_in_the_built_wheel() -> None:
+    """setuptools installs only the packages pyproject.toml lists: a package missing there is
+    missing from a wheel (`pip install .`), though every test run from the tree still finds it."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(config["tool"]["setuptools"]["packages"])
+    packages = {
+        module_name(path) for layer in LAYERS for path in (ROOT / layer).rglob("__init__.py")
+    }
+    assert packages <= listed, sorted(packages - listed)

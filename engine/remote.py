@@ -45,7 +45,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import numpy as np
-import numpy.typing as npt
 
 from engine import moshi_wire as wire
 from engine.base import (
@@ -82,8 +81,6 @@ CONNECT_TIMEOUT_S: Final = 5.0  # handshake until Ready
 HEARTBEAT_S: Final = 5.0  # WebSocket ping; a node silent for 1.5x this is lost
 PROBE_TIMEOUT_S: Final = 2.0
 DEFAULT_NODE_CAPACITY: Final = 64  # moshi-server's batch for stt-1b
-
-Int16Array = npt.NDArray[np.int16]
 
 
 # --- the protocol, no I/O ---------------------------------------------------------------------

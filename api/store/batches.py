@@ -27,14 +27,14 @@ from telephony.bus import BusEvent, CallEnded, CallStarted, DtmfPressed, LegEven
 log = logging.getLogger(__package__)  # the store's one logger, "api.store"
 
 
+INSERT_ROWS: Final = 500  # events in one multi-row INSERT (SQLite allows 32766 parameters)
+EVENT_COLUMNS: Final = ("id", "call_id", "leg", "type", "text", "start_s", "end_s", "payload")
+
+
 def _json(value: Any) -> str:
     """JSON text of what the writer stores and sends on (orjson: the writer's time per event
     went mostly to the standard library's encoder)."""
     return orjson.dumps(value).decode()
-
-
-INSERT_ROWS: Final = 500  # events in one multi-row INSERT (SQLite allows 32766 parameters)
-EVENT_COLUMNS: Final = ("id", "call_id", "leg", "type", "text", "start_s", "end_s", "payload")
 
 
 class BatchWriter:
@@ -79,9 +79,10 @@ class BatchWriter:
         db.execute("COMMIT")
 
     def _insert_said(self, db: Database, said: Sequence[LegEvent]) -> list[int | None]:
-        """Words, segments and turns of a batch in multi-row INSERTs (one statement per
-        `INSERT_ROWS`, not per event: PostgreSQL's round trip per statement was the writer's
-        limit); their `events.id`s in order; then each segment's index row and webhook."""
+        """Words, segments and turns of a batch, not a statement per event (PostgreSQL's round
+        trip per statement was the writer's limit): by COPY on PostgreSQL, in multi-row INSERTs
+        of `INSERT_ROWS` on SQLite; their `events.id`s in order; then the segments' index rows
+        and webhooks."""
         if not said:
             return []
         rows: list[int | None] = []
@@ -103,16 +104,17 @@ class BatchWriter:
             ids = db.next_ids("events", len(values))
             db.copy_in("events", EVENT_COLUMNS, ((i, *v) for i, v in zip(ids, values, strict=True)))
             rows += ids
-        for first in range(0, 0 if db.postgres else len(values), INSERT_ROWS):
-            part = values[first : first + INSERT_ROWS]
-            cursor = db.execute(
-                f"INSERT INTO events ({', '.join(EVENT_COLUMNS[1:])}) VALUES "
-                + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(part))
-                + " RETURNING id",
-                [value for row in part for value in row],
-            )
-            # Ids are taken in the order the rows are inserted: sorted, they are the rows'.
-            rows += sorted(int(row[0]) for row in cursor.fetchall())
+        else:
+            for first in range(0, len(values), INSERT_ROWS):
+                part = values[first : first + INSERT_ROWS]
+                cursor = db.execute(
+                    f"INSERT INTO events ({', '.join(EVENT_COLUMNS[1:])}) VALUES "
+                    + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(part))
+                    + " RETURNING id",
+                    [value for row in part for value in row],
+                )
+                # Ids are taken in the order the rows are inserted: sorted, they are the rows'.
+                rows += sorted(int(row[0]) for row in cursor.fetchall())
         # Each segment's search row and webhook, a statement for all of them.
         segments = [
             (event.call_id, event.leg, event.event.text, payload)

@@ -6,6 +6,7 @@
     python bench/cpu_engine.py realtime --streams 24 --talk 0.5 --partials 1   # callers who pause
     python bench/cpu_engine.py memory     # resident size with 1 and with 8 streams
     python bench/cpu_engine.py cost       # CPU per talking caller, decodes from scratch vs. reused
+    python bench/cpu_engine.py --precision float32 realtime   # the decoder as shipped (not int8)
 
 Speech: 16 call-centre sentences by hibari-tts (its one voice, plus two pitch-shifted
 "voices" made with sox), at three speeds, through 8 kHz μ-law, clean and with a 300-3400 Hz
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.base import Partial, Segment
 from engine.moonshine import TARGET_LOAD, MoonshineEngine, MoonshineStream
+from engine.moonshine_graph import PRECISIONS, Precision
 from telephony.audio import PcmArray, resample_whole, ulaw_decode, ulaw_encode
 from tests.conftest import MODEL_CACHE
 from tests.speech import (
@@ -74,9 +76,15 @@ def phone_audio(text: str, voice: str, speed: str, noisy: bool, seed: int) -> Pc
     return resample_whole(ulaw_decode(ulaw_encode(pcm)), 8000, RATE)
 
 
+PRECISION: list[Precision] = ["int8"]  # --precision
+
+
 async def start(partial_interval_s: float = 0.0, capacity: int = 64) -> MoonshineEngine:
     engine = MoonshineEngine(
-        cache_dir=MODEL_CACHE, capacity=capacity, partial_interval_s=partial_interval_s
+        cache_dir=MODEL_CACHE,
+        capacity=capacity,
+        partial_interval_s=partial_interval_s,
+        precision=PRECISION[0],
     )
     await engine.start()
     return engine
@@ -341,6 +349,9 @@ def _rss_mb() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="int8", help="the decoder's (engine.precision)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("wer")
     sub.add_parser("rtf")
@@ -354,6 +365,7 @@ def main() -> None:
     co = sub.add_parser("cost")
     co.add_argument("--every", type=float, default=1.0, help="partials every ... s (0: none)")
     args = parser.parse_args()
+    PRECISION[0] = args.precision
     commands = {"wer": wer, "rtf": rtf, "realtime": realtime, "memory": memory, "cost": cost}
     run = commands[args.command]
     asyncio.run(run(args))

@@ -43,6 +43,7 @@ from engine.config import user_dir
 from engine.decode_pool import FINAL, PARTIAL, DecodePool
 from engine.endpointing import Cut, EndpointConfig, OpenUtterance, Utterances
 from engine.keyterms import check_keyterms, merge_keyterms
+from engine.moonshine_graph import Precision
 from engine.moonshine_model import SAMPLE_RATE, FloatAudio, MoonshineModel, Transcript, load
 from engine.vad import SileroVad
 from engine.vad import load as load_vad
@@ -75,6 +76,7 @@ class MoonshineEngine(Engine):
         cache_dir: Path | None = None,  # None: the user's cache folder
         capacity: int = 0,
         threads: int = 0,
+        precision: Precision = "int8",
         max_buffer_s: float = 10.0,
         partial_interval_s: float = 1.0,
         endpoint: EndpointConfig | None = None,
@@ -85,6 +87,7 @@ class MoonshineEngine(Engine):
         self._cache_dir = cache_dir or user_dir("cache")
         self._capacity = capacity
         self._threads = threads or os.cpu_count() or 1
+        self.precision: Precision = precision
         self._max_buffer_s = max_buffer_s
         self.partial_interval_s = partial_interval_s
         self.endpoint = endpoint or EndpointConfig()
@@ -106,7 +109,9 @@ class MoonshineEngine(Engine):
         """Prepare (first start only) and load the model, then decode once so that a broken
         model fails here and not in a call; measure the capacity unless it is set."""
         loop = asyncio.get_running_loop()
-        self.model = await loop.run_in_executor(None, load, self._model_name, self._cache_dir)
+        self.model = await loop.run_in_executor(
+            None, load, self._model_name, self._cache_dir, self.precision
+        )
         await loop.run_in_executor(None, load_vad)
         self._rtf = await loop.run_in_executor(None, self._calibrate, self.model)
         if self._capacity <= 0:
@@ -164,6 +169,7 @@ class MoonshineEngine(Engine):
             extra={
                 "sample_rate": self.sample_rate,
                 "threads": self._threads,
+                "precision": self.precision,
                 "real_time_factor": round(self._rtf, 4),
                 "partial_interval_s": self.partial_interval_s,
                 "vad": "silero-vad (shipped in the silero-vad wheel)",

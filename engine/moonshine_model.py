@@ -31,6 +31,7 @@ import numpy.typing as npt
 
 from engine.confidence import word_confidences
 from engine.keyterm_bias import KeytermBias, KeytermIndex
+from engine.moonshine_graph import FIRST, STEP, Precision
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,14 @@ SPACE: Final = "\u2581"
 LAYERS: Final = 8
 HEADS: Final = 8
 HEAD_DIM: Final = 52
-PARTS: Final = ("encoder_model", "decoder_model_merged")
+PARTS: Final = ("encoder_model", "decoder_model_merged")  # what a model folder holds
+PREPARED: Final = ("encoder_model", FIRST, STEP)  # what `prepare` writes and the model loads
+PREPARATION: Final = 2  # the version of `prepare`'s output: a new one prepares again
 FIRST_TEXT_TOKEN: Final = 259  # 0-2 special, 3-258 the bytes: never keyterm spellings
 KEYTERM_INDEXES_KEPT: Final = 64  # keyterm lists whose prefix trees are kept for reuse
 
 FloatAudio = npt.NDArray[np.float32]
+Cache = dict[str, npt.NDArray[np.float32]]  # the decoder's KV cache by input name
 
 
 @dataclass(frozen=True)
@@ -103,23 +107,25 @@ class ModelFiles:
         raise ModelLoadError(f"{self.folder}: {part}.ort or {part}.onnx is missing")
 
 
-def prepare(files: ModelFiles, cache_dir: Path) -> dict[str, Path]:
-    """The `.onnx` file of each part: as given, or converted once into `cache_dir`.
+def prepare(files: ModelFiles, cache_dir: Path, precision: Precision = "int8") -> dict[str, Path]:
+    """The `.onnx` file of each of `PREPARED`, made once into `cache_dir`: the encoder as it
+    is, the merged decoder split in two and, for `int8`, quantized (engine/moonshine_graph.py).
 
-    A manifest beside the converted files holds their digests: a file that was cut short or
-    altered is converted again, never loaded.
+    A manifest beside the prepared files holds their digests: a file that was cut short or
+    altered is prepared again, never loaded.
     """
     sources = {part: files.source(part) for part in PARTS}
-    if all(path.suffix == ".onnx" for path in sources.values()):
-        return sources
     key = hashlib.sha256(
         "|".join(
-            f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources.values()
+            [
+                f"v{PREPARATION}:{precision}",
+                *(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources.values()),
+            ]
         ).encode()
     ).hexdigest()[:16]
     target = cache_dir / f"moonshine-{key}"
     manifest = target / "manifest.json"
-    out = {part: target / f"{part}.onnx" for part in PARTS}
+    out = {part: target / f"{part}.onnx" for part in PREPARED}
     if _manifest_holds(manifest, out):
         return out
     try:
@@ -132,29 +138,37 @@ def prepare(files: ModelFiles, cache_dir: Path) -> dict[str, Path]:
         ) from None
     with lock:
         # Several processes may start at once on a new machine (workers, a test run): one
-        # converts, the others wait and then find its manifest.
+        # prepares, the others wait and then find its manifest.
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _manifest_holds(manifest, out):
-            _convert_all(sources, out, target)
+            log.info("preparing the Moonshine model once (%s) in %s", precision, target)
+            began = time.monotonic()
+            _prepare_all(sources, out, precision)
             manifest.write_text(json.dumps({str(p): _digest(p) for p in out.values()}))
+            log.info("Moonshine model prepared in %.1f s", time.monotonic() - began)
     return out
 
 
-def _convert_all(sources: dict[str, Path], out: dict[str, Path], target: Path) -> None:
-    from engine.ort_to_onnx import OrtFormatError, convert
+def _prepare_all(sources: dict[str, Path], out: dict[str, Path], precision: Precision) -> None:
+    import onnx
+    from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
-    log.info("preparing the Moonshine model once (ORT → ONNX) in %s", target)
-    for n, part in enumerate(PARTS, start=1):
-        began = time.monotonic()
-        src = sources[part]
+    from engine.moonshine_graph import GraphError, save, split_merged_decoder
+    from engine.ort_to_onnx import OrtFormatError, read
+
+    def model(path: Path) -> onnx.ModelProto:
+        return read(path) if path.suffix == ".ort" else onnx.load_model(str(path))
+
+    for part, source in sources.items():
         try:
-            if src.suffix == ".onnx":
-                out[part] = src
+            graph = model(source)
+            if part == "encoder_model":  # measured: in int8 it costs words (noisy WER +0.004)
+                save(graph, out[part], "float32")
             else:
-                convert(src, out[part])
-        except (OrtFormatError, ValueError, OSError) as exc:
-            raise ModelLoadError(f"{src}: not a usable model file ({exc})") from None
-        log.info("  [%d/%d] %s ready in %.1f s", n, len(PARTS), part, time.monotonic() - began)
+                for name, branch in split_merged_decoder(graph).items():
+                    save(branch, out[name], precision)
+        except (OrtFormatError, GraphError, DecodeError, ValueError, OSError) as exc:
+            raise ModelLoadError(f"{source}: not a usable model file ({exc})") from None
 
 
 def _manifest_holds(manifest: Path, out: dict[str, Path]) -> bool:
@@ -218,21 +232,20 @@ class MoonshineModel:
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        # Prepacked weights are a second copy in memory; measured: the same speed without.
-        options.add_session_config_entry("session.disable_prepacking", "1")
         try:
-            self._encoder = ort.InferenceSession(
-                str(paths["encoder_model"]), options, providers=["CPUExecutionProvider"]
-            )
-            self._decoder = ort.InferenceSession(
-                str(paths["decoder_model_merged"]), options, providers=["CPUExecutionProvider"]
+            self._encoder, self._first, self._step_session = (
+                ort.InferenceSession(str(paths[part]), options, providers=["CPUExecutionProvider"])
+                for part in PREPARED
             )
         except Exception as exc:  # onnxruntime raises its own types for a bad file
             raise ModelLoadError(f"cannot load the Moonshine model: {exc}") from None
-        self._past_names = [
-            i.name for i in self._decoder.get_inputs() if i.name.startswith("past_key_values.")
+        # The first pass gives the whole cache; a step, only its self-attention part.
+        present = [o.name for o in self._first.get_outputs()[1:]]
+        self._cache_names = [name.replace("present.", "past_key_values.") for name in present]
+        self._step_outputs = ["logits", *(name for name in present if ".decoder." in name)]
+        self._self_attention_names = [
+            name.replace("present.", "past_key_values.") for name in self._step_outputs[1:]
         ]
-        self._present_names = [o.name for o in self._decoder.get_outputs()][1:]
         self._indexes: dict[tuple[str, ...], KeytermIndex] = {}
         self._indexes_lock = threading.Lock()
 
@@ -258,52 +271,35 @@ class MoonshineModel:
         if len(audio) < SAMPLE_RATE // 10:
             audio = np.pad(audio, (0, SAMPLE_RATE // 10 - len(audio)))
         bias = KeytermBias(keyterms) if keyterms else None
-        feeds = self._encode(audio)
+        limit = int(len(audio) / SAMPLE_RATE * TOKENS_PER_S) + 10
+        draft = list(draft[: limit - 1])
         tokens: list[int] = []
         probabilities: list[float] = []
-        limit = int(len(audio) / SAMPLE_RATE * TOKENS_PER_S) + 10
-        last = START_TOKEN
-        step = 0
-        ended = False
-        draft = list(draft[: limit - 1])
-        if draft:
-            feeds["input_ids"] = np.array([[START_TOKEN, *draft]], dtype=np.int64)
-            logits, *present = self._decoder.run(None, feeds)
-            # Row i is what the decoder says after START and draft[:i]: the row a step-by-step
-            # decode would see at step i as long as draft[:i] are the tokens it chose.
-            for i in range(len(draft) + 1):
-                row = logits[0, i]
-                last = bias.choose(row) if bias is not None else int(np.argmax(row))
-                if last == END_TOKEN:
-                    ended = True
-                    break
-                probabilities.append(token_probability(row, last))
-                tokens.append(last)
-                if i == len(draft) or last != draft[i]:
-                    break
-            if not ended:
-                # The cache holds START and the draft tokens kept (the inputs of rows 0..i).
-                step = len(tokens)
-                for name, value in zip(self._present_names, present, strict=True):
-                    past = name.replace("present.", "past_key_values.")
-                    # The cross-attention cache is whole; the self-attention one is cut to
-                    # the positions kept (the rest read draft tokens that were not chosen).
-                    keep = ".encoder." in past
-                    feeds[past] = value if keep else np.ascontiguousarray(value[:, :, :step])
-                feeds["use_cache_branch"] = np.array([True])
-        while not ended and step < limit:
-            feeds["input_ids"] = np.array([[last]], dtype=np.int64)
-            logits, *present = self._decoder.run(None, feeds)
-            row = logits[0, -1]
-            last = bias.choose(row) if bias is not None else int(np.argmax(row))
-            if last == END_TOKEN:
+
+        def choose(row: npt.NDArray[np.float32]) -> int:
+            token = bias.choose(row) if bias is not None else int(np.argmax(row))
+            if token != END_TOKEN:
+                # The model's own probability of the token (softmax of the unbiased logits).
+                probabilities.append(token_probability(row, token))
+                tokens.append(token)
+            return token
+
+        # Row i is what the decoder says after START and draft[:i]: the row a step-by-step
+        # decode would see at step i as long as draft[:i] are the tokens it chose.
+        logits, cache = self._first_pass(self._encode(audio), [START_TOKEN, *draft])
+        for i in range(len(draft) + 1):
+            last = choose(logits[0, i])
+            if last == END_TOKEN or i == len(draft) or last != draft[i]:
                 break
-            # The model's own probability of the token (softmax of the unbiased logits).
-            probabilities.append(token_probability(row, last))
-            tokens.append(last)
-            self._keep(feeds, present, step)
-            feeds["use_cache_branch"] = np.array([True])
-            step += 1
+        # The cache holds START and the draft tokens kept (the inputs of rows 0..i): the
+        # self-attention part is cut to them (the rest read draft tokens that were not chosen).
+        cache = {
+            name: value if ".encoder." in name else np.ascontiguousarray(value[:, :, : len(tokens)])
+            for name, value in cache.items()
+        }
+        while last != END_TOKEN and len(tokens) < limit:
+            logits, cache = self._step(cache, last)
+            last = choose(logits[0, -1])
         kept = [(t, p) for t, p in zip(tokens, probabilities, strict=True) if self._is_text(t)]
         pieces = tuple(self._tokens[t] for t, _ in kept)
         return Transcript("".join(pieces).strip(), pieces, tuple(p for _, p in kept), tuple(tokens))
@@ -330,40 +326,32 @@ class MoonshineModel:
         of that length, whatever the audio says (for measuring speed)."""
         rng = np.random.default_rng(0)
         audio = (rng.standard_normal(int(seconds * SAMPLE_RATE)) * 0.05).astype(np.float32)
-        feeds = self._encode(audio)
-        first = 0
-        if drafted:
-            ids = [START_TOKEN, *range(START_TOKEN + 10, START_TOKEN + 10 + drafted)]
-            feeds["input_ids"] = np.array([ids], dtype=np.int64)
-            _, *present = self._decoder.run(None, feeds)
-            self._keep(feeds, present, 0)
-            feeds["use_cache_branch"] = np.array([True])
-            first = drafted + 1
-        for step in range(first, tokens):
-            feeds["input_ids"] = np.array([[START_TOKEN + 10 + step]], dtype=np.int64)
-            _, *present = self._decoder.run(None, feeds)
-            self._keep(feeds, present, step)
-            feeds["use_cache_branch"] = np.array([True])
+        first = [START_TOKEN, *range(START_TOKEN + 10, START_TOKEN + 10 + drafted)]
+        _, cache = self._first_pass(self._encode(audio), first)
+        for step in range(len(first), tokens):
+            _, cache = self._step(cache, START_TOKEN + 10 + step)
 
-    def _encode(self, audio: FloatAudio) -> dict[str, npt.NDArray[np.generic]]:
-        """The decoder's inputs for its first step: the encoded audio, an empty KV cache."""
-        hidden = self._encoder.run(None, {"input_values": audio[None, :]})[0]
-        feeds: dict[str, npt.NDArray[np.generic]] = {"encoder_hidden_states": hidden}
-        empty = np.zeros((1, HEADS, 0, HEAD_DIM), dtype=np.float32)
-        for name in self._past_names:
-            feeds[name] = empty
-        feeds["use_cache_branch"] = np.array([False])
-        return feeds
+    def _encode(self, audio: FloatAudio) -> npt.NDArray[np.float32]:
+        hidden: npt.NDArray[np.float32] = self._encoder.run(None, {"input_values": audio[None, :]})[
+            0
+        ]
+        return hidden
 
-    def _keep(
-        self, feeds: dict[str, npt.NDArray[np.generic]], present: list[Any], step: int
-    ) -> None:
-        """Next step's KV cache from this step's outputs."""
-        for name, value in zip(self._present_names, present, strict=True):
-            past = name.replace("present.", "past_key_values.")
-            # The cross-attention cache is computed at the first step and then kept.
-            if step == 0 or ".decoder." in past:
-                feeds[past] = value
+    def _first_pass(self, hidden: npt.NDArray[np.float32], ids: list[int]) -> tuple[Any, Cache]:
+        """Logits after each of `ids` (START first) over the encoded audio, and the KV cache."""
+        feeds = {"input_ids": np.array([ids], dtype=np.int64), "encoder_hidden_states": hidden}
+        logits, *present = self._first.run(None, feeds)
+        return logits, dict(zip(self._cache_names, present, strict=True))
+
+    def _step(self, cache: Cache, token: int) -> tuple[Any, Cache]:
+        """Logits after one more token, and the cache grown by it (the cross-attention part,
+        computed by the first pass, is passed on as it is)."""
+        feeds: dict[str, npt.NDArray[np.generic]] = {"input_ids": np.array([[token]], np.int64)}
+        feeds.update(cache)
+        logits, *present = self._step_session.run(self._step_outputs, feeds)
+        grown = dict(cache)
+        grown.update(zip(self._self_attention_names, present, strict=True))
+        return logits, grown
 
     def detokenize(self, tokens: list[int]) -> str:
         return "".join(self._tokens[t] for t in tokens if self._is_text(t)).strip()
@@ -376,13 +364,13 @@ _loaded: dict[str, MoonshineModel] = {}
 _loading = threading.Lock()
 
 
-def load(model: str, cache_dir: Path) -> MoonshineModel:
+def load(model: str, cache_dir: Path, precision: Precision = "int8") -> MoonshineModel:
     """The process's one copy of the model (prepared on first use); safe from any thread."""
     with _loading:
         files = ModelFiles.locate(model)
-        key = str(files.folder)
+        key = f"{files.folder}:{precision}"
         if key not in _loaded:
-            paths = prepare(files, cache_dir)
+            paths = prepare(files, cache_dir, precision)
             tokenizer = read_tokenizer(files.folder / "tokenizer.bin")
             began = time.monotonic()
             _loaded[key] = MoonshineModel(paths, tokenizer, files.name)

@@ -28,6 +28,15 @@ class OrtFormatError(ValueError):
 
 def convert(ort_path: Path, onnx_path: Path) -> None:
     """Read `ort_path` (ORT format) and write the same model as ONNX to `onnx_path`."""
+    proto = read(ort_path)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = onnx_path.with_suffix(".partial")
+    onnx.save_model(proto, str(tmp))
+    tmp.replace(onnx_path)  # a crash mid-write never leaves a truncated model behind
+
+
+def read(ort_path: Path) -> onnx.ModelProto:
+    """The model in `ort_path` (ORT format) as ONNX."""
     data = ort_path.read_bytes()
     if not fbs.InferenceSession.InferenceSession.InferenceSessionBufferHasIdentifier(data, 0):
         raise OrtFormatError(f"{ort_path}: not an ORT-format model")
@@ -45,10 +54,7 @@ def convert(ort_path: Path, onnx_path: Path) -> None:
         producer_name="stt-bridge ort_to_onnx",
     )
     proto.ir_version = model.IrVersion()
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = onnx_path.with_suffix(".partial")
-    onnx.save_model(proto, str(tmp))
-    tmp.replace(onnx_path)  # a crash mid-write never leaves a truncated model behind
+    return proto
 
 
 def _text(value: bytes | None) -> str:

@@ -45,6 +45,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, EngineChoice]:
             cache_dir=config.model_cache(),
             capacity=config.capacity,
             threads=config.threads,
+            precision="float32" if config.precision == "float32" else "int8",
             max_buffer_s=config.max_buffer_s,
             partial_interval_s=config.partial_interval_s,
             endpoint=EndpointConfig(

@@ -1,6 +1,7 @@
 """Moonshine decodes that reuse the previous hypothesis (a draft read in one pass) against the
 plain step-by-step decode, on real speech through 8 kHz μ-law: the same tokens, the same
-probabilities (to float tolerance), with and without keyterms."""
+probabilities (to float tolerance; a little wider in int8, whose products round differently
+for a pass of many rows and a step of one), with and without keyterms."""
 
 from __future__ import annotations
 
@@ -45,9 +46,14 @@ def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return n
 
 
-def test_each_decode_from_the_last_ones_tokens_equals_the_plain_decode(
-    model: MoonshineModel,
-) -> None:
+# int8 quantizes each row of a product's input on its own (engine/moonshine_graph.py), but a
+# pass of many rows sums in another order than a step of one (measured: at most 0.011).
+TOLERANCE = {"int8": 0.03, "float32": 2e-3}
+
+
+@pytest.mark.parametrize("precision", ["int8", "float32"])
+def test_each_decode_from_the_last_ones_tokens_equals_the_plain_decode(precision: str) -> None:
+    model = load("", MODEL_CACHE, "int8" if precision == "int8" else "float32")
     reused_steps = 0
     for text in SENTENCES[:3]:
         draft: tuple[int, ...] = ()
@@ -56,7 +62,9 @@ def test_each_decode_from_the_last_ones_tokens_equals_the_plain_decode(
             reused = model.decode(audio, draft=draft)
             assert reused.tokens == plain.tokens, (text, len(audio))
             assert reused.text == plain.text
-            np.testing.assert_allclose(reused.probabilities, plain.probabilities, atol=2e-3)
+            np.testing.assert_allclose(
+                reused.probabilities, plain.probabilities, atol=TOLERANCE[precision]
+            )
             reused_steps += common_prefix(draft, plain.tokens)
             draft = reused.tokens
     # The drafts were used, not dropped: most tokens of a grown utterance come from its last.

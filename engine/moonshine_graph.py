@@ -15,8 +15,9 @@ before, 166 ms in int8; the WER of the call-centre sets the same (bench/cpu_engi
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final, Literal
 
@@ -98,13 +99,70 @@ def split_merged_decoder(merged: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
     return models
 
 
-def save(model: onnx.ModelProto, path: Path, precision: Precision) -> None:
-    """Write `model` to `path`, its weight products quantized to 8 bits for `int8`."""
+def save_decoder(model: onnx.ModelProto, path: Path, precision: Precision) -> None:
+    """Write a decoder half to `path`, its weight products in 8 bits for `int8`."""
+    _write(quantize_int8(model) if precision == "int8" else model, path)
+
+
+def save_encoder(model: onnx.ModelProto, path: Path, precision: Precision) -> None:
+    """Write the encoder to `path`; for `int8`, its weight products as onnxruntime's dynamic
+    int8 ones (weights per output channel, each input quantized as it comes).
+
+    Not `MatMulNBits` as in the decoder: the encoder multiplies a whole utterance at once,
+    where int8 pays only as a plain integer product (measured, 3 s of audio: 54 ms in float32,
+    62 ms in MatMulNBits, 29 ms so). Per channel, not per tensor: per tensor cost words (WER
+    clean 0.002 -> 0.006, noisy 0.067 -> 0.074); per channel did not (0.002, 0.066).
+    """
+    if precision == "float32":
+        _write(model, path)
+        return
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     tmp = path.with_suffix(".partial")
-    if precision == "int8":
-        model = quantize_int8(model)
+    with _quiet():
+        quantize_dynamic(
+            fold_weights(model),
+            tmp,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+        )
+    tmp.replace(path)
+
+
+def fold_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with the nodes that expand its 8-bit weights evaluated: the quantizer sees a
+    product with a weight only where the weight is an initializer."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    nodes = _fold(list(model.graph.node), values)
+    read = _names_read(nodes)
+    graph = helper.make_graph(
+        nodes,
+        model.graph.name,
+        list(model.graph.input),
+        list(model.graph.output),
+        initializer=[numpy_helper.from_array(values[n], n) for n in sorted(read & values.keys())],
+    )
+    folded = helper.make_model(graph, opset_imports=model.opset_import)
+    folded.ir_version = model.ir_version
+    return folded
+
+
+def _write(model: onnx.ModelProto, path: Path) -> None:
+    tmp = path.with_suffix(".partial")
     onnx.save_model(model, str(tmp))
     tmp.replace(path)  # a crash mid-write never leaves a truncated model behind
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """onnxruntime's quantizers log each product they leave alone, at INFO."""
+    silenced = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(silenced)
 
 
 def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -129,13 +187,8 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     quantizer = MatMulNBitsQuantizer(
         model, bits=8, block_size=BLOCK, is_symmetric=False, accuracy_level=4, algo_config=config
     )
-    # The quantizer logs each product it leaves alone (the attention's), at INFO.
-    silenced = logging.root.manager.disable
-    logging.disable(logging.INFO)
-    try:
+    with _quiet():
         quantizer.process()
-    finally:
-        logging.disable(silenced)
     quantized: onnx.ModelProto = quantizer.model.model
     return quantized
 

@@ -2,8 +2,9 @@
 
 The weights ship inside the `moonshine-cpp` wheel (MIT) as `.ort` files; its own native library
 is not used (../shared/protocols/moonshine.md: slow, 2.5 GB, leaks). On first start the `.ort`
-files are converted once to `.onnx` in a cache folder (`engine.cache_dir`), which makes decoding
-5.6x faster; later starts reuse them. A folder of the same layout (`encoder_model.ort|.onnx`,
+files are prepared once in a cache folder (`engine.cache_dir`): converted to `.onnx`, which makes
+decoding 5.6x faster, the decoder split in two and, in `int8`, quantized (engine/moonshine_graph.py)
+for 3x more; later starts reuse them. A folder of the same layout (`encoder_model.ort|.onnx`,
 `decoder_model_merged.ort|.onnx`, `tokenizer.bin`) can be given instead of the wheel's.
 
 The model takes raw 16 kHz float audio (no mel front end), encodes it, then a decoder with a
@@ -46,7 +47,7 @@ HEADS: Final = 8
 HEAD_DIM: Final = 52
 PARTS: Final = ("encoder_model", "decoder_model_merged")  # what a model folder holds
 PREPARED: Final = ("encoder_model", FIRST, STEP)  # what `prepare` writes and the model loads
-PREPARATION: Final = 2  # the version of `prepare`'s output: a new one prepares again
+PREPARATION: Final = 3  # the version of `prepare`'s output: a new one prepares again
 FIRST_TEXT_TOKEN: Final = 259  # 0-2 special, 3-258 the bytes: never keyterm spellings
 KEYTERM_INDEXES_KEPT: Final = 64  # keyterm lists whose prefix trees are kept for reuse
 
@@ -153,7 +154,12 @@ def _prepare_all(sources: dict[str, Path], out: dict[str, Path], precision: Prec
     import onnx
     from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
-    from engine.moonshine_graph import GraphError, save, split_merged_decoder
+    from engine.moonshine_graph import (
+        GraphError,
+        save_decoder,
+        save_encoder,
+        split_merged_decoder,
+    )
     from engine.ort_to_onnx import OrtFormatError, read
 
     def model(path: Path) -> onnx.ModelProto:
@@ -162,11 +168,11 @@ def _prepare_all(sources: dict[str, Path], out: dict[str, Path], precision: Prec
     for part, source in sources.items():
         try:
             graph = model(source)
-            if part == "encoder_model":  # measured: in int8 it costs words (noisy WER +0.004)
-                save(graph, out[part], "float32")
+            if part == "encoder_model":
+                save_encoder(graph, out[part], precision)
             else:
                 for name, branch in split_merged_decoder(graph).items():
-                    save(branch, out[name], precision)
+                    save_decoder(branch, out[name], precision)
         except (OrtFormatError, GraphError, DecodeError, ValueError, OSError) as exc:
             raise ModelLoadError(f"{source}: not a usable model file ({exc})") from None
 

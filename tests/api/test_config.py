@@ -85,6 +85,7 @@ def test_bad_config_names_what_is_wrong(
 ALLOWED_OTHER: dict[tuple[str, str], tuple[str, object]] = {
     ("engine", "name"): ("kyutai", "kyutai"),
     ("engine", "device"): ("cuda:1", "cuda:1"),
+    ("engine", "precision"): ("float32", "float32"),
     ("engine", "devices"): ("cuda:0, cuda:1", ["cuda:0", "cuda:1"]),
     ("sip", "backend"): ("pjsua2", "pjsua2"),
     ("sip", "allow"): ("10.0.0.0/8, ::1", ["10.0.0.0/8", "::1"]),

@@ -1,9 +1,11 @@
 """Decoding threads shared by every stream, finals first.
 
 onnxruntime releases the GIL for each model run, so N threads decode N utterances at once on N
-cores with one copy of the model. Work is taken by priority, then in order of arrival: a
-stream's audio and its final decodes (`FINAL`) always go before anyone's partial hypothesis
-(`PARTIAL`), so under load partials come later or not at all, while finals keep their pace.
+cores with one copy of the model. Work is taken by priority, then by rank (lowest first),
+then in order of arrival: a stream's audio and its final decodes (`FINAL`) always go first,
+then finals decoded ahead in a pause (`AHEAD`, most of which become the final), then partial
+hypotheses (`PARTIAL`), so under load partials come later or not at all, while finals keep
+their pace.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from typing import Any, Final, TypeVar
 T = TypeVar("T")
 
 FINAL: Final = 0
-PARTIAL: Final = 1
+AHEAD: Final = 1
+PARTIAL: Final = 2
 
 
 class DecodePool:
     def __init__(self, threads: int, name: str = "decode") -> None:
-        self._queue: list[tuple[int, int, Future[Any], Callable[[], Any]]] = []
+        self._queue: list[tuple[int, float, int, Future[Any], Callable[[], Any]]] = []
         self._order = itertools.count()
         self._ready = threading.Condition()
         self._stopping = False
@@ -43,18 +46,12 @@ class DecodePool:
     def queued(self) -> int:
         return len(self._queue)
 
-    @property
-    def has_idle_thread(self) -> bool:
-        """Some thread would start a job now: nothing waits and not every thread is busy."""
-        with self._ready:
-            return not self._queue and self.busy < len(self._threads)
-
-    def submit(self, priority: int, fn: Callable[[], T]) -> Future[T]:
+    def submit(self, priority: int, fn: Callable[[], T], rank: float = 0.0) -> Future[T]:
         future: Future[T] = Future()
         with self._ready:
             if self._stopping:
                 raise RuntimeError("the decode pool is shut down")
-            heapq.heappush(self._queue, (priority, next(self._order), future, fn))
+            heapq.heappush(self._queue, (priority, rank, next(self._order), future, fn))
             self._ready.notify()
         return future
 
@@ -73,7 +70,7 @@ class DecodePool:
                     self._ready.wait()
                 if not self._queue:
                     return
-                _, _, future, fn = heapq.heappop(self._queue)
+                *_, future, fn = heapq.heappop(self._queue)
                 self.busy += 1
             try:
                 if future.set_running_or_notify_cancel():

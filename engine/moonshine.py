@@ -40,7 +40,7 @@ from engine.base import (
 )
 from engine.confidence import segment_confidence
 from engine.config import user_dir
-from engine.decode_pool import FINAL, PARTIAL, DecodePool
+from engine.decode_pool import AHEAD, FINAL, PARTIAL, DecodePool
 from engine.endpointing import Cut, EndpointConfig, OpenUtterance, Utterances
 from engine.keyterms import check_keyterms, merge_keyterms
 from engine.moonshine_graph import Precision
@@ -214,7 +214,8 @@ class MoonshineStream(EngineStream):
         self._last_decode: tuple[int, tuple[int, ...]] = (-1, ())
         self._partial_every = int(engine.partial_interval_s * SAMPLE_RATE)
         self._partial_at = (0, 0)  # (utterance number, its length) at the last partial
-        self._partial_running = False
+        self._partial_wanted: OpenUtterance | None = None  # the audio the next one decodes
+        self._partial_pending = False  # a partial of this stream is queued or running
         self._emitting = threading.Lock()  # partial vs. final of one utterance: final wins
         self._finalize = False
         self._failed = False  # a decode raised: the stream has ended, nothing more is decoded
@@ -283,11 +284,12 @@ class MoonshineStream(EngineStream):
     def _speculate(self, utterance: OpenUtterance) -> None:
         """`pad_s` into a pause: decode what the final will be if the pause lasts, so the
         final is out when the pause is confirmed (0.3 s sooner), not a decode after it.
-        At partial priority: a busy machine skips it and decodes at the cut as before."""
+        Behind finals, before partials: a busy machine may not start it before the cut,
+        which then decodes as without it."""
         audio = utterance.audio
         if self._ahead is not None:
             self._ahead[2].cancel()  # an earlier pause that did not end the utterance
-        future = self._pool.submit(PARTIAL, partial(self._redecode, utterance.start, audio))
+        future = self._pool.submit(AHEAD, partial(self._redecode, utterance.start, audio))
         self._ahead = (utterance.start, len(audio), future)
 
     def _redecode(self, start: int, audio: FloatAudio) -> Transcript:
@@ -332,34 +334,37 @@ class MoonshineStream(EngineStream):
                     self._emit(EndOfTurn(round(cut.end / SAMPLE_RATE, 3)))
 
     def _maybe_partial(self) -> None:
-        """Decode the open utterance again once it has grown by `partial_interval_s`, unless a
-        partial of this stream is still running, its audio is already waiting (behind), or no
-        decoding thread is free: partials only ever use time that finals do not need."""
-        if self._partial_every <= 0 or self._partial_running or self.closing:
-            return
-        if self.pending_samples > SAMPLE_RATE // 2 or not self._pool.has_idle_thread:
-            return  # behind, or every thread has work: partials wait for a quiet moment
+        """Ask for a partial once the open utterance has grown by `partial_interval_s` since
+        the last. Partials wait behind every final and final decoded ahead, the stream that
+        has waited longest for one first (so under load every caller's come less often, not
+        some callers' never); a request still waiting decodes the newest audio when it runs."""
+        if self._partial_every <= 0 or self.closing or self.pending_samples > SAMPLE_RATE // 2:
+            return  # off, ending, or behind: its audio is still to be judged
         utterance = self._utterances.open_utterance()
         if utterance is None:
             return
         number, length = self._partial_at
-        if number == utterance.number and len(utterance.audio) - length < self._partial_every:
+        grown = len(utterance.audio) - (length if number == utterance.number else 0)
+        if grown < self._partial_every:
             return
-        if number != utterance.number and len(utterance.audio) < self._partial_every:
-            return
-        self._partial_at = (utterance.number, len(utterance.audio))
-        self._partial_running = True
+        self._partial_wanted = utterance
+        if not self._partial_pending:
+            self._partial_pending = True
+            waiting_since = time.monotonic() - grown / SAMPLE_RATE
+            self._pool.submit(PARTIAL, self._decode_partial, rank=waiting_since)
 
-        def decode() -> None:
-            try:
-                text = self._redecode(utterance.start, utterance.audio).text
-                with self._emitting:  # the final of this utterance has not come out yet:
-                    state = self._utterances
-                    if text and state.in_speech and state.number == utterance.number:
-                        start = utterance.start / SAMPLE_RATE
-                        end = start + len(utterance.audio) / SAMPLE_RATE
-                        self._emit(Partial(text, round(start, 3), round(end, 3)))
-            finally:
-                self._partial_running = False
-
-        self._pool.submit(PARTIAL, decode)
+    def _decode_partial(self) -> None:
+        try:
+            utterance = self._partial_wanted
+            state = self._utterances
+            if utterance is None or not state.in_speech or state.number != utterance.number:
+                return  # its final came first
+            self._partial_at = (utterance.number, len(utterance.audio))
+            text = self._redecode(utterance.start, utterance.audio).text
+            with self._emitting:  # the final of this utterance has not come out yet:
+                if text and state.in_speech and state.number == utterance.number:
+                    start = utterance.start / SAMPLE_RATE
+                    end = start + len(utterance.audio) / SAMPLE_RATE
+                    self._emit(Partial(text, round(start, 3), round(end, 3)))
+        finally:
+            self._partial_pending = False

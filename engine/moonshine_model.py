@@ -47,7 +47,7 @@ HEADS: Final = 8
 HEAD_DIM: Final = 52
 PARTS: Final = ("encoder_model", "decoder_model_merged")  # what a model folder holds
 PREPARED: Final = ("encoder_model", FIRST, STEP)  # what `prepare` writes and the model loads
-PREPARATION: Final = 3  # the version of `prepare`'s output: a new one prepares again
+PREPARATION: Final = 4  # the version of `prepare`'s output: a new one prepares again
 FIRST_TEXT_TOKEN: Final = 259  # 0-2 special, 3-258 the bytes: never keyterm spellings
 KEYTERM_INDEXES_KEPT: Final = 64  # keyterm lists whose prefix trees are kept for reuse
 

@@ -281,7 +281,7 @@ async def cost(args: argparse.Namespace) -> None:
     way now). CPU time, not wall time, so a machine shared with other work measures the same."""
     from engine.moonshine_model import load
 
-    model = load("", MODEL_CACHE)
+    model = load("", MODEL_CACHE, PRECISION[0])
     sentences = [
         (phone_audio(CALL_CENTRE[n], "hibari", "1.0x", False, seed=n) / 32768).astype(np.float32)
         for n in range(len(CALL_CENTRE))
@@ -313,6 +313,10 @@ async def cost(args: argparse.Namespace) -> None:
         print(f"| {label:<22} | {share:>14.3f} | {2 * TARGET_LOAD / share:>26.1f} |")
     same = sum(a == b for a, b in zip(finals[False], finals[True], strict=True))
     print(f"\nfinals with the same tokens both ways: {same} of {len(sentences)}")
+    for a, b in zip(finals[False], finals[True], strict=True):
+        if a != b:
+            print(f"  from scratch: {model.detokenize(list(a))!r}")
+            print(f"  reused:       {model.detokenize(list(b))!r}")
 
 
 async def memory(args: argparse.Namespace) -> None:

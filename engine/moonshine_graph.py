@@ -187,11 +187,15 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     blocks of `BLOCK` with a scale and a zero point each, multiplied in int8 with the input
     quantized per row and block (accuracy level 4).
 
-    Per row matters: a draft pass (many tokens at once) then computes each row as a step of
-    one token would, so reusing a draft gives the same tokens as decoding step by step.
-    onnxruntime's dynamic quantization takes one scale for all rows and did not (1 decode in
-    18 of the tests' grown sentences changed a word). Measured against it: the same speed,
-    the same WER.
+    Per row matters: a draft pass (many tokens at once) then quantizes each row as a step of
+    one token would, so reusing a draft nearly always gives the tokens decoding step by step
+    gives. Not always: the float parts between the products (attention, norms) round a pass
+    of many rows a little differently from a step, and an activation at a rounding edge of its
+    8 bits can then tip a near-tie (bench/cpu_engine.py cost: 15 of 16 finals the same tokens,
+    the 16th "My zip code" reused against "Myzip code" from scratch; float32: 16 of 16).
+    onnxruntime's dynamic quantization, one scale for all rows, did worse (1 decode in 18 of the
+    tests' grown sentences changed a word, against 0). Measured against it: the same speed, the
+    same WER.
     """
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,

@@ -1,7 +1,8 @@
 """Moonshine decodes that reuse the previous hypothesis (a draft read in one pass) against the
 plain step-by-step decode, on real speech through 8 kHz μ-law: the same tokens, the same
 probabilities (to float tolerance; a little wider in int8, whose products round differently
-for a pass of many rows and a step of one), with and without keyterms."""
+for a pass of many rows and a step of one, so that a near-tie can go the other way on
+other sentences: engine/moonshine_graph.py), with and without keyterms."""
 
 from __future__ import annotations
 

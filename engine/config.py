@@ -44,7 +44,7 @@ class EngineConfig:
     moonshine_model: str = ""  # moonshine: "" = base-en from the moonshine-cpp wheel, or a folder
     cache_dir: str = ""  # moonshine: the prepared model; "" = ~/.cache/stt-bridge (XDG)
     threads: int = 0  # moonshine: decoding threads; 0 = one per core
-    # moonshine: the decoder's weight products in int8 (about 2.5x faster decodes, the same WER
+    # moonshine: the model's weight products in int8 (2-3x faster decodes, the same WER
     # on our call-centre sets: engine/moonshine_graph.py) or float32 (the weights as shipped)
     precision: str = "int8"
     partial_interval_s: float = 1.0  # moonshine: a partial every so much speech; 0 = none

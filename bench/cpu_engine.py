@@ -30,8 +30,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.base import Partial, Segment
+from engine.config import PRECISIONS
 from engine.moonshine import TARGET_LOAD, MoonshineEngine, MoonshineStream
-from engine.moonshine_graph import PRECISIONS, Precision
 from telephony.audio import PcmArray, resample_whole, ulaw_decode, ulaw_encode
 from tests.conftest import MODEL_CACHE
 from tests.speech import (
@@ -76,15 +76,14 @@ def phone_audio(text: str, voice: str, speed: str, noisy: bool, seed: int) -> Pc
     return resample_whole(ulaw_decode(ulaw_encode(pcm)), 8000, RATE)
 
 
-PRECISION: list[Precision] = ["int8"]  # --precision
-
-
-async def start(partial_interval_s: float = 0.0, capacity: int = 64) -> MoonshineEngine:
+async def start(
+    args: argparse.Namespace, partial_interval_s: float = 0.0, capacity: int = 64
+) -> MoonshineEngine:
     engine = MoonshineEngine(
         cache_dir=MODEL_CACHE,
         capacity=capacity,
         partial_interval_s=partial_interval_s,
-        precision=PRECISION[0],
+        precision=args.precision,
     )
     await engine.start()
     return engine
@@ -121,7 +120,7 @@ def sphinx_text(decoder: object, pcm: PcmArray) -> str:
 
 
 async def wer(args: argparse.Namespace) -> None:
-    engine = await start()
+    engine = await start(args)
     sphinx = pocketsphinx_decoder()
     totals: dict[tuple[str, str], list[int]] = {}
     for noisy in (False, True):
@@ -177,7 +176,7 @@ async def rtf(args: argparse.Namespace) -> None:
     print(f"| {'partials':<10} | {'CPU s per audio s':>17} | {'partials':>8} |")
     print(f"|{'-' * 12}|{'-' * 19}|{'-' * 10}|")
     for interval in (0.0, 1.0):
-        engine = await start(partial_interval_s=interval)
+        engine = await start(args, partial_interval_s=interval)
         stream = engine.open("rtf")
         cpu, wall = time.process_time(), time.perf_counter()
         frame = RATE // 50
@@ -210,7 +209,7 @@ async def realtime(args: argparse.Namespace) -> None:
     intervals = {"both": (0.0, 1.0), "0": (0.0,), "1": (1.0,)}[args.partials]
     for interval in intervals:
         for count in args.streams:
-            engine = await start(partial_interval_s=interval, capacity=count)
+            engine = await start(args, partial_interval_s=interval, capacity=count)
             latencies, partials, speech_s = await _callers(engine, count, args.talk)
             await engine.stop()
             cpu = _cpu_share()
@@ -281,7 +280,7 @@ async def cost(args: argparse.Namespace) -> None:
     way now). CPU time, not wall time, so a machine shared with other work measures the same."""
     from engine.moonshine_model import load
 
-    model = load("", MODEL_CACHE, PRECISION[0])
+    model = load("", MODEL_CACHE, args.precision)
     sentences = [
         (phone_audio(CALL_CENTRE[n], "hibari", "1.0x", False, seed=n) / 32768).astype(np.float32)
         for n in range(len(CALL_CENTRE))
@@ -322,7 +321,7 @@ async def cost(args: argparse.Namespace) -> None:
 async def memory(args: argparse.Namespace) -> None:
     pcm, _ = call_audio()
     base = _rss_mb()
-    engine = await start(partial_interval_s=1.0, capacity=8)
+    engine = await start(args, partial_interval_s=1.0, capacity=8)
     loaded = _rss_mb()
     print("resident memory (MB)\n")
     print(f"| {'state':<28} | {'RSS MB':>7} |\n|{'-' * 30}|{'-' * 9}|")
@@ -354,7 +353,7 @@ def _rss_mb() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--precision", choices=PRECISIONS, default="int8", help="the decoder's (engine.precision)"
+        "--precision", choices=PRECISIONS, default="int8", help="the model's (engine.precision)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("wer")
@@ -369,7 +368,6 @@ def main() -> None:
     co = sub.add_parser("cost")
     co.add_argument("--every", type=float, default=1.0, help="partials every ... s (0: none)")
     args = parser.parse_args()
-    PRECISION[0] = args.precision
     commands = {"wer": wer, "rtf": rtf, "realtime": realtime, "memory": memory, "cost": cost}
     run = commands[args.command]
     asyncio.run(run(args))

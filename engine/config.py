@@ -13,6 +13,9 @@ from engine.keyterms import InvalidKeyterms, check_keyterms
 
 # The engines `name` picks; `cpu` is Moonshine's alias (the CPU engine's name before it).
 ENGINE_NAMES: Final = ("auto", "moonshine", "cpu", "kyutai", "remote", "sink")
+# moonshine: the model's weight products in int8 or as shipped (engine/moonshine_graph.py).
+Precision = Literal["int8", "float32"]
+PRECISIONS: Final = ("int8", "float32")
 _XDG: Final = {"cache": ("XDG_CACHE_HOME", ".cache"), "data": ("XDG_DATA_HOME", ".local/share")}
 
 
@@ -72,7 +75,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         check.no_negative_numbers("engine", self)
         check.choice("engine.name", self.name, ENGINE_NAMES)
-        check.choice("engine.precision", self.precision, ("int8", "float32"))
+        check.choice("engine.precision", self.precision, PRECISIONS)
         check.device("engine.device", self.device)
         for device in self.devices:
             check.device("engine.devices", device, auto=False)

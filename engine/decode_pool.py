@@ -30,7 +30,6 @@ class DecodePool:
         self._order = itertools.count()
         self._ready = threading.Condition()
         self._stopping = False
-        self.busy = 0  # threads running a job now
         self._threads = [
             threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True)
             for i in range(threads)
@@ -71,13 +70,8 @@ class DecodePool:
                 if not self._queue:
                     return
                 *_, future, fn = heapq.heappop(self._queue)
-                self.busy += 1
-            try:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn())
-                    except BaseException as exc:  # handed to whoever awaits the future
-                        future.set_exception(exc)
-            finally:
-                with self._ready:
-                    self.busy -= 1
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # handed to whoever awaits the future
+                    future.set_exception(exc)

@@ -39,11 +39,10 @@ from engine.base import (
     Word,
 )
 from engine.confidence import segment_confidence
-from engine.config import user_dir
+from engine.config import Precision, user_dir
 from engine.decode_pool import AHEAD, FINAL, PARTIAL, DecodePool
 from engine.endpointing import Cut, EndpointConfig, OpenUtterance, Utterances
 from engine.keyterms import check_keyterms, merge_keyterms
-from engine.moonshine_graph import Precision
 from engine.moonshine_model import SAMPLE_RATE, FloatAudio, MoonshineModel, Transcript, load
 from engine.vad import SileroVad
 from engine.vad import load as load_vad

@@ -19,17 +19,15 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
-Precision = Literal["int8", "float32"]
-PRECISIONS: Final = ("int8", "float32")
-FIRST: Final = "decoder_first"  # START and the first tokens (or a draft) over the audio
-STEP: Final = "decoder_step"  # one token more, with the cache
+from engine.config import Precision
+
 BLOCK: Final = 32  # weights per quantization block (measured: 128 no faster, no worse WER)
 
 # The nodes that expand the shipped 8-bit weights, each evaluated once here.
@@ -44,10 +42,12 @@ class GraphError(ValueError):
     """The decoder is not the merged graph this module knows how to take apart."""
 
 
-def split_merged_decoder(merged: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
-    """`{FIRST: ..., STEP: ...}`: each branch of the merged decoder as a model of its own, its
-    outer-scope weights (expanded to float32) as its own initializers. FIRST gives the logits
-    and the whole KV cache; STEP the logits and the self-attention part of it."""
+def split_merged_decoder(merged: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(first pass, step): each branch of the merged decoder as a model of its own, its
+    outer-scope weights (expanded to float32) as its own initializers. The first pass reads
+    START and the first tokens (or a draft) over the audio and gives the logits and the whole
+    KV cache; the step reads one token more and gives the logits and the self-attention part
+    of the cache."""
     branches = [node for node in merged.graph.node if node.op_type == "If"]
     if len(branches) != 1:
         raise GraphError("the decoder has no single If node (not a merged decoder)")
@@ -57,7 +57,7 @@ def split_merged_decoder(merged: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
         values.update((t.name, numpy_helper.to_array(t)) for t in attribute.g.initializer)
     inputs = {i.name: i for i in merged.graph.input}
     outputs = {o.name: o for o in merged.graph.output}
-    models = {}
+    models: dict[str, onnx.ModelProto] = {}
     for attribute in branch_node.attribute:
         branch = attribute.g
         # Branch outputs take the If's output names: callers keep `present.*` and `logits`.
@@ -93,12 +93,11 @@ def split_merged_decoder(merged: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
             )
         model = helper.make_model(graph, opset_imports=merged.opset_import)
         model.ir_version = merged.ir_version
-        part = STEP if attribute.name == "then_branch" else FIRST
-        _fix_sizes(model, one_token=part == STEP)
-        models[part] = model
-    if models.keys() != {FIRST, STEP}:
+        _fix_sizes(model, one_token=attribute.name == "then_branch")
+        models[attribute.name] = model
+    if models.keys() != {"then_branch", "else_branch"}:
         raise GraphError("the decoder's If node does not have two branches")
-    return models
+    return models["else_branch"], models["then_branch"]
 
 
 def _fix_sizes(model: onnx.ModelProto, one_token: bool) -> None:

@@ -31,8 +31,8 @@ import numpy as np
 import numpy.typing as npt
 
 from engine.confidence import word_confidences
+from engine.config import Precision
 from engine.keyterm_bias import KeytermBias, KeytermIndex
-from engine.moonshine_graph import FIRST, STEP, Precision
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ LAYERS: Final = 8
 HEADS: Final = 8
 HEAD_DIM: Final = 52
 PARTS: Final = ("encoder_model", "decoder_model_merged")  # what a model folder holds
+FIRST: Final = "decoder_first"  # the decoder's first pass: START and a draft over the audio
+STEP: Final = "decoder_step"  # the decoder's step: one token more, with the cache
 PREPARED: Final = ("encoder_model", FIRST, STEP)  # what `prepare` writes and the model loads
 PREPARATION: Final = 4  # the version of `prepare`'s output: a new one prepares again
 FIRST_TEXT_TOKEN: Final = 259  # 0-2 special, 3-258 the bytes: never keyterm spellings
@@ -171,8 +173,9 @@ def _prepare_all(sources: dict[str, Path], out: dict[str, Path], precision: Prec
             if part == "encoder_model":
                 save_encoder(graph, out[part], precision)
             else:
-                for name, branch in split_merged_decoder(graph).items():
-                    save_decoder(branch, out[name], precision)
+                first, step = split_merged_decoder(graph)
+                save_decoder(first, out[FIRST], precision)
+                save_decoder(step, out[STEP], precision)
         except (OrtFormatError, GraphError, DecodeError, ValueError, OSError) as exc:
             raise ModelLoadError(f"{source}: not a usable model file ({exc})") from None
 

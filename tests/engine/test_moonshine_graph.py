@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from engine.moonshine_graph import FIRST, STEP, split_merged_decoder
+from engine.moonshine_graph import split_merged_decoder
 from engine.moonshine_model import (
     HEAD_DIM,
     HEADS,
@@ -37,8 +37,8 @@ def session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
 def test_the_split_decoder_computes_what_the_merged_one_does() -> None:
     files = ModelFiles.locate("")
     merged_model = read(files.source("decoder_model_merged"))
-    halves = split_merged_decoder(merged_model)
-    merged, first, step = session(merged_model), session(halves[FIRST]), session(halves[STEP])
+    first_model, step_model = split_merged_decoder(merged_model)
+    merged, first, step = session(merged_model), session(first_model), session(step_model)
     encoder = session(prepare(files, MODEL_CACHE, "float32")["encoder_model"])
     audio = audio_of(SENTENCES[0])[None, :]
     hidden = encoder.run(None, {"input_values": audio})[0]

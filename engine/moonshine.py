@@ -52,14 +52,15 @@ log = logging.getLogger(__name__)
 
 VAD_COST: Final = 0.005  # share of a core the VAD takes per stream (measured: 0.16 ms / 32 ms)
 # Admit streams up to this share of the decoding threads' time. Measured (bench/cpu_engine.py
-# realtime, callers who talk without stopping, int8): the probe's real-time factor 0.051 per
-# core; 18 callers had finals p95 0.94 s, p99 1.25 s and a partial per 2 s for everyone, 20 had
-# p95 1.14 s. At 0.5 the probe says 17 (float32 before: 8 at 0.55).
-TARGET_LOAD: Final = 0.5
+# realtime, callers who talk without stopping, int8, finals decoded without drafts): the
+# probe's real-time factor 0.071 per core; 16 callers had finals p95 0.96 s, p99 1.36 s and a
+# partial per 2 s for everyone, 18 had p99 1.53 s. At 0.6 the probe says 15 (float32 before:
+# 8 at 0.55).
+TARGET_LOAD: Final = 0.6
 JOB_SAMPLES: Final = SAMPLE_RATE // 10  # audio that starts a VAD job: 100 ms
 # The calibration's caller talks without stopping: 3 s sentences 1.2 s apart (issue 26's
 # measure of capacity), each a partial 2 s in (the fewest a caller is promised: one per 2 s of
-# speech) and its final, which reads the partial's tokens as a draft (what the engine does).
+# speech) and its final, which reads the partial's tokens as a draft where that is exact.
 CALIBRATION_SENTENCE_S: Final = 3.0
 CALIBRATION_PAUSE_S: Final = 1.2
 CALIBRATION_TOKENS: Final = 20  # what 3 s of speech decodes to, about (6.5 per second)
@@ -139,7 +140,8 @@ class MoonshineEngine(Engine):
         for _ in range(2):
             began = time.perf_counter()
             model.cost_probe(partial_s, partial_tokens)
-            model.cost_probe(CALIBRATION_SENTENCE_S, CALIBRATION_TOKENS, drafted=partial_tokens)
+            drafted = partial_tokens if model.exact_drafts else 0  # as `_redecode` does
+            model.cost_probe(CALIBRATION_SENTENCE_S, CALIBRATION_TOKENS, drafted=drafted)
             runs.append(time.perf_counter() - began)
         return min(runs) / (CALIBRATION_SENTENCE_S + CALIBRATION_PAUSE_S)
 
@@ -289,16 +291,21 @@ class MoonshineStream(EngineStream):
         audio = utterance.audio
         if self._ahead is not None:
             self._ahead[2].cancel()  # an earlier pause that did not end the utterance
-        future = self._pool.submit(AHEAD, partial(self._redecode, utterance.start, audio))
+        future = self._pool.submit(
+            AHEAD, partial(self._redecode, utterance.start, audio, final=True)
+        )
         self._ahead = (utterance.start, len(audio), future)
 
-    def _redecode(self, start: int, audio: FloatAudio) -> Transcript:
+    def _redecode(self, start: int, audio: FloatAudio, final: bool = False) -> Transcript:
         """Decode the utterance that starts at sample `start`, from its last decode's tokens
-        (the same tokens as a decode from scratch, for the cost of what is new)."""
+        (the same tokens as a decode from scratch, for the cost of what is new).
+
+        A `final` reads them only where that is exact (float32). In int8 a draft can tip a
+        near-tie, and whether a final has one depends on timing (a partial, a pause decoded
+        ahead): the words kept would then depend on the machine's load, not on the audio."""
         last_start, tokens = self._last_decode
-        transcript = self._model.decode(
-            audio, self._keyterms, tokens if last_start == start else ()
-        )
+        reuse = last_start == start and (self._model.exact_drafts or not final)
+        transcript = self._model.decode(audio, self._keyterms, tokens if reuse else ())
         self._last_decode = (start, transcript.tokens)
         return transcript
 
@@ -310,7 +317,7 @@ class MoonshineStream(EngineStream):
                 return future.result()
         elif ahead is not None:
             ahead[2].cancel()  # speech went on: that guess is void
-        return self._redecode(cut.start, cut.audio)
+        return self._redecode(cut.start, cut.audio, final=True)
 
     def _decode_final(self, cut: Cut) -> None:
         transcript = self._final_text(cut)

@@ -231,10 +231,15 @@ def read_tokenizer(path: Path) -> list[str]:
 class MoonshineModel:
     """The loaded model: `transcribe(audio)` from any thread, concurrently."""
 
-    def __init__(self, paths: dict[str, Path], tokenizer: list[str], name: str) -> None:
+    def __init__(
+        self, paths: dict[str, Path], tokenizer: list[str], name: str, exact_drafts: bool = True
+    ) -> None:
         import onnxruntime as ort
 
         self.name = name
+        # Whether a decode that reads a draft always gives the tokens of one without (float32),
+        # or only nearly always (int8: engine/moonshine_graph.py `quantize_int8`).
+        self.exact_drafts = exact_drafts
         self._tokens = tokenizer
         options = ort.SessionOptions()
         # One core per decode: concurrency comes from decoding several utterances at once.
@@ -382,6 +387,8 @@ def load(model: str, cache_dir: Path, precision: Precision = "int8") -> Moonshin
             paths = prepare(files, cache_dir, precision)
             tokenizer = read_tokenizer(files.folder / "tokenizer.bin")
             began = time.monotonic()
-            _loaded[key] = MoonshineModel(paths, tokenizer, files.name)
+            _loaded[key] = MoonshineModel(
+                paths, tokenizer, files.name, exact_drafts=precision == "float32"
+            )
             log.info("Moonshine model loaded in %.1f s", time.monotonic() - began)
         return _loaded[key]

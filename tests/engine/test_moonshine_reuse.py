@@ -1,8 +1,14 @@
 """Moonshine decodes that reuse the previous hypothesis (a draft read in one pass) against the
-plain step-by-step decode, on real speech through 8 kHz μ-law: the same tokens, the same
-probabilities (to float tolerance; a little wider in int8, whose products round differently
-for a pass of many rows and a step of one, so that a near-tie can go the other way on
-other sentences: engine/moonshine_graph.py), with and without keyterms."""
+plain step-by-step decode, on real speech through 8 kHz μ-law.
+
+In float32 a drafted decode is the plain decode: the same tokens, the same probabilities (to
+float tolerance), with and without keyterms. In int8 it is not, and the engine relies on that
+only for partials: onnxruntime's 8-bit products sum a pass of many rows in another order than
+a step of one, and the kernels may differ from one CPU to another, so a near-tie can go the other way
+(CI's machine turned "department." and "Eliquis" on this file's sentences; this machine did
+not). Finals in int8 never read a draft (`MoonshineModel.exact_drafts`; tests/e2e/test_sip.py
+checks live finals against offline decodes), so int8 drafts are held to what a partial shows:
+the same words but for at most one per decode."""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import pytest
 from engine.moonshine_model import SAMPLE_RATE, MoonshineModel, load
 from telephony.audio import resample_whole, ulaw_decode
 from tests.conftest import MODEL_CACHE
-from tests.speech import SENTENCES, phone_bytes
+from tests.speech import SENTENCES, normalize, phone_bytes, word_error_rate
 
 FloatAudio = npt.NDArray[np.float32]
 # Rare words the model misspells through the phone path without their keyterms (as in
@@ -40,6 +46,11 @@ def grown(audio: FloatAudio) -> list[FloatAudio]:
     return [audio[: len(audio) // 2], audio[: len(audio) * 3 // 4], audio]
 
 
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    words = len(normalize(reference))
+    return round(word_error_rate(reference, hypothesis) * words), words
+
+
 def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -47,14 +58,9 @@ def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return n
 
 
-# int8 quantizes each row of a product's input on its own (engine/moonshine_graph.py), but a
-# pass of many rows sums in another order than a step of one (measured: at most 0.011).
-TOLERANCE = {"int8": 0.03, "float32": 2e-3}
-
-
-@pytest.mark.parametrize("precision", ["int8", "float32"])
-def test_each_decode_from_the_last_ones_tokens_equals_the_plain_decode(precision: str) -> None:
-    model = load("", MODEL_CACHE, "int8" if precision == "int8" else "float32")
+def test_each_decode_from_the_last_ones_tokens_equals_the_plain_decode() -> None:
+    model = load("", MODEL_CACHE, "float32")
+    assert model.exact_drafts
     reused_steps = 0
     for text in SENTENCES[:3]:
         draft: tuple[int, ...] = ()
@@ -63,12 +69,27 @@ def test_each_decode_from_the_last_ones_tokens_equals_the_plain_decode(precision
             reused = model.decode(audio, draft=draft)
             assert reused.tokens == plain.tokens, (text, len(audio))
             assert reused.text == plain.text
-            np.testing.assert_allclose(
-                reused.probabilities, plain.probabilities, atol=TOLERANCE[precision]
-            )
+            np.testing.assert_allclose(reused.probabilities, plain.probabilities, atol=2e-3)
             reused_steps += common_prefix(draft, plain.tokens)
             draft = reused.tokens
     # The drafts were used, not dropped: most tokens of a grown utterance come from its last.
+    assert reused_steps > 20
+
+
+def test_an_int8_draft_gives_a_partial_the_plain_decodes_words_but_for_one(
+    model: MoonshineModel,
+) -> None:
+    assert not model.exact_drafts  # so the engine's finals decode from scratch
+    reused_steps = 0
+    for text in SENTENCES[:3]:
+        draft: tuple[int, ...] = ()
+        for audio in grown(audio_of(text)):
+            plain = model.decode(audio)
+            reused = model.decode(audio, draft=draft)
+            wrong, _ = word_errors(plain.text, reused.text)
+            assert wrong <= 1, (plain.text, reused.text)
+            reused_steps += common_prefix(draft, reused.tokens)
+            draft = reused.tokens
     assert reused_steps > 20
 
 
@@ -81,7 +102,8 @@ def test_a_wrong_or_overlong_draft_changes_nothing(model: MoonshineModel) -> Non
         assert model.decode(audio, draft=draft).tokens == plain.tokens
 
 
-def test_keyterm_bias_walks_the_draft_as_it_walks_the_steps(model: MoonshineModel) -> None:
+def test_keyterm_bias_walks_the_draft_as_it_walks_the_steps() -> None:
+    model = load("", MODEL_CACHE, "float32")  # exact drafts: the walk alone is under test
     index = model.keyterm_index(TERMS)
     for text in RARE:
         audio = audio_of(text)

@@ -199,18 +199,22 @@ async def realtime(args: argparse.Namespace) -> None:
         f"concurrent callers in real time (20 ms frames), {len(pcm) / RATE:.0f} s each, "
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; "
         "latency: end of the last word (its time) → the segment; partials per 2 s of speech "
-        "(mean over callers, and the fewest any caller got); CPU: this process\n"
+        "(mean over callers, and the fewest any caller got); CPU: this process; VAD batch: "
+        "windows judged per Silero call (streams whose audio waited together)\n"
     )
     print(
         f"| {'streams':>7} | {'partials':<8} | {'final p50':>9} | {'final p95':>9} "
-        f"| {'final p99':>9} | {'> 1 s':>6} | {'part./2 s':>9} | {'fewest':>6} | {'CPU %':>6} |"
+        f"| {'final p99':>9} | {'> 1 s':>6} | {'part./2 s':>9} | {'fewest':>6} | {'CPU %':>6} "
+        f"| {'VAD batch':>9} |"
     )
-    print("|" + "|".join("-" * n for n in (9, 10, 11, 11, 11, 8, 11, 8, 8)) + "|")
+    print("|" + "|".join("-" * n for n in (9, 10, 11, 11, 11, 8, 11, 8, 8, 11)) + "|")
     intervals = {"both": (0.0, 1.0), "0": (0.0,), "1": (1.0,)}[args.partials]
     for interval in intervals:
         for count in args.streams:
             engine = await start(args, partial_interval_s=interval, capacity=count)
             latencies, partials, speech_s = await _callers(engine, count, args.talk)
+            assert engine.vad_thread is not None
+            vad_batch = engine.vad_thread.windows / max(1, engine.vad_thread.calls)
             await engine.stop()
             cpu = _cpu_share()
             late = sum(x > 1.0 for x in latencies) / max(1, len(latencies))
@@ -220,7 +224,7 @@ async def realtime(args: argparse.Namespace) -> None:
             print(
                 f"| {count:>7} | {'1 s' if interval else 'off':<8} | {p50:>8.2f}s | {p95:>8.2f}s "
                 f"| {p99:>8.2f}s | {late:>6.1%} | {np.mean(rates):>9.2f} | {min(rates):>6.2f} "
-                f"| {cpu:>5.0f}% |"
+                f"| {cpu:>5.0f}% | {vad_batch:>9.1f} |"
             )
 
 

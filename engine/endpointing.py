@@ -95,15 +95,23 @@ class Utterances:
         return max(0, self._fed - len(self._history) * WINDOW)
 
     def feed(self, pcm: npt.NDArray[np.int16]) -> list[Cut]:
-        audio = np.concatenate([self._carry, pcm.astype(np.float32) / np.float32(32768.0)])
-        whole = len(audio) - len(audio) % WINDOW
-        self._carry = audio[whole:]
+        windows, self._carry = self._windows_and_carry(pcm)
         cuts: list[Cut] = []
-        for at in range(0, whole, WINDOW):
-            cut = self._window(audio[at : at + WINDOW])
+        for window in windows:
+            cut = self._window(window)
             if cut is not None:
                 cuts.append(cut)
         return cuts
+
+    def windows_of(self, pcm: npt.NDArray[np.int16]) -> list[FloatAudio]:
+        """The windows `feed(pcm)` will judge, in order, judging none: a VAD thread can judge
+        several streams' windows in one model call first (engine/vad.py `judge_together`)."""
+        return self._windows_and_carry(pcm)[0]
+
+    def _windows_and_carry(self, pcm: npt.NDArray[np.int16]) -> tuple[list[FloatAudio], FloatAudio]:
+        audio = np.concatenate([self._carry, pcm.astype(np.float32) / np.float32(32768.0)])
+        whole = len(audio) - len(audio) % WINDOW
+        return [audio[at : at + WINDOW] for at in range(0, whole, WINDOW)], audio[whole:]
 
     def open_utterance(self) -> OpenUtterance | None:
         if not self._windows:

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
@@ -44,7 +44,7 @@ from engine.decode_pool import AHEAD, FINAL, PARTIAL, DecodePool
 from engine.endpointing import Cut, EndpointConfig, OpenUtterance, Utterances
 from engine.keyterms import check_keyterms, merge_keyterms
 from engine.moonshine_model import SAMPLE_RATE, FloatAudio, MoonshineModel, Transcript, load
-from engine.vad import SileroVad
+from engine.vad import SileroVad, VadJob, VadThread
 from engine.vad import load as load_vad
 from engine.word_timing import word_times
 
@@ -94,7 +94,7 @@ class MoonshineEngine(Engine):
         self.endpoint = endpoint or EndpointConfig()
         self.model: MoonshineModel | None = None
         self.pool: DecodePool | None = None
-        self.vad_pool: DecodePool | None = None
+        self.vad_thread: VadThread | None = None
         self._streams: set[MoonshineStream] = set()
         self._rtf = 0.0
 
@@ -120,7 +120,7 @@ class MoonshineEngine(Engine):
         self.pool = DecodePool(self._threads, "moonshine")
         # Pauses are found on a thread of their own, so a stream's end of utterance is seen
         # on time even while every decoding thread is busy (0.5 % of a core per stream).
-        self.vad_pool = DecodePool(1, "moonshine-vad")
+        self.vad_thread = VadThread("moonshine-vad")
         log.info(
             "moonshine engine: real-time factor %.3f per core, %d threads, capacity %d streams",
             self._rtf,
@@ -146,15 +146,15 @@ class MoonshineEngine(Engine):
         return min(runs) / (CALIBRATION_SENTENCE_S + CALIBRATION_PAUSE_S)
 
     async def stop(self) -> None:
-        for pool in (self.vad_pool, self.pool):
+        for pool in (self.vad_thread, self.pool):
             if pool is not None:
                 await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
-        self.pool = self.vad_pool = None
+        self.pool = self.vad_thread = None
 
     def open(
         self, call_id: str, leg: str = "caller", keyterms: tuple[str, ...] = ()
     ) -> MoonshineStream:
-        if self.pool is None or self.vad_pool is None or self.model is None:
+        if self.pool is None or self.vad_thread is None or self.model is None:
             raise EngineUnavailable("the moonshine engine is not running")
         if len(self._streams) >= self._capacity:
             raise EngineFull(f"all {self._capacity} moonshine engine streams are busy")
@@ -202,12 +202,13 @@ class MoonshineStream(EngineStream):
         # Finals, partials and the final decoded ahead all take the same bias.
         self._keyterms = engine.model.keyterm_index(keyterms) if keyterms else None
         assert engine.model is not None and engine.pool is not None
-        assert engine.vad_pool is not None
+        assert engine.vad_thread is not None
         self._engine = engine
         self._model = engine.model
         self._pool = engine.pool
-        self._vad_pool = engine.vad_pool
-        self._utterances = Utterances(SileroVad(), engine.endpoint)
+        self._vad_thread = engine.vad_thread
+        self._vad_state = SileroVad()
+        self._utterances = Utterances(self._vad_state, engine.endpoint)
         self._utterances.on_pause = self._speculate
         # A final decoded ahead, while a pause is confirmed: (start, length, its text to come).
         self._ahead: tuple[int, int, Future[Transcript]] | None = None
@@ -252,7 +253,10 @@ class MoonshineStream(EngineStream):
                     pcm = self._take_pending(SAMPLE_RATE)  # a second at a time: partials keep up
                     if gap:  # times stay in the leg's audio: the clock counts the lost seconds
                         await self._decode(await self._vad(partial(self._utterances.skip, gap)))
-                    await self._decode(await self._vad(partial(self._utterances.feed, pcm)))
+                    feed = partial(self._utterances.feed, pcm)
+                    await self._decode(
+                        await self._vad(feed, partial(self._utterances.windows_of, pcm))
+                    )
                 else:  # Finalize: once the audio before it is in
                     self._finalize = False
                     await self._decode(await self._vad(self._utterances.cut_now))
@@ -270,8 +274,15 @@ class MoonshineStream(EngineStream):
             self._engine._release(self)
             self._emit(Closed(ENGINE_ERROR))
 
-    async def _vad(self, job: Callable[[], list[Cut]]) -> list[Cut]:
-        return await asyncio.wrap_future(self._vad_pool.submit(FINAL, job))
+    async def _vad(
+        self,
+        job: Callable[[], list[Cut]],
+        windows: Callable[[], Sequence[FloatAudio]] = tuple,
+    ) -> list[Cut]:
+        """Run `job` on the VAD thread, which judges `windows` (those it will judge) together
+        with other streams' first."""
+        future = self._vad_thread.submit(VadJob(self._vad_state, job, windows))
+        return await asyncio.wrap_future(future)
 
     async def _decode(self, cuts: list[Cut]) -> None:
         for cut in cuts:

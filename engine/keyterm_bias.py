@@ -39,6 +39,10 @@ class BiasSettings:
     continue_margin: float = 8.0  # its next tokens, once it has started
     continue_boost: float = 8.0
     max_deficit: float = 14.0  # sum of (best - chosen) logits over a term's tokens: back off past
+    # Per letter a continuation spells past its first: of two pieces that go on with a term,
+    # the one that spells more of it ("is" of "Eliquis" over "i", which leaves the "s" to a
+    # next step where the audio can pull the word away: int8 Moonshine wrote "Eliqui's").
+    continue_boost_per_char: float = 0.5
     # A first token spelling fewer letters of the term (" X" of "Xarelto") starts so many
     # words that it is boosted only this close to the best ("oak" is not to become "Ozempic")
     min_start_chars: int = 2
@@ -123,14 +127,21 @@ class KeytermBias:
         # token -> (its biased logit, the walks it would make)
         offers: dict[int, tuple[float, list[_Walk]]] = {}
 
-        def offer(token: int, term: int, end: int, deficit: float, start: bool) -> None:
+        def offer(
+            token: int, term: int, end: int, deficit: float, start: bool, letters: int = 1
+        ) -> None:
             gap = best - float(logits[token])
             if gap > (s.start_margin if start else s.continue_margin):
                 return
             walk = _Walk(term, end, deficit + gap)
             if walk.deficit > s.max_deficit:
                 return  # the path's probability collapsed: back off this term
-            value = float(logits[token]) + (s.start_boost if start else s.continue_boost)
+            boost = (
+                s.start_boost
+                if start
+                else (s.continue_boost + s.continue_boost_per_char * (letters - 1))
+            )
+            value = float(logits[token]) + boost
             current = offers.get(token)
             if current is None:
                 offers[token] = (value, [walk])
@@ -140,7 +151,8 @@ class KeytermBias:
         for walk in self._walks:
             for token, end in self._index.steps[walk.term][walk.offset]:
                 # A term begun on one letter is weak evidence: it goes on as a start would.
-                offer(token, walk.term, end, walk.deficit, walk.offset - 1 < s.min_start_chars)
+                start = walk.offset - 1 < s.min_start_chars
+                offer(token, walk.term, end, walk.deficit, start, end - walk.offset)
         index = self._index
         near = np.flatnonzero(logits[index.start_tokens] >= best - s.start_margin)
         for i in near.tolist():

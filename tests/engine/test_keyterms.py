@@ -133,6 +133,30 @@ def test_single_letter_starts_are_pushed_only_when_nearly_best() -> None:
     assert own.choose(logits(PAD, ero=settings.start_margin - 1.0)) == VOCAB.index("ero")
 
 
+def test_of_two_continuations_the_one_spelling_more_of_the_term_wins_a_near_tie() -> None:
+    vocab = ["<pad>", "<s>", "</s>", " El", "iqu", "ie", "i", "is", "'", "s"]
+    index = KeytermIndex(vocab, ["Eliquis"], first_text_id=3)
+
+    def row(**logit: float) -> np.ndarray:
+        values = np.zeros(len(vocab), dtype=np.float32)
+        for text, value in logit.items():
+            values[vocab.index(" El" if text == "El" else text)] = value
+        return values
+
+    def decode(settings: BiasSettings) -> list[str]:
+        bias = KeytermBias(index, settings)
+        taken = [bias.choose(row(El=20.0)), bias.choose(row(iqu=20.0))]
+        # What int8 Moonshine gave after "iqu" on a test sentence: "ie" best, then "i" a
+        # hair above "is"; after "i" it wrote an apostrophe, with "s" out of the margin.
+        taken.append(bias.choose(row(ie=19.5, i=14.9, **{"is": 14.8})))
+        if vocab[taken[-1]] == "i":
+            taken.append(bias.choose(row(**{"'": 18.3, "s": 9.0})))
+        return [vocab[t] for t in taken]
+
+    assert decode(BiasSettings()) == [" El", "iqu", "is"]
+    assert decode(BiasSettings(continue_boost_per_char=0.0)) == [" El", "iqu", "i", "'"]
+
+
 def test_padding_between_the_words_of_a_term_keeps_it_going() -> None:
     index = KeytermIndex(VOCAB, ["Si N"], first_text_id=3)
     with_pad = KeytermBias(index, separators=frozenset({PAD}))

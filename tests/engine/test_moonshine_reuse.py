@@ -4,11 +4,11 @@ plain step-by-step decode, on real speech through 8 kHz μ-law.
 In float32 a drafted decode is the plain decode: the same tokens, the same probabilities (to
 float tolerance), with and without keyterms. In int8 it is not, and the engine relies on that
 only for partials: onnxruntime's 8-bit products sum a pass of many rows in another order than
-a step of one, and the kernels may differ from one CPU to another, so a near-tie can go the other way
-(CI's machine turned "department." and "Eliquis" on this file's sentences; this machine did
-not). Finals in int8 never read a draft (`MoonshineModel.exact_drafts`; tests/e2e/test_sip.py
-checks live finals against offline decodes), so int8 drafts are held to what a partial shows:
-the same words but for at most one per decode."""
+a step of one, and the kernels may differ from one CPU to another, so a near-tie can go the
+other way (CI's machine turned "department." and "Eliquis" on this file's sentences; this
+machine did not). Finals in int8 never read a draft (`MoonshineModel.exact_drafts`;
+tests/e2e/test_sip.py checks live finals against offline decodes), so int8 drafts are held to
+what a partial shows: the same words but for at most one per decode."""
 
 from __future__ import annotations
 

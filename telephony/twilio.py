@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+from binascii import a2b_base64
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -41,6 +42,7 @@ from telephony.ws_front import (
     Received,
     Stopped,
     WsCodec,
+    media_message,
     run_stream,
 )
 from telephony.ws_front import Skipped as FrontSkipped
@@ -103,6 +105,9 @@ TwilioEvent = Connected | StreamStarted | Media | DtmfDigit | MarkEcho | StreamS
 
 # --- codec ------------------------------------------------------------------------------------
 
+# media.timestamp as `_media` takes it (a bool is an int, and refused there).
+_STAMP_TYPES: Final = frozenset({str, int, float})
+
 
 class TwilioMediaCodec:
     """Text frames in, events out."""
@@ -111,6 +116,29 @@ class TwilioMediaCodec:
         self.started: StreamStarted | None = None
 
     def receive(self, text: str) -> TwilioEvent:
+        # The per-frame case, a well-formed media message once started, on a short road
+        # (TwilioFront.receive 2.6 µs against 3.6-3.7 in-process, timeit); anything else, or
+        # anything it would not take as is, is read in full by `read`, which decides every
+        # answer as before.
+        if self.started is not None:
+            parts = media_message(text)
+            if parts is not None:
+                media = parts[1]
+                track = media.get("track", "inbound")
+                payload = media.get("payload")
+                stamp = media.get("timestamp", 0)
+                leg = LEG_OF_TRACK.get(track) if type(track) is str else None
+                if leg is not None and type(payload) is str and type(stamp) in _STAMP_TYPES:
+                    try:
+                        # What b64decode(validate=True) does for ASCII text, without its copy
+                        # to bytes; text that is not ASCII is a ValueError here as there.
+                        return Media(leg, a2b_base64(payload, strict_mode=True), int(float(stamp)))
+                    except (ValueError, OverflowError):  # binascii.Error is a ValueError
+                        pass
+        return self.read(text)
+
+    def read(self, text: str) -> TwilioEvent:
+        """Any message, in full (what `receive` does, the short road aside)."""
         try:
             message = parse_json(text)
         except ValueError:  # NaN/Infinity and 100 000 nested brackets included

@@ -58,9 +58,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Final, cast
+from typing import Any, ClassVar, Final, cast
 
 import numpy as np
+import orjson
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from engine.base import BridgeError, Closed, EngineEvent
@@ -79,7 +80,7 @@ from telephony.bus import AudioDropped
 from telephony.call import Call, CallHub, Leg
 from telephony.direct_ws import DIRECT_SUPPORTED, DirectHandler, DirectWebSocket
 from telephony.errors import ProtocolError, rejection_for, ws_close_at_end
-from telephony.limits import limits_of
+from telephony.limits import MAX_JSON_DEPTH, limits_of
 from telephony.transcript import NO_OPTIONS, TranscriptOptions
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,10 @@ class OpenCall:
     clock_from_zero: bool = False
 
 
-@dataclass(frozen=True)
+# Not frozen, unlike the other events: a frozen dataclass's constructor sets each field through
+# object.__setattr__ (0.47 µs), a plain one with slots assigns them (0.13 µs), and one is built
+# per 20 ms frame of every call. Nothing changes an event once built.
+@dataclass(slots=True)
 class Media:
     leg: str | None  # None: every leg, interleaved as `AudioFormat.channels` says
     payload: bytes
@@ -162,6 +166,28 @@ class Finalize:
 
 FrontEvent = OpenCall | Media | Dtmf | Stopped | Skipped | Reply | Finalize
 Received = FrontEvent | tuple[FrontEvent, ...] | None
+
+
+def media_message(text: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The per-frame road of the JSON protocols (Twilio and the carriers shaped like it): a text
+    frame that is a JSON object with `"event": "media"` and a `media` object, as that message
+    and its media object, parsed exactly as `telephony.limits.parse_json` would; None for
+    anything else (a parse orjson refuses included), which the codec then reads in full.
+
+    parse_json's nesting test counts both kinds of bracket on every message; a media message
+    has no `[` (a fast scan) and two `{`, which keeps it under the bound without the rest of
+    the test.
+    """
+    if "[" in text or text.count("{") > MAX_JSON_DEPTH:
+        return None
+    try:
+        message = orjson.loads(text)
+    except orjson.JSONDecodeError:  # parse_json's fallback (the standard library) is the codec's
+        return None
+    if type(message) is not dict or message.get("event") != "media":
+        return None
+    media = message.get("media")
+    return (message, media) if type(media) is dict else None
 
 
 class WsCodec:

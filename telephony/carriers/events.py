@@ -1,4 +1,5 @@
-"""What a carrier codec yields: frozen events, one error type, and the wire format of a stream."""
+"""What a carrier codec yields: frozen events (the adapter's Media aside, built once per frame:
+telephony/ws_front.py), one error type, and the wire format of a stream."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from binascii import a2b_base64
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -29,6 +30,7 @@ from telephony.carriers.events import (
     legs_of,
 )
 from telephony.limits import parse_json
+from telephony.ws_front import media_message
 
 # Names the carriers give their codecs, lower-cased, `audio/` and `x-` dropped. L16 is
 # little-endian everywhere but on Telnyx, whose payload is the RTP payload (network order).
@@ -44,6 +46,8 @@ ENCODINGS: Final = {
     "base64": Encoding.PCM16,
 }
 DEFAULT_TRACK: Final = "inbound"
+# media.timestamp as `_media` takes it besides null (a bool is an int, and refused there).
+_STAMP_TYPES: Final = frozenset({str, int, float})
 
 
 def encoding_of(name: object, l16: Encoding = Encoding.PCM16) -> Encoding:
@@ -151,6 +155,34 @@ class JsonStreamCodec:
         return Skipped(f"a binary frame of {len(data)} bytes")
 
     def receive(self, text: str) -> CarrierEvent:
+        # The per-frame case, a well-formed media message once started, on a short road (as
+        # Twilio's: telephony/twilio.py); anything else, or anything it would not take as is,
+        # is read in full by `read`, which decides every answer as before.
+        if self.started is not None:
+            parts = media_message(text)
+            if parts is not None:
+                message, media = parts
+                track = media.get("track") or message.get("track") or DEFAULT_TRACK
+                payload = media.get("payload")
+                stamp = media.get("timestamp")
+                leg = LEG_OF_TRACK.get(track) if type(track) is str else None
+                if (
+                    leg is not None
+                    and type(payload) is str
+                    and (stamp is None or type(stamp) in _STAMP_TYPES)
+                ):
+                    try:
+                        # b64decode(validate=True) for ASCII text, without its copy to bytes.
+                        audio = a2b_base64(payload, strict_mode=True)
+                        if stamp is None or not self.dialect.has_timestamps:
+                            return Media(leg, audio, None)
+                        return Media(leg, audio, int(float(stamp)))
+                    except (ValueError, OverflowError):  # binascii.Error is a ValueError
+                        pass
+        return self.read(text)
+
+    def read(self, text: str) -> CarrierEvent:
+        """Any message, in full (what `receive` does, the short road aside)."""
         message = json_object(text)
         if isinstance(message, Skipped):
             return message

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -316,6 +317,97 @@ def test_bad_input_twilio_shaped(dialect: Dialect) -> None:
     for stamp in ('"1e999"', '"inf"', "1e999", '"nan"', "[]"):
         hostile = '{"event":"media","media":{"payload":"","timestamp":' + stamp + "}}"
         assert isinstance(c.receive(hostile), Skipped), stamp
+
+
+# --- the media message's short road ---------------------------------------------------------------
+# `receive` reads a well-formed media message on a short road and hands anything else to `read`,
+# the full reading: every answer must be `read`'s, error or not.
+
+STARTS: dict[str, str] = {
+    "telnyx": TELNYX_START,
+    "signalwire": SIGNALWIRE_START,
+    "exotel": EXOTEL_START,
+    "plivo": PLIVO_START,
+}
+GOOD_MEDIA = {"track": "inbound", "chunk": "2", "timestamp": "40", "payload": B64_ULAW}
+
+
+def outcome(receive: Callable[[str], object], text: str) -> object:
+    """What a codec answers, or the type and message of what it raises."""
+    try:
+        return receive(text)
+    except Exception as exc:  # compared below, not hidden
+        return (type(exc), str(exc))
+
+
+def carrier_media(media: object, **extra: object) -> str:
+    return json.dumps({"event": "media", "sequence_number": "4", "media": media, **extra})
+
+
+def carrier_media_variants() -> list[str]:
+    """Media messages as the carriers send them, and every way one can be off."""
+    texts = [TELNYX_MEDIA, carrier_media(GOOD_MEDIA, streamSid="MZ1")]
+    odd: dict[str, list[object]] = {
+        "track": ["outbound", "sideways", "", None, 0, 5, ["inbound"], {"a": 1}],
+        "timestamp": [
+            *("0", 40, 40.7, "40.7", "1e3", "1793714591820", " 7 ", "abc", "inf", "1e999"),
+            *("nan", True, False, None, [], {}),
+        ],
+        "payload": [*("", "%%%", "***", "AAAA====", "AA==AA", "\u00ff"), *(5, None, [], {})],
+    }
+    for key, values in odd.items():
+        texts += [carrier_media({**GOOD_MEDIA, key: value}) for value in values]
+        texts.append(carrier_media({k: v for k, v in GOOD_MEDIA.items() if k != key}))
+    untracked = {k: v for k, v in GOOD_MEDIA.items() if k != "track"}
+    good = json.dumps(GOOD_MEDIA)
+    texts += [
+        carrier_media(untracked, track="outbound"),  # Exotel's beta: the track beside media
+        carrier_media(untracked, track=5),
+        carrier_media({**GOOD_MEDIA, "track": ""}, track="outbound"),
+        carrier_media(GOOD_MEDIA).replace("/", "\\/"),
+        carrier_media(None),
+        carrier_media([GOOD_MEDIA]),
+        carrier_media({}),
+        '{"event":"media"}',
+        '{"event":"media","media":' + good + ',"media":{"track":"outbound","payload":""}}',
+        '{"event":"media","media":' + good + ',"event":"dtmf","dtmf":{"digit":"1"}}',
+        '{"event":"media","media":' + good + ',"x":' + '{"a":' * 70 + "1" + "}" * 70 + "}",
+        '{"event":"media","media":' + good + ',"x":' + "[" * 70 + "]" * 70 + "}",
+        '{"event":"media","media":' + good + ',"tags":["a"]}',
+        '{"event":"media","media":' + good + ',"x":"\\ud800"}',
+        '{"event":"media","media":' + good + ',"n":' + str(2**70) + "}",
+        '{"event":"media","media":' + good + "} trailing",
+    ]
+    return texts
+
+
+@pytest.mark.parametrize("dialect", [TELNYX, SIGNALWIRE, EXOTEL, PLIVO])
+def test_media_short_road_answers_as_the_full_read(dialect: Dialect) -> None:
+    for text in carrier_media_variants():
+        fast, full = (JsonStreamCodec(dialect, {}) for _ in range(2))
+        assert outcome(fast.receive, text) == outcome(full.read, text), text
+        for c in (fast, full):
+            c.receive(STARTS[dialect.front_end])
+        assert outcome(fast.receive, text) == outcome(full.read, text), text
+
+
+def test_media_takes_the_short_road() -> None:
+    class Reads(JsonStreamCodec):
+        count = 0
+
+        def read(self, text: str) -> Any:
+            self.count += 1
+            return super().read(text)
+
+    c = Reads(TELNYX, {})
+    c.receive(TELNYX_START)
+    assert c.receive(TELNYX_MEDIA) == Media("caller", ulaw_encode(TONE), 40)
+    untracked = carrier_media({"timestamp": 100, "payload": B64_ULAW}, track="outbound")
+    assert c.receive(untracked) == Media("agent", ulaw_encode(TONE), 100)
+    assert c.count == 1
+    bad = carrier_media({**GOOD_MEDIA, "payload": "***"})
+    assert c.receive(bad) == Skipped("media payload is not base64")
+    assert c.count == 2
 
 
 VONAGE_CONNECTED = (

@@ -5,8 +5,12 @@ from __future__ import annotations
 import base64
 import json
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twilio.request_validator import RequestValidator
 
 from api.config import TwilioConfig
@@ -107,6 +111,141 @@ def test_media_before_start_ends_the_stream() -> None:
 def test_second_start_ends_the_stream() -> None:
     with pytest.raises(TwilioStreamError, match="second start"):
         started().receive(json.dumps(START))
+
+
+# --- the media message's short road ---------------------------------------------------------------
+# `receive` reads a well-formed media message on a short road and hands anything else to `read`,
+# the full reading: every answer must be `read`'s, error or not.
+
+AUDIO = bytes(range(96, 256))  # 160 bytes whose base64 has "/" and "+"
+PAYLOAD = base64.b64encode(AUDIO).decode()
+GOOD = {"track": "inbound", "chunk": "2", "timestamp": "40", "payload": PAYLOAD}
+
+
+def outcome(receive: Callable[[str], object], text: str) -> object:
+    """What a codec answers, or the type and message of what it raises."""
+    try:
+        return receive(text)
+    except Exception as exc:  # compared below, not hidden
+        return (type(exc), str(exc))
+
+
+def with_media(media: object, **extra: object) -> str:
+    return json.dumps({"event": "media", "sequenceNumber": "4", "media": media, **extra})
+
+
+def media_variants() -> list[str]:
+    """Media messages as Twilio sends them, and every way one can be off."""
+    texts = [with_media(GOOD, streamSid=SID), media("outbound", b"", 0)]
+    odd: dict[str, list[object]] = {
+        "track": ["outbound", "sideways", "", None, 5, ["inbound"], {"a": 1}],
+        "timestamp": [
+            *("0", 40, 40.7, "40.7", "1e3", "-20", " 7 ", "abc", "inf", "1e999", "nan"),
+            *(True, None, [], {}),
+        ],
+        "payload": [
+            *("", "%%%", "AAAA====", "AA==AA", "AAA", "A\nAAA", "\u00ff\u00ff"),
+            *(5, None, [], {}),
+        ],
+    }
+    for key, values in odd.items():
+        texts += [with_media({**GOOD, key: value}) for value in values]
+        texts.append(with_media({k: v for k, v in GOOD.items() if k != key}))
+    good = json.dumps(GOOD)
+    texts += [
+        with_media(GOOD).replace("/", "\\/"),  # JSON may escape the solidus of base64
+        with_media(None),
+        with_media([GOOD]),
+        with_media("x"),
+        with_media({}),
+        '{"event":"media"}',
+        '{"event":"media","media":' + good + ',"media":{"track":"outbound","payload":""}}',
+        '{"event":"media","media":' + good + ',"event":"mark","mark":{"name":"m"}}',
+        '{"event":"media","media":' + good + ',"x":' + '{"a":' * 70 + "1" + "}" * 70 + "}",
+        '{"event":"media","media":' + good + ',"x":' + "[" * 70 + "]" * 70 + "}",
+        '{"event":"media","media":' + good + ',"x":[[{"a":[]}]]}',
+        '{"event":"media","media":' + good + ',"x":"' + "{" * 70 + '"}',  # brackets in a string
+        '{"event":"media","media":' + good + ',"x":"\\ud800"}',  # orjson refuses, json reads
+        '{"event":"media","media":' + good + ',"n":' + str(2**70) + "}",
+        '{"event":"media","media":' + good + ',"n":NaN}',
+        '{"event":"media","media":' + good + "} trailing",
+        ' { "event" : "media" ,\n "media" : ' + good + " } ",
+        '{"event":"Media","media":' + good + "}",
+        "[" + with_media(GOOD) + "]",
+    ]
+    return texts
+
+
+@pytest.mark.parametrize("text", media_variants())
+def test_media_short_road_answers_as_the_full_read(text: str) -> None:
+    assert outcome(started().receive, text) == outcome(started().read, text)
+    fresh = TwilioMediaCodec()
+    assert outcome(fresh.receive, text) == outcome(TwilioMediaCodec().read, text)
+
+
+def test_media_answers_byte_for_byte() -> None:
+    codec = started()
+    assert codec.receive(with_media(GOOD, streamSid=SID)) == Media("caller", AUDIO, 40)
+    escaped = with_media(GOOD).replace("/", "\\/")
+    assert escaped != with_media(GOOD) and codec.receive(escaped) == Media("caller", AUDIO, 40)
+    for stamp, at in (("40.7", 40), ("1e3", 1000), ("-20", -20), (40.7, 40), (7, 7)):
+        assert codec.receive(with_media({**GOOD, "timestamp": stamp})) == Media("caller", AUDIO, at)
+    assert codec.receive(with_media({**GOOD, "payload": "AAAA===="})) == Media(
+        "caller", b"\0\0\0", 40
+    )
+    for payload in ("%%%", "AA==AA", "\u00ff"):
+        bad = with_media({**GOOD, "payload": payload})
+        assert codec.receive(bad) == Skipped("media payload is not base64")
+    assert codec.receive(with_media({**GOOD, "payload": 5})) == Skipped(
+        "malformed media message: TypeError("
+        "\"argument should be a bytes-like object or ASCII string, not 'int'\")"
+    )
+    deep = '{"event":"media","media":' + json.dumps(GOOD) + ',"x":' + "[" * 70 + "]" * 70 + "}"
+    assert codec.receive(deep) == Skipped("not JSON")
+
+
+def test_media_of_the_note_takes_the_short_road() -> None:
+    class Reads(TwilioMediaCodec):
+        count = 0
+
+        def read(self, text: str) -> Any:
+            self.count += 1
+            return super().read(text)
+
+    codec = Reads()
+    codec.receive(json.dumps(START))
+    assert codec.count == 1
+    # The note's message (section 2), its payload made whole.
+    text = (
+        '{"event": "media", "sequenceNumber": "4",\n "media": {"track": "inbound", "chunk": "2", '
+        '"timestamp": "5", "payload": "' + PAYLOAD + '"},\n "streamSid": "' + SID + '"}'
+    )
+    assert codec.receive(text) == Media("caller", AUDIO, 5)
+    assert codec.receive(media("outbound", b"\xff", 20)) == Media("agent", b"\xff", 20)
+    assert codec.count == 1
+
+
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+    st.sampled_from(["inbound", "outbound", PAYLOAD, "40", "1e999", "AAAA====", "%%"]),
+)
+VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=2), st.dictionaries(st.text(), SCALARS))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    fields=st.dictionaries(st.sampled_from(["track", "timestamp", "payload", "chunk"]), VALUES),
+    extra=st.dictionaries(st.sampled_from(["streamSid", "x", "event"]), VALUES, max_size=2),
+)
+def test_media_short_road_answers_as_the_full_read_generated(
+    fields: dict[str, Any], extra: dict[str, Any]
+) -> None:
+    text = json.dumps({"event": "media", "media": {**GOOD, **fields}, **extra})
+    assert outcome(started().receive, text) == outcome(started().read, text)
 
 
 def test_twiml_starts_a_both_tracks_stream_then_dials() -> None:

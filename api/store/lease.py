@@ -28,14 +28,26 @@ log = logging.getLogger(__package__)  # the store's one logger, "api.store"
 NOTIFY_CHUNK: Final = 7000  # NOTIFY payloads must stay under 8000 bytes: longer ones are chunked
 
 
-def notify_payloads(sender: str, seq: int, event: BusEvent, row: int | None = None) -> list[str]:
+def notify_payloads(
+    sender: str,
+    seq: int,
+    event: BusEvent,
+    row: int | None = None,
+    data: dict[str, Any] | None = None,
+) -> list[str]:
     """One bus event as NOTIFY payloads: `sender seq index count chunk`, the chunks of its JSON
     (ASCII, so characters are bytes) short enough for PostgreSQL's 8000-byte limit. `row`: its
-    `events.id`, so a node that missed notifications reads what follows from the store."""
-    data = bus_event_to_json(event)
+    `events.id`, so a node that missed notifications reads what follows from the store.
+    `data`: the event's `bus_event_to_json`, where the caller has it already (the writer)."""
+    data = dict(data) if data is not None else bus_event_to_json(event)
     if row is not None:
         data["row"] = row
-    text = orjson.dumps(data).decode()  # the standard library's encoder took 3x longer
+    try:
+        text = orjson.dumps(data).decode()  # the standard library's encoder took 3x longer
+    except TypeError:  # a lone surrogate (unsanitised input): the standard library escapes it
+        text = json.dumps(data)
+    if len(text) <= NOTIFY_CHUNK and text.isascii():  # nearly every event: one payload
+        return [f"{sender} {seq} 0 1 {text}"]
     if not text.isascii():  # chunks are cut by characters: bytes only when ASCII
         text = json.dumps(data)
     chunks = [text[i : i + NOTIFY_CHUNK] for i in range(0, len(text), NOTIFY_CHUNK)] or [""]

@@ -26,6 +26,10 @@ from telephony.bus import BusEvent
 log = logging.getLogger(__package__)  # the store's one logger, "api.store"
 
 MAX_QUEUE: Final = 100_000  # unwritten events held in memory at most
+# Events in one batch (one transaction) at most. The writer never waits to fill one: it takes
+# what is queued, so a batch grows only while events come faster than they are written, and
+# then fewer COMMITs (an fsync each) and round trips carry them.
+MAX_BATCH: Final = 5000
 PURGE_EVERY_S: Final = 3600.0  # retention runs at start and then this often
 INTERRUPTED_REASON: Final = "bridge stopped mid-call"  # a call its process never saw end
 RETRY_MIN_S: Final = 0.2
@@ -145,7 +149,7 @@ class Writer:
             if first is None:
                 return
             batch = [first]
-            while len(batch) < 500:
+            while len(batch) < MAX_BATCH:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -154,25 +158,31 @@ class Writer:
                     self._queue.put(None)
                     break
                 batch.append(item)
-            try:
-                self._write_when_available(batch)
-            except Exception:  # one bad event: write the others one by one, skip only it
-                self._rollback()
-                for event in batch:
-                    try:
-                        self._write_when_available([event])
-                    except Exception as exc:
-                        self._rollback()
-                        self.failed += 1
-                        log.error(
-                            "store write failed, event skipped: %s",
-                            type(exc).__name__,
-                            extra={"call_id": getattr(event, "call_id", None)},
-                        )
+            self._write_or_split(batch)
             with self._written:
                 self._pending -= len(batch)
                 self._written.notify_all()
             self.purge_due()
+
+    def _write_or_split(self, batch: list[BusEvent]) -> None:
+        """Write the batch; if an event in it fails, write its halves (in order), and so on
+        down to the event, which alone is skipped: a bad event costs a few transactions, not
+        one per event of the batch."""
+        try:
+            self._write_when_available(batch)
+        except Exception as exc:
+            self._rollback()
+            if len(batch) > 1:
+                half = len(batch) // 2
+                self._write_or_split(batch[:half])
+                self._write_or_split(batch[half:])
+                return
+            self.failed += 1
+            log.error(
+                "store write failed, event skipped: %s",
+                type(exc).__name__,
+                extra={"call_id": getattr(batch[0], "call_id", None)},
+            )
 
     def _write_when_available(self, batch: list[BusEvent]) -> None:
         """Write the batch in one transaction; while the database takes no writes (disk full or

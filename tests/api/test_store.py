@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,11 +13,14 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import orjson
 
 from api.config import DataConfig
 from api.store import MIGRATIONS, Database, Store
+from api.store.batches import BatchWriter
+from api.store.migrations import migrate
 from engine.base import Segment, Word
-from telephony.bus import CallEnded, CallStarted, LegEvent
+from telephony.bus import BusEvent, CallEnded, CallStarted, LegEvent
 from tests.conftest import ServiceFactory, make_config
 from tests.e2e.frontends import paced
 from tests.speech import SENTENCES, phone_bytes
@@ -201,3 +205,67 @@ async def test_two_legs_are_interleaved_by_time_and_labelled(
 
 async def _flush(service: Any) -> None:
     await asyncio.get_running_loop().run_in_executor(None, service.bridge.store.flush)
+
+
+def test_a_call_ended_and_started_again_in_one_batch_keeps_each_end_as_it_was(
+    tmp_path: Path, store_url: str
+) -> None:
+    """The writer writes a batch's calls started, then its events, then its calls ended; a
+    call id that ended and came back within one batch (a second stream of one Twilio call)
+    still gets, at its first end, the transcript it had then, and every webhook in order."""
+    where = location(tmp_path, store_url)
+    db = Database(where)
+    migrate(db)
+    batch: list[BusEvent] = []
+    for session, text in enumerate(("hello", "again")):
+        batch.append(CallStarted("twice", "websocket", ("caller",), {}, 100.0 + session))
+        word = Word(text, session * 10.0, session * 10.0 + 0.4)
+        batch.append(LegEvent("twice", "caller", word))
+        batch.append(LegEvent("twice", "caller", Segment(text, word.start_s, word.end_s, (word,))))
+        batch.append(CallEnded("twice", "websocket", "hangup", 110.0 + session, {}))
+    BatchWriter("node", ["http://127.0.0.1:9/hook"]).write(db, batch, 1)
+
+    bodies = [
+        orjson.loads(r[0]) for r in db.execute("SELECT body FROM outbox ORDER BY id").fetchall()
+    ]
+    assert [b["event"] for b in bodies] == ["call.started", "segment", "call.ended"] * 2
+    assert [line["text"] for line in bodies[2]["transcript"]] == ["hello"]
+    assert [line["text"] for line in bodies[5]["transcript"]] == ["hello", "again"]
+    words = db.execute("SELECT text FROM events WHERE type = 'word' ORDER BY id").fetchall()
+    assert [w[0] for w in words] == ["hello", "again"]
+    db.close()
+
+
+def test_one_bad_event_among_many_is_the_only_one_skipped(tmp_path: Path, store_url: str) -> None:
+    """An event that cannot be written (its call never started) is skipped and counted; the
+    events around it, in the same batch or not, are all stored, in order."""
+    store = Store(location(tmp_path, store_url))
+    store.record(CallStarted("good", "websocket", ("caller",), {}, time.time()))
+    for n in range(600):
+        if n == 300:
+            store.record(LegEvent("never-started", "caller", Word("lost", 0.0, 0.1)))
+        store.record(LegEvent("good", "caller", Word(f"w{n}", n * 0.3, n * 0.3 + 0.2)))
+    store.record(CallEnded("good", "websocket", "hangup", time.time(), {}))
+    assert store.flush()
+    assert store.failed == 1
+    assert [e.text for e in store.get_events("good", ("word",))] == [f"w{n}" for n in range(600)]
+    store.close()
+
+
+def test_a_label_with_a_lone_surrogate_is_stored_with_its_webhook(
+    tmp_path: Path, store_url: str
+) -> None:
+    """Unsanitised input that orjson refuses (a lone surrogate) costs neither the call nor
+    its webhook: the standard library escapes it."""
+    where = location(tmp_path, store_url)
+    store = Store(where, ["http://127.0.0.1:9/hook"])
+    store.record(CallStarted("odd", "websocket", ("caller",), {"x": "\ud800"}, time.time()))
+    assert store.flush()
+    assert store.failed == 0
+    record = store.get_call("odd")
+    assert record is not None and record.labels == {"x": "\ud800"}
+    store.close()
+    db = Database(where)
+    bodies = [json.loads(r[0]) for r in db.execute("SELECT body FROM outbox").fetchall()]
+    assert [b["call"]["labels"] for b in bodies] == [{"x": "\ud800"}]
+    db.close()

@@ -467,6 +467,8 @@ class AsyncioBackend:
             method = message.method.upper()
             if method == "CANCEL" and self._late_cancel(uas, message):
                 return
+            if method == "INVITE" and self._invite_resent(message):
+                return
             library(message, addr)
             if method == "ACK":
                 self._on_ack(message)
@@ -538,6 +540,26 @@ class AsyncioBackend:
         with contextlib.suppress(RuntimeError, OSError):
             uas.transport.send_reply(response)
         log.info("CANCEL after our 200: no effect", extra={"call_id": dialog.call_id})
+        return True
+
+    def _invite_resent(self, invite: SipRequest) -> bool:
+        """The INVITE of a call we hold, sent again by the caller's transaction: the same top
+        Via branch and CSeq (over UDP it resends after T1 without an answer, and a loaded event
+        loop can read both copies at once). Its server transaction absorbs it (RFC 3261
+        §17.2.1), with a 100 again while we have not answered, which stops the resending.
+        Passed on, aiosipua would take it for a new call, and ours would refuse it as the
+        same call twice: a 482, on which the caller drops the call we took."""
+        dialog = self.dialogs.get(invite.call_id or "")
+        if dialog is None or dialog.closed:
+            return False
+        first = dialog.incoming.invite
+        branch = _top_branch(first)
+        if branch is None or branch != _top_branch(invite) or _cseq(first) != _cseq(invite):
+            return False
+        if not dialog.answered:  # after our 200, its own resending (`accept`) answers
+            with contextlib.suppress(RuntimeError, OSError):
+                dialog.incoming.trying()
+        log.info("INVITE resent: absorbed", extra={"call_id": dialog.call_id})
         return True
 
     def _on_ack(self, ack: SipRequest) -> None:
@@ -800,3 +822,13 @@ def _headers(request: SipRequest) -> list[tuple[str, str]]:
     for name, values in request.headers.items():
         out.extend((name, value) for value in values)
     return out
+
+
+def _top_branch(request: SipRequest) -> str | None:
+    vias = request.via
+    return vias[0].branch if vias else None
+
+
+def _cseq(request: SipRequest) -> tuple[int, str] | None:
+    cseq = request.cseq
+    return (cseq.seq, cseq.method.upper()) if cseq is not None else None

@@ -75,6 +75,7 @@ class Caller:
         self.invite_branch = ""
         self.cseq = 1
         self.local_port = 0
+        self._last = ""
         self._udp: asyncio.DatagramTransport | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -115,6 +116,7 @@ class Caller:
             self.inbox.put_nowait(parse(head + body))
 
     def _send(self, text: str) -> None:
+        self._last = text
         data = text.encode()
         if self._udp is not None:
             self._udp.sendto(data, ("127.0.0.1", self.sip_port))
@@ -156,6 +158,11 @@ class Caller:
         if not self.to_tag:
             self.invite_branch = branch
         self._request("INVITE", self.cseq, branch, self.offer(rtp_port, direction))
+
+    def resend(self) -> None:
+        """The last request again, byte for byte: what a caller's UDP transaction sends when
+        no answer came within T1 (RFC 3261 §17.1.1.2)."""
+        self._send(self._last)
 
     def ack(self) -> None:
         """ACK for a 2xx: the INVITE's CSeq number, a new branch (RFC 3261 §13.2.2.4)."""

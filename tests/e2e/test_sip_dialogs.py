@@ -112,6 +112,29 @@ async def test_udp_caller_silent_through_ringing_and_our_200(
     await assert_all_back(service)
 
 
+async def test_udp_invite_resent_before_our_answer_is_the_same_call(
+    start_service: ServiceFactory,
+) -> None:
+    """A UDP caller that hears nothing within T1 sends its INVITE again (the same branch and
+    CSeq); a loaded bridge reads both at once. It is one call: the copy is absorbed (a 100
+    again, never a 482 that would make the caller drop the call we took), and the call is
+    answered, talks and ends as any other. CI's loaded machine hit this with sipp's 30 calls."""
+    service = await start(start_service, answer_delay_s=0.5)
+    async with watch_events(service) as log, Caller(service.ports["sip"], "udp") as caller:
+        caller.invite(free_port())
+        caller.resend()  # before the bridge has read the first
+        await caller.expect(180, "INVITE")
+        caller.resend()  # while it rings
+        await caller.expect(200, "INVITE")  # a final response before it fails `expect`
+        caller.ack()
+        await asyncio.sleep(0.3)
+        caller.bye()
+        await caller.expect(200, "BYE")
+        event = await ended(log, 10)
+    assert event["reason"] == "remote hangup"
+    await assert_all_back(service)
+
+
 async def test_tcp_caller_gone_while_ringing_ends_at_once(start_service: ServiceFactory) -> None:
     service = await start(start_service, answer_delay_s=3.0)
     async with watch_events(service) as log, Caller(service.ports["sip"], "tcp") as caller:

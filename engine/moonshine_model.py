@@ -147,7 +147,7 @@ def prepare(files: ModelFiles, cache_dir: Path, precision: Precision = "int8") -
             log.info("preparing the Moonshine model once (%s) in %s", precision, target)
             began = time.monotonic()
             _prepare_all(sources, out, precision)
-            manifest.write_text(json.dumps({str(p): _digest(p) for p in out.values()}))
+            manifest.write_text(json.dumps({p.name: _digest(p) for p in out.values()}))
             log.info("Moonshine model prepared in %.1f s", time.monotonic() - began)
     return out
 
@@ -181,9 +181,11 @@ def _prepare_all(sources: dict[str, Path], out: dict[str, Path], precision: Prec
 
 
 def _manifest_holds(manifest: Path, out: dict[str, Path]) -> bool:
+    # By file name, not path: a cache prepared in one place and mounted in another (an image
+    # built with it, a volume) holds as it is.
     try:
         digests = json.loads(manifest.read_text())
-        return all(digests.get(str(p)) == _digest(p) for p in out.values())
+        return all(digests.get(p.name) == _digest(p) for p in out.values())
     except (OSError, ValueError):
         return False
 

@@ -326,6 +326,21 @@ def test_a_damaged_prepared_model_is_prepared_again(tmp_path: Path) -> None:
     assert again == first and again["encoder_model"].read_bytes() == original
 
 
+def test_a_prepared_cache_moved_elsewhere_is_used_as_it_is(tmp_path: Path) -> None:
+    """Prepared in one place and mounted in another (an image built with it, a volume): its
+    files are checked against their digests and loaded, not prepared again."""
+    files = ModelFiles.locate("")
+    built = prepare(files, tmp_path / "built")
+    (tmp_path / "built").rename(tmp_path / "mounted")
+    moved = {
+        part: tmp_path / "mounted" / path.relative_to(tmp_path / "built")
+        for part, path in built.items()
+    }
+    written = {path: path.stat().st_mtime_ns for path in moved.values()}
+    assert prepare(files, tmp_path / "mounted") == moved
+    assert {path: path.stat().st_mtime_ns for path in moved.values()} == written
+
+
 def test_processes_starting_together_prepare_the_model_once(tmp_path: Path) -> None:
     """Workers or a test run starting at once on a new machine: one converts, the others
     wait for it and load the same files (none reads a half-written one)."""

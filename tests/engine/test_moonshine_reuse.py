@@ -12,11 +12,13 @@ what a partial shows: the same words but for at most one per decode."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from engine.moonshine_model import SAMPLE_RATE, MoonshineModel, load
+from engine.moonshine_model import SAMPLE_RATE, MoonshineModel, Transcript, load
 from telephony.audio import resample_whole, ulaw_decode
 from tests.conftest import MODEL_CACHE
 from tests.speech import SENTENCES, normalize, phone_bytes, word_error_rate
@@ -46,9 +48,8 @@ def grown(audio: FloatAudio) -> list[FloatAudio]:
     return [audio[: len(audio) // 2], audio[: len(audio) * 3 // 4], audio]
 
 
-def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    words = len(normalize(reference))
-    return round(word_error_rate(reference, hypothesis) * words), words
+def word_errors(reference: str, hypothesis: str) -> int:
+    return round(word_error_rate(reference, hypothesis) * len(normalize(reference)))
 
 
 def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
@@ -58,20 +59,27 @@ def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return n
 
 
+def drafted_decodes(model: MoonshineModel) -> Iterator[tuple[Transcript, Transcript, int]]:
+    """For each grown stage of three sentences: the plain decode, the decode reading the last
+    stage's tokens as its draft (as the engine's next partial or final does), and how many of
+    that draft's tokens it kept."""
+    for text in SENTENCES[:3]:
+        draft: tuple[int, ...] = ()
+        for audio in grown(audio_of(text)):
+            reused = model.decode(audio, draft=draft)
+            yield model.decode(audio), reused, common_prefix(draft, reused.tokens)
+            draft = reused.tokens
+
+
 def test_each_decode_from_the_last_ones_tokens_equals_the_plain_decode() -> None:
     model = load("", MODEL_CACHE, "float32")
     assert model.exact_drafts
     reused_steps = 0
-    for text in SENTENCES[:3]:
-        draft: tuple[int, ...] = ()
-        for audio in grown(audio_of(text)):
-            plain = model.decode(audio)
-            reused = model.decode(audio, draft=draft)
-            assert reused.tokens == plain.tokens, (text, len(audio))
-            assert reused.text == plain.text
-            np.testing.assert_allclose(reused.probabilities, plain.probabilities, atol=2e-3)
-            reused_steps += common_prefix(draft, plain.tokens)
-            draft = reused.tokens
+    for plain, reused, kept in drafted_decodes(model):
+        assert reused.tokens == plain.tokens, plain.text
+        assert reused.text == plain.text
+        np.testing.assert_allclose(reused.probabilities, plain.probabilities, atol=2e-3)
+        reused_steps += kept
     # The drafts were used, not dropped: most tokens of a grown utterance come from its last.
     assert reused_steps > 20
 
@@ -81,15 +89,9 @@ def test_an_int8_draft_gives_a_partial_the_plain_decodes_words_but_for_one(
 ) -> None:
     assert not model.exact_drafts  # so the engine's finals decode from scratch
     reused_steps = 0
-    for text in SENTENCES[:3]:
-        draft: tuple[int, ...] = ()
-        for audio in grown(audio_of(text)):
-            plain = model.decode(audio)
-            reused = model.decode(audio, draft=draft)
-            wrong, _ = word_errors(plain.text, reused.text)
-            assert wrong <= 1, (plain.text, reused.text)
-            reused_steps += common_prefix(draft, reused.tokens)
-            draft = reused.tokens
+    for plain, reused, kept in drafted_decodes(model):
+        assert word_errors(plain.text, reused.text) <= 1, (plain.text, reused.text)
+        reused_steps += kept
     assert reused_steps > 20
 
 

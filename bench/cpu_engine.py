@@ -242,18 +242,29 @@ async def _callers(
     engine: MoonshineEngine, count: int, talk: float = 0.0
 ) -> tuple[list[float], list[int], float]:
     """`count` callers, each a 20 ms frame every 20 ms from one timer (as a phone system's
-    media server would send them), starting 20 ms / count apart: the finals' latencies, each
-    caller's partials, and the seconds of speech per caller."""
+    media server would send them): the finals' latencies, each caller's partials, and the
+    seconds of speech per caller.
+
+    Callers are not in step: caller n starts n/count of a sentence's cycle later than the
+    first (as tests/engine/test_moonshine_capacity.py's do), so their sentences end at their
+    own moments. In step, every caller's last sentence ended in the same 20 ms (their audio is
+    the same eight sentences and pauses, rotated), and a tenth of the finals at 24 callers was
+    that one mass end (bench/load.py --mass-start measures the mass start)."""
     frame = RATE // 50
     latencies: list[float] = []
     partials = [0] * count
     streams = [engine.open(f"caller-{n}") for n in range(count)]
-    audio = [call_audio(first=n, talk=talk)[0] for n in range(count)]  # each from another sentence
+    cycle = len(call_audio(talk=talk)[0]) / 8  # a sentence and its pause, on average
+    audio = [  # each from another sentence, after its own lead
+        np.concatenate([np.zeros(int(n * cycle / count), np.int16), call_audio(n, talk)[0]])
+        for n in range(count)
+    ]
+    audio = [np.pad(pcm, (0, max(map(len, audio)) - len(pcm))) for pcm in audio]
     speech_s = (
         sum(len(phone_audio(CALL_CENTRE[n], "hibari", "1.0x", False, seed=n)) for n in range(8))
         / RATE
     )
-    length = min(len(a) for a in audio)
+    length = len(audio[0])
     began = time.perf_counter() + 0.2
     _cpu_share()
 

@@ -88,6 +88,11 @@ class Utterances:
         return bool(self._windows)
 
     @property
+    def pausing(self) -> bool:
+        """`pad_s` or more into a pause of the utterance in progress: `on_pause` was told."""
+        return bool(self._windows) and self._silence >= self._pad
+
+    @property
     def settled(self) -> int:
         """Samples before this point will never be part of an utterance not yet cut."""
         if self._windows:

@@ -51,12 +51,16 @@ from engine.word_timing import word_times
 log = logging.getLogger(__name__)
 
 VAD_COST: Final = 0.005  # share of a core the VAD takes per stream (measured: 0.16 ms / 32 ms)
-# Admit streams up to this share of the decoding threads' time. Measured (bench/cpu_engine.py
-# realtime, callers who talk without stopping, int8, finals decoded without drafts): the
-# probe's real-time factor 0.071 per core; 16 callers had finals p95 0.96 s, p99 1.36 s and a
-# partial per 2 s for everyone, 18 had p99 1.53 s. At 0.6 the probe says 15 (float32 before:
-# 8 at 0.55).
-TARGET_LOAD: Final = 0.6
+# Admit streams up to this share of the decoding threads' time, as the probe counts a caller
+# (a partial and the final of each sentence). Measured (bench/cpu_engine.py realtime, int8,
+# callers who talk without stopping, each starting at its own point of a sentence's cycle):
+# finals p95 0.74-0.76 s, p99 under 0.82 s from 24 to 48 callers (partials thin out first:
+# finals decoded ahead go before them); the fewest partials any caller got, per 2 s of
+# speech, 1.71 at 24, 1.28 at 32, 1.04 at 40, 0.73 at 48. The probe counts more than that
+# load costs (its partial is decoded, where the final decoded ahead is the partial that
+# load mostly shows), so 0.9 says 25-30 here: under the 40 that kept a partial per 2 s for
+# everyone, for a busier machine's sake.
+TARGET_LOAD: Final = 0.9
 JOB_SAMPLES: Final = SAMPLE_RATE // 10  # audio that starts a VAD job: 100 ms
 # The calibration's caller talks without stopping: 3 s sentences 1.2 s apart (issue 26's
 # measure of capacity), each a partial 2 s in (the fewest a caller is promised: one per 2 s of
@@ -299,13 +303,20 @@ class MoonshineStream(EngineStream):
         final is out when the pause is confirmed (0.3 s sooner), not a decode after it.
         Behind finals, before partials: a busy machine may not start it before the cut,
         which then decodes as without it."""
-        audio = utterance.audio
         if self._ahead is not None:
             self._ahead[2].cancel()  # an earlier pause that did not end the utterance
-        future = self._pool.submit(
-            AHEAD, partial(self._redecode, utterance.start, audio, final=True)
-        )
-        self._ahead = (utterance.start, len(audio), future)
+        future = self._pool.submit(AHEAD, partial(self._decode_ahead, utterance))
+        self._ahead = (utterance.start, len(utterance.audio), future)
+
+    def _decode_ahead(self, utterance: OpenUtterance) -> Transcript:
+        """The final decoded ahead, shown as a partial while the pause is not yet confirmed:
+        the utterance's words so far, 0.3 s before its final, for no decode of its own (no
+        partial is asked for in a pause decoded ahead: `_maybe_partial`)."""
+        transcript = self._redecode(utterance.start, utterance.audio, final=True)
+        if self._partial_every > 0:
+            self._partial_at = (utterance.number, len(utterance.audio))
+            self._emit_partial(utterance, transcript.text)
+        return transcript
 
     def _redecode(self, start: int, audio: FloatAudio, final: bool = False) -> Transcript:
         """Decode the utterance that starts at sample `start`, from its last decode's tokens
@@ -358,6 +369,8 @@ class MoonshineStream(EngineStream):
         some callers' never); a request still waiting decodes the newest audio when it runs."""
         if self._partial_every <= 0 or self.closing or self.pending_samples > SAMPLE_RATE // 2:
             return  # off, ending, or behind: its audio is still to be judged
+        if self._utterances.pausing:
+            return  # decoded ahead: that decode is the partial (`_decode_ahead`)
         utterance = self._utterances.open_utterance()
         if utterance is None:
             return
@@ -377,12 +390,17 @@ class MoonshineStream(EngineStream):
             state = self._utterances
             if utterance is None or not state.in_speech or state.number != utterance.number:
                 return  # its final came first
+            if state.pausing:
+                return  # the pause is decoded ahead, and that decode shows as the partial
             self._partial_at = (utterance.number, len(utterance.audio))
-            text = self._redecode(utterance.start, utterance.audio).text
-            with self._emitting:  # the final of this utterance has not come out yet:
-                if text and state.in_speech and state.number == utterance.number:
-                    start = utterance.start / SAMPLE_RATE
-                    end = start + len(utterance.audio) / SAMPLE_RATE
-                    self._emit(Partial(text, round(start, 3), round(end, 3)))
+            self._emit_partial(utterance, self._redecode(utterance.start, utterance.audio).text)
         finally:
             self._partial_pending = False
+
+    def _emit_partial(self, utterance: OpenUtterance, text: str) -> None:
+        state = self._utterances
+        with self._emitting:  # unless the final of this utterance has come out:
+            if text and state.in_speech and state.number == utterance.number:
+                start = utterance.start / SAMPLE_RATE
+                end = start + len(utterance.audio) / SAMPLE_RATE
+                self._emit(Partial(text, round(start, 3), round(end, 3)))

@@ -239,6 +239,9 @@ async def test_partials_come_while_speaking_and_the_segment_replaces_them() -> N
     assert all(p.start_s <= segments[0].start_s for p in partials)
     # The hypothesis grows towards the final text: its first words are already right.
     assert all(p.text.split()[:2] == segments[0].text.split()[:2] for p in partials)
+    # The last is the final decoded ahead in the pause (before the pause is long enough to
+    # end the utterance): the whole sentence, as the segment will have it.
+    assert partials[-1].text == segments[0].text, (partials[-1], segments[0].text)
 
 
 async def test_without_partial_interval_no_partials(finals_only: MoonshineEngine) -> None:

@@ -1,7 +1,7 @@
 """The capacity the Moonshine engine measures at start, against a real load of that many callers
 who talk without stopping (sentences 1.2 s apart, 20 ms frames in real time from one timer, as
 a media server sends them): their finals come within 1.0 s (p95) of the end of each sentence's
-audio and every caller gets partials; one caller more is refused."""
+audio, every caller gets a partial per 2 s of speech or more; one caller more is refused."""
 
 from __future__ import annotations
 
@@ -81,7 +81,6 @@ async def test_the_measured_capacity_keeps_finals_within_a_second_with_partials(
     p95 = float(np.percentile(latencies, 95))
     assert p95 <= 1.0, (count, sorted(latencies)[-5:])
     assert max(latencies) <= 1.5, (count, sorted(latencies)[-5:])
-    # Partials keep coming at capacity: every caller gets some. (Issue 26 asks for one per 2 s
-    # of speech; at the measured capacity a caller got 3 for 12.6 s in stop 23's last run, so
-    # that bound is not met yet and not asserted.)
-    assert all(partials), partials
+    # Partials keep coming at capacity: thinner, but one per 2 s of speech for every caller.
+    per_2s = [2 * n / speech_s for n, (_, speech_s) in zip(partials, calls, strict=True)]
+    assert min(per_2s) >= 1.0, (count, sorted(per_2s)[:5])

@@ -35,6 +35,7 @@ from telephony.limits import parse_json
 from telephony.transcript import TranscriptOptions, transcript_options
 from telephony.ws_front import (
     HUB,
+    STAMP_TYPES,
     AudioFormat,
     Dtmf,
     Media,
@@ -105,9 +106,6 @@ TwilioEvent = Connected | StreamStarted | Media | DtmfDigit | MarkEcho | StreamS
 
 # --- codec ------------------------------------------------------------------------------------
 
-# media.timestamp as `_media` takes it (a bool is an int, and refused there).
-_STAMP_TYPES: Final = frozenset({str, int, float})
-
 
 class TwilioMediaCodec:
     """Text frames in, events out."""
@@ -128,7 +126,7 @@ class TwilioMediaCodec:
                 payload = media.get("payload")
                 stamp = media.get("timestamp", 0)
                 leg = LEG_OF_TRACK.get(track) if type(track) is str else None
-                if leg is not None and type(payload) is str and type(stamp) in _STAMP_TYPES:
+                if leg is not None and type(payload) is str and type(stamp) in STAMP_TYPES:
                     try:
                         # What b64decode(validate=True) does for ASCII text, without its copy
                         # to bytes; text that is not ASCII is a ValueError here as there.

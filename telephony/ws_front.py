@@ -168,6 +168,11 @@ FrontEvent = OpenCall | Media | Dtmf | Stopped | Skipped | Reply | Finalize
 Received = FrontEvent | tuple[FrontEvent, ...] | None
 
 
+# A media timestamp's types as the JSON codecs' full readers take it (a bool is an int in
+# Python, and refused there); the short road (`media_message`'s callers) checks the same.
+STAMP_TYPES: Final = frozenset({str, int, float})
+
+
 def media_message(text: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """The per-frame road of the JSON protocols (Twilio and the carriers shaped like it): a text
     frame that is a JSON object with `"event": "media"` and a `media` object, as that message

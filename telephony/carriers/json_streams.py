@@ -30,7 +30,7 @@ from telephony.carriers.events import (
     legs_of,
 )
 from telephony.limits import parse_json
-from telephony.ws_front import media_message
+from telephony.ws_front import STAMP_TYPES, media_message
 
 # Names the carriers give their codecs, lower-cased, `audio/` and `x-` dropped. L16 is
 # little-endian everywhere but on Telnyx, whose payload is the RTP payload (network order).
@@ -46,8 +46,6 @@ ENCODINGS: Final = {
     "base64": Encoding.PCM16,
 }
 DEFAULT_TRACK: Final = "inbound"
-# media.timestamp as `_media` takes it besides null (a bool is an int, and refused there).
-_STAMP_TYPES: Final = frozenset({str, int, float})
 
 
 def encoding_of(name: object, l16: Encoding = Encoding.PCM16) -> Encoding:
@@ -169,7 +167,7 @@ class JsonStreamCodec:
                 if (
                     leg is not None
                     and type(payload) is str
-                    and (stamp is None or type(stamp) in _STAMP_TYPES)
+                    and (stamp is None or type(stamp) in STAMP_TYPES)
                 ):
                     try:
                         # b64decode(validate=True) for ASCII text, without its copy to bytes.

@@ -73,6 +73,8 @@ class Utterances:
         self._min_speech = max(1, round(config.min_speech_s * RATE / WINDOW))
         self._max_windows = max(2 * self._pad + 2, int(config.max_utterance_s * RATE / WINDOW))
         self._carry = np.zeros(0, dtype=np.float32)
+        # `windows_of`'s last answer: (its pcm, the carry it started from, windows, carry after)
+        self._prepared: tuple[object, FloatAudio, list[FloatAudio], FloatAudio] | None = None
         self._fed = 0  # stream samples judged by the VAD (whole windows) or cut
         self._history: deque[FloatAudio] = deque(maxlen=self._pad)  # idle: the last pad_s
         self._windows: list[FloatAudio] = []  # in speech: the utterance so far
@@ -100,7 +102,11 @@ class Utterances:
         return max(0, self._fed - len(self._history) * WINDOW)
 
     def feed(self, pcm: npt.NDArray[np.int16]) -> list[Cut]:
-        windows, self._carry = self._windows_and_carry(pcm)
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] is pcm and prepared[1] is self._carry:
+            windows, self._carry = prepared[2], prepared[3]  # as `windows_of` cut them
+        else:
+            windows, self._carry = self._windows_and_carry(pcm)
         cuts: list[Cut] = []
         for window in windows:
             cut = self._window(window)
@@ -110,8 +116,11 @@ class Utterances:
 
     def windows_of(self, pcm: npt.NDArray[np.int16]) -> list[FloatAudio]:
         """The windows `feed(pcm)` will judge, in order, judging none: a VAD thread can judge
-        several streams' windows in one model call first (engine/vad.py `judge_together`)."""
-        return self._windows_and_carry(pcm)[0]
+        several streams' windows in one model call first (engine/vad.py `judge_together`).
+        Kept for that `feed`, which then does not cut them again."""
+        windows, carry = self._windows_and_carry(pcm)
+        self._prepared = (pcm, self._carry, windows, carry)
+        return windows
 
     def _windows_and_carry(self, pcm: npt.NDArray[np.int16]) -> tuple[list[FloatAudio], FloatAudio]:
         audio = np.concatenate([self._carry, pcm.astype(np.float32) / np.float32(32768.0)])

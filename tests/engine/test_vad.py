@@ -88,3 +88,27 @@ def test_streams_waiting_together_share_model_calls_and_keep_their_cuts() -> Non
         assert thread.calls * 5 <= thread.windows
     finally:
         thread.shutdown()
+
+
+def test_feed_after_windows_of_cuts_as_feed_alone() -> None:
+    """`feed` takes the windows `windows_of` cut for that same chunk instead of cutting them
+    again; for any other chunk, or after the carry moved, it cuts its own."""
+    pcm = phone_pcm(SENTENCES[2])
+    chunks = [pcm[at : at + 1000] for at in range(0, len(pcm), 1000)]  # windows straddle chunks
+
+    def cuts(prepare: str) -> list[tuple[int, int, bool]]:
+        utterances = Utterances(SileroVad(), EndpointConfig())
+        got: list[Cut] = []
+        for n, chunk in enumerate(chunks):
+            if prepare == "same":
+                utterances.windows_of(chunk)
+            elif prepare == "other" and n + 1 < len(chunks):
+                utterances.windows_of(chunks[n + 1])  # not this chunk: its windows are other
+            got += utterances.feed(chunk)
+        got += utterances.cut_now()
+        return [(c.start, len(c.audio), c.ends_turn) for c in got]
+
+    alone = cuts("none")
+    assert len(alone) >= 2
+    assert cuts("same") == alone
+    assert cuts("other") == alone

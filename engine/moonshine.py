@@ -54,10 +54,10 @@ VAD_COST: Final = 0.005  # share of a core the VAD takes per stream (measured: 0
 # Admit streams up to this share of the decoding threads' time, as the probe counts a caller
 # (a partial and the final of each sentence). Measured (bench/cpu_engine.py realtime, int8,
 # callers who talk without stopping, each starting at its own point of a sentence's cycle):
-# finals p95 0.74-0.76 s, p99 under 0.82 s from 24 to 48 callers (partials thin out first:
+# finals p95 0.71-0.76 s, p99 under 0.82 s from 24 to 48 callers (partials thin out first:
 # finals decoded ahead go before them); the fewest partials any caller got, per 2 s of
-# speech, 1.71 at 24, 1.28 at 32, 1.04 at 40, 0.73 at 48. The probe counts more than that
-# load costs (its partial is decoded, where the final decoded ahead is the partial that
+# speech, 1.71-1.83 at 24, 1.28-1.59 at 32, 1.04 at 40, 0.73 at 48. The probe counts more than
+# that load costs (its partial is decoded, where the final decoded ahead is the partial that
 # load mostly shows), so 0.9 says 25-30 here: under the 40 that kept a partial per 2 s for
 # everyone, for a busier machine's sake.
 TARGET_LOAD: Final = 0.9

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -27,6 +26,7 @@ from telephony.twilio import (
     voice_twiml,
 )
 from telephony.ws_front import Media
+from tests.telephony.media_road import media_variants, outcome
 
 SID = "MZ" + "0" * 32
 START = {
@@ -114,29 +114,19 @@ def test_second_start_ends_the_stream() -> None:
 
 
 # --- the media message's short road ---------------------------------------------------------------
-# `receive` reads a well-formed media message on a short road and hands anything else to `read`,
-# the full reading: every answer must be `read`'s, error or not.
+# `receive` against `read`, the full reading: tests/telephony/media_road.py.
 
 AUDIO = bytes(range(96, 256))  # 160 bytes whose base64 has "/" and "+"
 PAYLOAD = base64.b64encode(AUDIO).decode()
 GOOD = {"track": "inbound", "chunk": "2", "timestamp": "40", "payload": PAYLOAD}
 
 
-def outcome(receive: Callable[[str], object], text: str) -> object:
-    """What a codec answers, or the type and message of what it raises."""
-    try:
-        return receive(text)
-    except Exception as exc:  # compared below, not hidden
-        return (type(exc), str(exc))
-
-
 def with_media(media: object, **extra: object) -> str:
     return json.dumps({"event": "media", "sequenceNumber": "4", "media": media, **extra})
 
 
-def media_variants() -> list[str]:
+def twilio_media_variants() -> list[str]:
     """Media messages as Twilio sends them, and every way one can be off."""
-    texts = [with_media(GOOD, streamSid=SID), media("outbound", b"", 0)]
     odd: dict[str, list[object]] = {
         "track": ["outbound", "sideways", "", None, 5, ["inbound"], {"a": 1}],
         "timestamp": [
@@ -148,35 +138,22 @@ def media_variants() -> list[str]:
             *(5, None, [], {}),
         ],
     }
-    for key, values in odd.items():
-        texts += [with_media({**GOOD, key: value}) for value in values]
-        texts.append(with_media({k: v for k, v in GOOD.items() if k != key}))
     good = json.dumps(GOOD)
-    texts += [
-        with_media(GOOD).replace("/", "\\/"),  # JSON may escape the solidus of base64
-        with_media(None),
-        with_media([GOOD]),
-        with_media("x"),
-        with_media({}),
-        '{"event":"media"}',
-        '{"event":"media","media":' + good + ',"media":{"track":"outbound","payload":""}}',
+    return [
+        with_media(GOOD, streamSid=SID),
+        media("outbound", b"", 0),
+        *media_variants(with_media, GOOD, odd),
         '{"event":"media","media":' + good + ',"event":"mark","mark":{"name":"m"}}',
-        '{"event":"media","media":' + good + ',"x":' + '{"a":' * 70 + "1" + "}" * 70 + "}",
-        '{"event":"media","media":' + good + ',"x":' + "[" * 70 + "]" * 70 + "}",
         '{"event":"media","media":' + good + ',"x":[[{"a":[]}]]}',
         '{"event":"media","media":' + good + ',"x":"' + "{" * 70 + '"}',  # brackets in a string
-        '{"event":"media","media":' + good + ',"x":"\\ud800"}',  # orjson refuses, json reads
-        '{"event":"media","media":' + good + ',"n":' + str(2**70) + "}",
         '{"event":"media","media":' + good + ',"n":NaN}',
-        '{"event":"media","media":' + good + "} trailing",
         ' { "event" : "media" ,\n "media" : ' + good + " } ",
         '{"event":"Media","media":' + good + "}",
         "[" + with_media(GOOD) + "]",
     ]
-    return texts
 
 
-@pytest.mark.parametrize("text", media_variants())
+@pytest.mark.parametrize("text", twilio_media_variants())
 def test_media_short_road_answers_as_the_full_read(text: str) -> None:
     assert outcome(started().receive, text) == outcome(started().read, text)
     fresh = TwilioMediaCodec()

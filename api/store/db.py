@@ -11,6 +11,7 @@ readers.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -49,6 +50,17 @@ class _Read:
 
     def fetchall(self) -> list[Any]:
         return self._rows
+
+
+def json_text(value: Any) -> str:
+    """`value` as JSON text for a webhook's body or a NOTIFY. orjson: the standard library's
+    encoder took 3x longer, a sixth of the writer's time. But orjson refuses a lone surrogate
+    (unsanitised input, a label), which the standard library escapes: such a label costs no
+    webhook and no event."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value)
 
 
 def is_postgres(location: Path | str) -> bool:

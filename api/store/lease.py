@@ -15,9 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import orjson
-
-from api.store.db import DB_ERRORS, UNAVAILABLE, Database
+from api.store.db import DB_ERRORS, UNAVAILABLE, Database, json_text
 from api.store.outbox import add_webhook
 from api.store.queries import call_json, transcript_json
 from api.store.records import CALL_COLUMNS, CallRecord, call_record
@@ -42,10 +40,7 @@ def notify_payloads(
     data = dict(data) if data is not None else bus_event_to_json(event)
     if row is not None:
         data["row"] = row
-    try:
-        text = orjson.dumps(data).decode()  # the standard library's encoder took 3x longer
-    except TypeError:  # a lone surrogate (unsanitised input): the standard library escapes it
-        text = json.dumps(data)
+    text = json_text(data)
     if len(text) <= NOTIFY_CHUNK and text.isascii():  # nearly every event: one payload
         return [f"{sender} {seq} 0 1 {text}"]
     if not text.isascii():  # chunks are cut by characters: bytes only when ASCII

@@ -6,14 +6,11 @@ attempts ran out); a failed row is not sent again until it is retried by hand (`
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from typing import Any, Final
 
-import orjson
-
-from api.store.db import Database
+from api.store.db import Database, json_text
 from api.store.records import WEBHOOK_COLUMNS, WEBHOOK_STATUS_SQL, WebhookRecord, webhook_record
 
 CLAIM_S: Final = 60.0  # a claimed webhook goes back to the pool if not settled by then
@@ -37,23 +34,13 @@ def add_webhooks(
     if not urls or not hooks:
         return
     now = time.time()
-    bodies = [_body({"event": name, "sent_at": now, **data}) for name, data in hooks]
+    bodies = [json_text({"event": name, "sent_at": now, **data}) for name, data in hooks]
     rows = [(url, body, now, node) for body in bodies for url in urls]
     if db.postgres:
         db.copy_in("outbox", ("url", "body", "next_at", "node"), rows)
         return
     for row in rows:
         db.execute("INSERT INTO outbox (url, body, next_at, node) VALUES (?, ?, ?, ?)", row)
-
-
-def _body(body: dict[str, Any]) -> str:
-    """A webhook's JSON text. orjson: the standard library's encoder was a sixth of the
-    writer's time; but it refuses a lone surrogate (unsanitised input), which the standard
-    library escapes, so such a label costs no webhook and no event."""
-    try:
-        return orjson.dumps(body).decode()
-    except TypeError:
-        return json.dumps(body)
 
 
 def claim_due(

@@ -208,7 +208,7 @@ class Store:
         limit: int = 50,
         offset: int = 0,
     ) -> tuple[list[CallRecord], int]:
-        with self._reading() as db:
+        with self._reading() as db, db.snapshot():
             return queries.list_calls(db, front_end, status, since, until, limit, offset)
 
     def search_calls(
@@ -223,7 +223,7 @@ class Store:
     ) -> SearchResult:
         """Calls whose transcript holds every term (api/search.py), with the filters of
         `list_calls`, newest first, each with a snippet of its best-matching segment."""
-        with self._reading() as db:
+        with self._reading() as db, db.snapshot():
             return queries.search_calls(db, terms, front_end, status, since, until, limit, offset)
 
     def delete_call(self, call_id: str) -> str:
@@ -266,7 +266,7 @@ class Store:
         self, status: str | None = None, limit: int = 50, offset: int = 0
     ) -> tuple[list[WebhookRecord], int]:
         """Newest first; `status` one of `WEBHOOK_STATUS_SQL` (None: every row)."""
-        with self._reading() as db:
+        with self._reading() as db, db.snapshot():
             return outbox.page(db, status, limit, offset)
 
     def get_webhook(self, row_id: int) -> WebhookRecord | None:

@@ -110,6 +110,23 @@ class Database:
             raise
         self.execute("COMMIT")
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads that see one state of the database, whatever commits meanwhile: a page and
+        its total, read apart in autocommit, disagreed when a webhook was delivered between
+        them. PostgreSQL: a REPEATABLE READ, READ ONLY transaction; SQLite: a deferred one,
+        whose first read fixes its view of the WAL."""
+        self.execute(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if self.postgres else "BEGIN"
+        )
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(*DB_ERRORS):  # the connection lost: the caller's error
+                self.execute("ROLLBACK")
+            raise
+        self.execute("COMMIT")
+
     def script(self, sql: str) -> None:
         """Several statements, no parameters (a migration), inside the caller's transaction."""
         if self._pg is not None:

@@ -269,3 +269,39 @@ def test_a_label_with_a_lone_surrogate_is_stored_with_its_webhook(
     bodies = [json.loads(r[0]) for r in db.execute("SELECT body FROM outbox").fetchall()]
     assert [b["call"]["labels"] for b in bodies] == [{"x": "\ud800"}]
     db.close()
+
+
+def test_a_page_and_its_total_agree_while_the_writer_commits(
+    tmp_path: Path, store_url: str
+) -> None:
+    """A listing counts and pages in one snapshot: while another node marks webhooks
+    delivered and ends calls, every page of delivered webhooks and of ended calls holds as
+    many rows as its total says (CI saw "total 0" beside one delivered webhook)."""
+    path = location(tmp_path, store_url)
+    store = Store(path, ["http://127.0.0.1:9/hook"], node_id="reader")
+    sender = Store(path, node_id="sender")
+    for n in range(60):
+        record_call(store, f"c{n}", time.time(), ended=False)  # two webhooks each
+    ids = [row[0] for row in sender.due_webhooks(time.time(), limit=200)]
+    assert len(ids) == 120
+
+    def deliver_and_end() -> None:
+        for n, row_id in enumerate(ids):
+            sender.webhook_done(row_id, time.time())
+            if n % 2:
+                sender.record(CallEnded(f"c{n // 2}", "websocket", "hangup", time.time(), {}))
+                assert sender.flush()
+
+    pages: list[tuple[int, int, int, int]] = []
+    with ThreadPoolExecutor(1) as pool:
+        writing = pool.submit(deliver_and_end)
+        while not writing.done() or len(pages) < 50:
+            webhooks, webhooks_total = store.list_webhooks("delivered", limit=500)
+            calls, calls_total = store.list_calls(status="ended", limit=500)
+            pages.append((len(webhooks), webhooks_total, len(calls), calls_total))
+        writing.result()
+    assert [p for p in pages if p[0] != p[1] or p[2] != p[3]] == []
+    assert len(store.list_webhooks("delivered", limit=500)[0]) == 120
+    assert len(store.list_calls(status="ended", limit=500)[0]) == 60
+    store.close()
+    sender.close()

@@ -100,30 +100,26 @@ class Database:
         cursor = self.execute(sql, args)
         return cursor if self.postgres else _Read(cursor.fetchall())
 
-    @contextlib.contextmanager
-    def transaction(self, immediate: bool = False) -> Iterator[None]:
-        self.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-        try:
-            yield
-        except BaseException:
-            self.execute("ROLLBACK")
-            raise
-        self.execute("COMMIT")
+    def transaction(self, immediate: bool = False) -> contextlib.AbstractContextManager[None]:
+        return self._between("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
-    @contextlib.contextmanager
-    def snapshot(self) -> Iterator[None]:
+    def snapshot(self) -> contextlib.AbstractContextManager[None]:
         """Reads that see one state of the database, whatever commits meanwhile: a page and
         its total, read apart in autocommit, disagreed when a webhook was delivered between
         them. PostgreSQL: a REPEATABLE READ, READ ONLY transaction; SQLite: a deferred one,
         whose first read fixes its view of the WAL."""
-        self.execute(
+        return self._between(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if self.postgres else "BEGIN"
         )
+
+    @contextlib.contextmanager
+    def _between(self, begin: str) -> Iterator[None]:
+        """The block in a transaction that `begin` opens: committed, or rolled back on error."""
+        self.execute(begin)
         try:
             yield
         except BaseException:
-            with contextlib.suppress(*DB_ERRORS):  # the connection lost: the caller's error
-                self.execute("ROLLBACK")
+            self.execute("ROLLBACK")
             raise
         self.execute("COMMIT")
 
